@@ -1,0 +1,154 @@
+"""The ``onnxprune`` command: argument parsing and dispatch only.
+
+Each subcommand lives in ``onnxprune.commands.<name>`` as ``run(args) -> int`` and calls library
+functions; nothing here knows how pruning works. Deliberate errors become one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from onnxprune.errors import BadInputError, OnnxpruneError, PlanError, UnsupportedOpError
+from onnxprune.spec import CRITERIA, DEVICES, LOSSES, OPTIMIZERS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 2 with one line (argparse prints the whole usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"onnxprune: error: {message} (see 'onnxprune {self.prog.split()[-1]} --help')\n")
+
+
+def _add_server_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--server", metavar="HOST:PORT", required=required, help="run on a remote onnxprune service")
+    p.add_argument("--token", help="bearer token for the service")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the service's TLS certificate")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input ONNX model")
+    p.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove per group (default 0.5)")
+    p.add_argument("--criterion", choices=CRITERIA, default="l2")
+    p.add_argument("--global", dest="global_ranking", action="store_true", help="rank channels across groups")
+    p.add_argument("--target-macs", type=float, help="keep this fraction of the original MACs")
+    p.add_argument("--target-params", type=float, help="keep this fraction of the original parameters")
+    p.add_argument("--target-latency", type=float, help="keep this fraction of the original latency")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (glob) to leave intact")
+    p.add_argument("--granularity", default="channel", help="channel, element or N:M (e.g. 2:4)")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros for element / N:M granularity")
+    p.add_argument("--depth", type=int, default=0, help="remove the K least important residual blocks")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224", help="fix symbolic input dims")
+    p.add_argument("--calib", metavar="DATA", help=".npz, a directory of .npz, or 'random'")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--reconstruct", action="store_true", help="refit the next layer by least squares")
+    p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--train-data", metavar="DATA")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=1, help="prune in K steps with fine-tuning between")
+    p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+    p.add_argument("--bench", action="store_true", help="measure latency before and after")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    _add_server_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxprune", description="Structured pruning of ONNX models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    _add_prune_args(sub.add_parser("prune", help="prune a model"))
+
+    p = sub.add_parser("analyze", help="list the channel dependency groups")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    _add_server_args(p)
+
+    p = sub.add_parser("sensitivity", help="prune each group alone at a sweep of ratios")
+    p.add_argument("model")
+    p.add_argument("--calib", required=True, metavar="DATA")
+    p.add_argument("-o", "--output", metavar="SENS.json")
+    p.add_argument("--plot", metavar="SENS.png")
+    p.add_argument("--criterion", choices=CRITERIA, default="l2")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+
+    p = sub.add_parser("export-artifacts", help="write training artifacts for a model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--loss", choices=LOSSES, default="ce")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
+
+    p = sub.add_parser("finetune", help="fine-tune a model on onnxruntime")
+    p.add_argument("model")
+    p.add_argument("--train-data", required=True, metavar="DATA")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--teacher", metavar="MODEL", help="distil from this model when the data has no labels")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("serve", help="run the gRPC compression service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--store", default="./onnxprune-store", metavar="DIR")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--token-file", metavar="F")
+    p.add_argument("--tls-cert", metavar="C")
+    p.add_argument("--tls-key", metavar="K")
+    p.add_argument("--tls-client-ca", metavar="CA")
+    p.add_argument("--retention-hours", type=float, default=168.0)
+    p.add_argument("--quota-gb", type=float, default=50.0)
+    p.add_argument("--max-upload-gb", type=float, default=8.0)
+
+    p = sub.add_parser("jobs", help="list, show, cancel or fetch jobs on a service")
+    p.add_argument("action", choices=("list", "show", "cancel", "fetch"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("-o", "--output", metavar="OUT")
+    _add_server_args(p, required=True)
+
+    p = sub.add_parser("bench", help="measure onnxruntime latency of one model or two side by side")
+    p.add_argument("model")
+    p.add_argument("other", nargs="?")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnxprune").setLevel(min(level, logging.INFO))
+    module = importlib.import_module(f"onnxprune.commands.{args.command.replace('-', '_')}")
+    try:
+        return int(module.run(args) or 0)
+    except (BadInputError, PlanError, UnsupportedOpError) as e:
+        print(f"onnxprune: error: {e}", file=sys.stderr)
+        return 2
+    except OnnxpruneError as e:
+        print(f"onnxprune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
