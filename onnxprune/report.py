@@ -1,0 +1,674 @@
+"""Model statistics (params, MACs, bytes), output fidelity, and the report (JSON and terminal table).
+
+Conventions (also in DESIGN.md, "Report JSON"):
+
+- **params**: the number of elements in every floating-point initializer, plus floating-point tensors
+  held in ``Constant`` nodes (Paddle exports keep weights there). Integer tensors (shapes, indices) are
+  not parameters. A layer's params are those of the tensors it reads, so a weight shared by two nodes
+  appears in both rows but once in the total.
+- **MACs**: per sample (a symbolic first input dim is set to 1) from shapes found by ONNX shape
+  inference. ``Conv`` = output elements × (Cin/groups) × kernel elements (1-D/2-D/3-D alike);
+  ``ConvTranspose`` = input elements × (Cout/groups) × kernel elements; ``Gemm``/``MatMul`` = M × N × K,
+  batched ``MatMul`` times the broadcast batch dims. Every other op counts 0 MACs (elementwise ops,
+  pooling and normalization are cheap next to these and counting them is convention-dependent).
+  When a needed dim is symbolic and ``shapes`` does not fix it, MACs are ``None`` with the reason.
+- **bytes**: the serialized size of the model plus its external data, summed from the parts so that
+  models above 2 GB are never serialized.
+- Layers are matched between the original and the pruned model by node name (surgery keeps names);
+  unnamed nodes are called ``<op>#<index>``.
+
+Example:
+    >>> before, after = model_stats(model), model_stats(pruned)
+    >>> report = build_report(before, after, groups=[], fidelity=None, criterion="l2", device="cpu")
+    >>> print(render_table(report))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxprune import __version__
+from onnxprune.errors import BadInputError, InvariantError
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = frozenset(
+    t
+    for t in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+        getattr(onnx.TensorProto, "FLOAT8E4M3FN", None),
+        getattr(onnx.TensorProto, "FLOAT8E4M3FNUZ", None),
+        getattr(onnx.TensorProto, "FLOAT8E5M2", None),
+        getattr(onnx.TensorProto, "FLOAT8E5M2FNUZ", None),
+    )
+    if t is not None
+)
+# Float initializers up to this many elements stay in the copy used for shape inference (Resize scales
+# and the like are read by it); bigger ones become typed graph inputs, so inference never copies weights.
+_INFERENCE_KEEP_ELEMS = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and the MACs registry
+
+
+class ShapeUnknown(Exception):
+    """A MACs handler needs a dim that is symbolic or unknown (internal signal, caught by the driver)."""
+
+    def __init__(self, tensor: str, dims: Sequence[int | str | None] | None) -> None:
+        super().__init__(tensor)
+        self.tensor = tensor
+        self.dims = dims
+
+
+Dims = list[int | str | None]
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Tensor name → dims (int, symbolic str, or None) after shape inference."""
+
+    dims: Mapping[str, Dims]
+
+    def get(self, name: str) -> list[int]:
+        """Concrete dims of ``name``.
+
+        Raises:
+            ShapeUnknown: the shape or one of its dims is not a fixed int.
+        """
+        dims = self.dims.get(name)
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            raise ShapeUnknown(name, dims)
+        return [int(d) for d in dims]  # type: ignore[arg-type]
+
+
+MacsFn = Callable[[onnx.NodeProto, Shapes], int]
+
+
+class MacsRegistry:
+    """Per-op MACs counters keyed by (domain, op type). Ops without a handler count 0 MACs.
+
+    Example:
+        >>> reg = MacsRegistry()
+        >>> reg.register("Conv", conv_macs)
+        >>> reg.register("Conv", conv_macs)
+        Traceback (most recent call last):
+        ValueError: MACs handler for ai.onnx::Conv registered twice
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], MacsFn] = {}
+
+    def register(self, op_type: str, fn: MacsFn, domain: str = "") -> None:
+        """Add a handler.
+
+        Raises:
+            ValueError: the op already has one.
+        """
+        key = (_norm_domain(domain), op_type)
+        if key in self._handlers:
+            raise ValueError(f"MACs handler for {key[0] or 'ai.onnx'}::{op_type} registered twice")
+        self._handlers[key] = fn
+
+    def get(self, op_type: str, domain: str = "") -> MacsFn | None:
+        """The handler for an op, or None (the op counts 0 MACs)."""
+        return self._handlers.get((_norm_domain(domain), op_type))
+
+    def __contains__(self, op_type: str) -> bool:
+        return ("", op_type) in self._handlers
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def conv_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """Conv: output elements × (Cin/groups) × kernel elements; the weight is [Cout, Cin/groups, k...]."""
+    out = shapes.get(node.output[0])
+    weight = shapes.get(node.input[1])
+    return math.prod(out) * math.prod(weight[1:])
+
+
+def conv_transpose_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """ConvTranspose: input elements × (Cout/groups) × kernel elements; the weight is [Cin, Cout/groups, k...]."""
+    x = shapes.get(node.input[0])
+    weight = shapes.get(node.input[1])
+    return math.prod(x) * math.prod(weight[1:])
+
+
+def gemm_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """Gemm: M × N × K with ``transA``/``transB`` honoured."""
+    a = shapes.get(node.input[0])
+    b = shapes.get(node.input[1])
+    m = a[1] if _attr(node, "transA", 0) else a[0]
+    k, n = (b[1], b[0]) if _attr(node, "transB", 0) else (b[0], b[1])
+    return m * n * k
+
+
+def matmul_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """MatMul (numpy semantics): output elements × K, i.e. batch × M × N × K."""
+    a = shapes.get(node.input[0])
+    out = shapes.get(node.output[0])
+    return math.prod(out) * a[-1]
+
+
+def default_macs_registry() -> MacsRegistry:
+    """A fresh registry with the handlers DESIGN.md defines (Conv, ConvTranspose, Gemm, MatMul)."""
+    reg = MacsRegistry()
+    reg.register("Conv", conv_macs)
+    reg.register("ConvTranspose", conv_transpose_macs)
+    reg.register("Gemm", gemm_macs)
+    reg.register("MatMul", matmul_macs)
+    return reg
+
+
+# ----------------------------------------------------------------------------------------------
+# Model statistics
+
+
+@dataclass
+class LayerStats:
+    """One node's share: params of the tensors it reads, and its MACs (None when unknown)."""
+
+    node: str
+    op: str
+    params: int
+    macs: int | None
+
+
+@dataclass
+class ModelStats:
+    """Totals and per-layer rows for one model (see the module docstring for the conventions).
+
+    Attributes:
+        params: elements in floating-point initializers and Constant tensors.
+        bytes: serialized size including external data.
+        macs: multiply-accumulates per sample, or None when symbolic dims leave them unknown.
+        macs_unknown_reason: why ``macs`` is None.
+        layers: nodes that hold params or count MACs, in graph order.
+    """
+
+    params: int
+    bytes: int
+    macs: int | None
+    macs_unknown_reason: str | None
+    layers: list[LayerStats]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """Node names as the report uses them: the node's name, or ``<op>#<index>`` when it has none."""
+    return [n.name or f"{n.op_type}#{i}" for i, n in enumerate(model.graph.node)]
+
+
+def _param_tensors(model: onnx.ModelProto) -> dict[str, int]:
+    counts = {t.name: math.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
+                    counts[node.output[0]] = math.prod(a.t.dims)
+    return counts
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        entries = {e.key: e.value for e in t.external_data}
+        if "length" in entries:
+            stored = int(entries["length"])
+        else:
+            stored = math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return t.ByteSize() + stored
+    return t.ByteSize()
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size plus external data, summed from parts (never serializes the whole model).
+
+    Exact to a few bytes per field (the tag and length prefixes of the top-level parts are estimated).
+    """
+    g = model.graph
+    total = sum(_tensor_bytes(t) + 6 for t in g.initializer)
+    for part in (g.node, g.input, g.output, g.value_info, g.sparse_initializer, model.functions, model.opset_import):
+        total += sum(p.ByteSize() + 3 for p in part)
+    total += len(model.producer_name) + len(model.producer_version) + len(model.doc_string) + len(g.name) + 16
+    return total
+
+
+def _light_model(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
+    """A weight-free copy for shape inference: big float initializers become typed inputs, inputs fixed."""
+    inits = {t.name for t in model.graph.initializer}
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    for vi in model.graph.input:
+        new = g.input.add()
+        new.CopyFrom(vi)
+        if vi.name in inits:
+            continue
+        dims = new.type.tensor_type.shape.dim
+        if vi.name in shapes:
+            fixed = shapes[vi.name]
+            if len(fixed) != len(dims):
+                raise BadInputError(
+                    f"--shape {vi.name}: the model's input has {len(dims)} dims, got {list(fixed)}", field="shapes"
+                )
+            for d, value in zip(dims, fixed, strict=True):
+                d.Clear()
+                d.dim_value = int(value)
+        elif len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    for vi in model.graph.output:
+        new = g.output.add()
+        new.name = vi.name
+        new.type.tensor_type.elem_type = vi.type.tensor_type.elem_type
+    declared = {vi.name for vi in model.graph.input}
+    for t in model.graph.initializer:
+        if t.data_type in _FLOAT_TYPES and math.prod(t.dims) > _INFERENCE_KEEP_ELEMS:
+            if t.name not in declared:
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return light
+
+
+def _collect_dims(model: onnx.ModelProto) -> dict[str, Dims]:
+    out: dict[str, Dims] = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            ]
+    for t in model.graph.initializer:
+        out[t.name] = list(t.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = list(a.t.dims)
+    return out
+
+
+def infer_dims(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = None) -> tuple[Shapes, str | None]:
+    """Shapes of every tensor with a symbolic first input dim set to 1 and ``shapes`` applied.
+
+    Returns:
+        The shapes, and an error text when shape inference failed (shapes are then what the model declares).
+
+    Raises:
+        BadInputError: ``shapes`` names an unknown input or has the wrong rank.
+    """
+    shapes = dict(shapes or {})
+    real_inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
+    unknown = sorted(set(shapes) - real_inputs)
+    if unknown:
+        raise BadInputError(f"--shape names unknown input(s) {unknown}; inputs are {sorted(real_inputs)}", field="shapes")
+    light = _light_model(model, shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as e:  # onnx raises InferenceError and others; MACs become unknown, not a crash
+        logger.warning("shape inference failed (%s); MACs that need inferred shapes will be unknown", e)
+        return Shapes(_collect_dims(light)), f"shape inference failed: {e}"
+    return Shapes(_collect_dims(inferred)), None
+
+
+def _unknown_reason(node: str, op: str, err: ShapeUnknown, inputs: list[str]) -> str:
+    if err.dims is None:
+        what = f"the shape of {err.tensor!r} is unknown"
+    else:
+        symbolic = sorted({str(d) for d in err.dims if not isinstance(d, int)} - {"None"})
+        what = f"{err.tensor!r} has symbolic dims {symbolic or list(err.dims)}"
+    hint = " ".join(f"{name}=..." for name in inputs) or "NAME=..."
+    return f"MACs of {node} ({op}) depend on a dim that is not fixed: {what}; fix input shapes with --shape {hint}"
+
+
+def model_stats(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, list[int]] | None = None,
+    registry: MacsRegistry | None = None,
+) -> ModelStats:
+    """Params, bytes, MACs and per-layer rows of a model (conventions in the module docstring).
+
+    Args:
+        model: the model; external data need not be loaded for params and bytes, MACs use shapes only.
+        shapes: input name → full shape (``--shape``) to fix symbolic dims for MACs.
+        registry: MACs handlers; :func:`default_macs_registry` when None.
+
+    Returns:
+        The statistics.
+
+    Raises:
+        BadInputError: ``shapes`` names an unknown input or has the wrong rank.
+
+    Example:
+        >>> model_stats(model, {"x": [1, 3, 640, 640]}).macs
+        123456789
+    """
+    registry = registry or default_macs_registry()
+    params = _param_tensors(model)
+    dims, infer_error = infer_dims(model, shapes)
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi.name for vi in model.graph.input if vi.name not in inits]
+    layers: list[LayerStats] = []
+    reason: str | None = None
+    for name, node in zip(node_names(model), model.graph.node, strict=True):
+        if node.op_type == "Constant":
+            continue
+        layer_params = sum(params.get(i, 0) for i in dict.fromkeys(node.input) if i)
+        handler = registry.get(node.op_type, node.domain)
+        macs: int | None = 0
+        if handler is not None:
+            try:
+                macs = int(handler(node, dims))
+            except ShapeUnknown as e:
+                macs = None
+                if reason is None:
+                    reason = _unknown_reason(name, node.op_type, e, inputs)
+                    if infer_error:
+                        reason += f" ({infer_error})"
+        if layer_params or macs != 0:
+            layers.append(LayerStats(name, node.op_type, layer_params, macs))
+    total_macs = None if reason else sum(layer.macs or 0 for layer in layers)
+    return ModelStats(sum(params.values()), model_bytes(model), total_macs, reason, layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity
+
+
+@dataclass
+class Fidelity:
+    """How closely a candidate's first output follows the reference's.
+
+    Attributes:
+        samples: rows compared (axis 0 of every batch).
+        cosine: mean per-row cosine similarity of the flattened rows.
+        max_abs_err: largest absolute elementwise difference.
+        top1_agreement: fraction of rows with the same argmax; only for class scores [N, K], K ≥ 2.
+        kl: mean KL(reference ‖ candidate) of the rows as distributions (softmax of logits, or the rows
+            themselves when they already are probabilities); only for class scores [N, K].
+    """
+
+    samples: int
+    cosine: float
+    max_abs_err: float
+    top1_agreement: float | None
+    kl: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_distribution(rows: np.ndarray) -> np.ndarray:
+    sums = rows.sum(axis=1)
+    if rows.min() >= 0 and np.allclose(sums, 1.0, atol=1e-3):
+        return np.clip(rows, 1e-12, None)
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return np.clip(e / e.sum(axis=1, keepdims=True), 1e-12, None)
+
+
+def fidelity(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> Fidelity:
+    """Compare the first output of two models over the same batches.
+
+    Args:
+        reference: one array per batch, from the original model (batch on axis 0).
+        candidate: the same batches from the pruned model.
+
+    Returns:
+        The comparison; ``top1_agreement`` and ``kl`` are None unless the output is 2-D class scores.
+
+    Raises:
+        BadInputError: no batches given.
+        InvariantError: the batch counts or shapes differ.
+
+    Example:
+        >>> fidelity([np.eye(3)], [np.eye(3)]).top1_agreement
+        1.0
+    """
+    if not reference:
+        raise BadInputError("fidelity needs at least one batch of outputs", field="fidelity")
+    if len(reference) != len(candidate):
+        raise InvariantError(f"fidelity: {len(reference)} reference batches but {len(candidate)} candidate batches")
+    refs, cands = [], []
+    for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
+        r, c = np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64)
+        if r.shape != c.shape:
+            raise InvariantError(f"fidelity: batch {i} output shape changed from {r.shape} to {c.shape}")
+        rows = r.shape[0] if r.ndim else 1
+        refs.append(r.reshape(rows, -1))
+        cands.append(c.reshape(rows, -1))
+    ref, cand = np.concatenate(refs), np.concatenate(cands)
+    dot = (ref * cand).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(cand, axis=1) == 0)
+    cos = np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
+    classes = all(np.ndim(r) == 2 and np.shape(r)[1] >= 2 for r in reference)
+    top1 = kl = None
+    if classes:
+        top1 = float(np.mean(ref.argmax(axis=1) == cand.argmax(axis=1)))
+        p, q = _as_distribution(ref), _as_distribution(cand)
+        kl = float(np.mean((p * (np.log(p) - np.log(q))).sum(axis=1)))
+    return Fidelity(
+        samples=int(ref.shape[0]),
+        cosine=float(np.mean(cos)),
+        max_abs_err=float(np.max(np.abs(ref - cand))) if ref.size else 0.0,
+        top1_agreement=top1,
+        kl=kl,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _totals(stats: ModelStats, latency_ms: Any | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"params": stats.params, "macs": stats.macs, "bytes": stats.bytes}
+    if stats.macs_unknown_reason:
+        out["macs_unknown_reason"] = stats.macs_unknown_reason
+    if latency_ms is not None:
+        out["latency_ms"] = latency_ms
+    return out
+
+
+def _layer_rows(original: ModelStats, pruned: ModelStats) -> list[dict[str, Any]]:
+    after = {layer.node: layer for layer in pruned.layers}
+    rows = []
+    for layer in original.layers:
+        new = after.pop(layer.node, None)
+        rows.append(
+            {
+                "node": layer.node,
+                "op": layer.op,
+                "params_before": layer.params,
+                "params_after": new.params if new else 0,
+                "macs_before": layer.macs,
+                "macs_after": new.macs if new else 0,
+            }
+        )
+    for layer in after.values():  # nodes only the pruned model has (rare: surgery keeps names)
+        rows.append(
+            {
+                "node": layer.node,
+                "op": layer.op,
+                "params_before": 0,
+                "params_after": layer.params,
+                "macs_before": 0,
+                "macs_after": layer.macs,
+            }
+        )
+    return rows
+
+
+def build_report(
+    original: ModelStats,
+    pruned: ModelStats,
+    groups: list[dict[str, Any]],
+    fidelity: Fidelity | None,
+    criterion: str,
+    device: str,
+    latency: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON report of DESIGN.md ("Report JSON").
+
+    Args:
+        original: stats of the input model.
+        pruned: stats of the pruned model.
+        groups: the groups as JSON-able dicts (id, channels, kept, members, blocked reason), passed through.
+        fidelity: output comparison, or None when not measured.
+        criterion: the importance criterion used.
+        device: the device that ran (``cuda`` or ``cpu``).
+        latency: ``{"original": ..., "pruned": ...}`` latency in ms (a number or a dict such as
+            ``{"p50": ..., "p90": ...}``), stored as each side's ``latency_ms``.
+        extra: more top-level keys (e.g. plan details); they may not overwrite the standard ones.
+
+    Returns:
+        A JSON-serializable dict.
+
+    Raises:
+        BadInputError: ``extra`` tries to overwrite a standard key.
+    """
+    latency = latency or {}
+    report: dict[str, Any] = {
+        "original": _totals(original, latency.get("original")),
+        "pruned": _totals(pruned, latency.get("pruned")),
+        "groups": list(groups),
+        "layers": _layer_rows(original, pruned),
+        "fidelity": fidelity.to_dict() if fidelity else None,
+        "criterion": criterion,
+        "device": device,
+        "onnxprune_version": __version__,
+    }
+    for key, value in (extra or {}).items():
+        if key in report:
+            raise BadInputError(f"report: extra key {key!r} would overwrite a standard key", field="extra")
+        report[key] = value
+    return report
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or before == 0:
+        return ""
+    pct = 100.0 * (after - before) / before
+    ratio = f"{before / after:.2f}x" if after else "inf"
+    return f"{pct:+.1f}%  ({ratio} smaller)"
+
+
+def _latency_value(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Mapping):
+        for key in ("p50", "p50_ms", "mean", "mean_ms"):
+            if isinstance(value.get(key), (int, float)):
+                return float(value[key])
+    return None
+
+
+def _table(rows: Iterable[Sequence[str]], align: str) -> list[str]:
+    rows = [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(r, widths, align, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
+    """A terminal summary: totals before/after, fidelity, and the layers that changed.
+
+    Args:
+        report: what :func:`build_report` returned.
+        max_layers: at most this many changed layers are listed (the rest are counted).
+
+    Returns:
+        Multi-line text.
+    """
+    orig, pruned = report["original"], report["pruned"]
+    rows = [("", "original", "pruned", "change")]
+    for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "bytes")):
+        rows.append((label, _fmt_int(orig.get(key)), _fmt_int(pruned.get(key)), _fmt_change(orig.get(key), pruned.get(key))))
+    lat_a, lat_b = _latency_value(orig.get("latency_ms")), _latency_value(pruned.get("latency_ms"))
+    if lat_a is not None or lat_b is not None:
+        fmt = lambda v: "?" if v is None else f"{v:.3f} ms"  # noqa: E731
+        rows.append(("latency", fmt(lat_a), fmt(lat_b), _fmt_change(lat_a, lat_b)))
+    lines = [f"onnxprune {report.get('onnxprune_version', '')}: criterion {report.get('criterion')}, "
+             f"device {report.get('device')}"]
+    lines += _table(rows, "<>><")
+    if orig.get("macs_unknown_reason"):
+        lines.append(f"MACs unknown: {orig['macs_unknown_reason']}")
+    fid = report.get("fidelity")
+    if fid:
+        parts = [f"{fid['samples']} samples", f"cosine {fid['cosine']:.6f}", f"max abs err {fid['max_abs_err']:.3g}"]
+        if fid.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f}%")
+        if fid.get("kl") is not None:
+            parts.append(f"KL {fid['kl']:.3g}")
+        lines.append("fidelity: " + ", ".join(parts))
+    changed = [
+        r for r in report.get("layers", [])
+        if r["params_before"] != r["params_after"] or r["macs_before"] != r["macs_after"]
+    ]
+    groups = report.get("groups") or []
+    blocked = sum(1 for g in groups if g.get("blocked") or g.get("blocked_reason"))
+    if groups:
+        lines.append(f"groups: {len(groups)} ({blocked} blocked)")
+    if changed:
+        lines.append(f"layers changed: {len(changed)} of {len(report.get('layers', []))}")
+        table = [("node", "op", "params", "", "MACs", "")]
+        for r in changed[:max_layers]:
+            table.append((
+                r["node"], r["op"],
+                f"{_fmt_int(r['params_before'])} -> {_fmt_int(r['params_after'])}",
+                _pct(r["params_before"], r["params_after"]),
+                f"{_fmt_int(r['macs_before'])} -> {_fmt_int(r['macs_after'])}",
+                _pct(r["macs_before"], r["macs_after"]),
+            ))
+        lines += ["  " + line for line in _table(table, "<<>>>>")]
+        if len(changed) > max_layers:
+            lines.append(f"  ... and {len(changed) - max_layers} more")
+    else:
+        lines.append("layers changed: none")
+    return "\n".join(lines)
+
+
+def _pct(before: int | None, after: int | None) -> str:
+    if not before or after is None:
+        return ""
+    return f"{100.0 * (after - before) / before:+.0f}%"

@@ -1,0 +1,655 @@
+"""onnxruntime sessions: device choice (CUDA with a logged CPU fallback), inputs, intermediate capture.
+
+This is the only module that imports onnxruntime (STYLE.md habit 1). Everything else passes models
+(``onnx.ModelProto`` or a path) and numpy arrays in and gets numpy arrays back.
+
+Device choice is resolved once into a :class:`DeviceChoice` the caller holds and passes on, so the
+probe (a tiny CUDA session) runs and logs once per job rather than once per session. Passing the plain
+strings ``"auto"``, ``"cuda"`` or ``"cpu"`` works too; it just re-probes each time.
+
+Example:
+    >>> choice = select_device("auto")            # probes CUDA once, logs the fallback once
+    >>> with make_session(model, choice, threads=1) as sess:
+    ...     feeds = random_inputs(sess, {"x": [1, 3, 224, 224]}, batch=1, seed=0)
+    ...     outputs = sess.run(feeds)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.errors import BadInputError, InvariantError
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+# onnxruntime 1.31 rejects IR 14 (what onnx 1.23 writes by default); the IR bump adds no op semantics,
+# so sessions get a copy capped at this version (DESIGN.md, packaging pitfalls).
+MAX_IR_VERSION = 13
+# Protobuf cannot serialize a message of 2 GiB or more; above this we go through a temp dir.
+_PROTO_LIMIT = 2**31 - 2**24
+# Initializers at least this big go to the external-data file when writing a large model.
+_EXTERNAL_MIN_BYTES = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Device choice
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a CUDA probe found.
+
+    Attributes:
+        cuda_usable: a session asked for CUDA actually got the CUDA provider.
+        reason: why not, when ``cuda_usable`` is false.
+    """
+
+    cuda_usable: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """A resolved device: the providers to ask onnxruntime for, in order.
+
+    Attributes:
+        requested: what the user asked for (``auto``, ``cuda`` or ``cpu``).
+        providers: onnxruntime provider names, most preferred first.
+        note: why CUDA is not used, when ``auto`` fell back to CPU.
+    """
+
+    requested: str
+    providers: tuple[str, ...]
+    note: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``"cuda"`` or ``"cpu"``: the device sessions will be created for."""
+        return "cuda" if self.providers and self.providers[0] == CUDA else "cpu"
+
+
+ProbeFn = Callable[[], DeviceInfo]
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _tiny_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "onnxprune_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def probe_cuda() -> DeviceInfo:
+    """Check whether onnxruntime's CUDA provider really works here.
+
+    ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` as available even when the CUDA/cuDNN
+    libraries or the GPU are missing; a session then silently runs on CPU. So this creates a tiny
+    session asking for CUDA and looks at the provider it actually got. onnxruntime's own error for the
+    failed library load is silenced during the probe (its default logger is set back to WARNING after);
+    the caller logs one clear line instead.
+
+    Returns:
+        The probe's finding; never raises.
+    """
+    ort = _ort()
+    available = ort.get_available_providers()
+    if CUDA not in available:
+        return DeviceInfo(False, f"this onnxruntime build has no CUDA provider (available: {', '.join(available)})")
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        sess = ort.InferenceSession(_tiny_model().SerializeToString(), options, providers=[CUDA, CPU])
+        got = sess.get_providers()
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable"; the reason is kept
+        return DeviceInfo(False, f"creating a CUDA session failed: {e}")
+    finally:
+        ort.set_default_logger_severity(2)
+    if got and got[0] == CUDA:
+        return DeviceInfo(True)
+    return DeviceInfo(
+        False, "onnxruntime could not load the CUDA provider (needs a GPU and matching CUDA/cuDNN libraries)"
+    )
+
+
+def select_device(device: str = "auto", probe: ProbeFn | None = None) -> DeviceChoice:
+    """Resolve ``auto|cuda|cpu`` to the providers that will really run, probing CUDA when needed.
+
+    ``auto`` uses CUDA when usable and otherwise falls back to CPU with one INFO line saying why.
+    Hold on to the result and pass it to :func:`make_session` to avoid probing again.
+
+    Args:
+        device: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+        probe: how to check CUDA; defaults to :func:`probe_cuda` (tests pass a fake).
+
+    Returns:
+        The resolved choice.
+
+    Raises:
+        BadInputError: ``device`` is not one of the three, or ``cuda`` was asked for and is not usable.
+
+    Example:
+        >>> select_device("cpu").providers
+        ('CPUExecutionProvider',)
+    """
+    if device not in DEVICES:
+        raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}", field="device")
+    if device == "cpu":
+        return DeviceChoice("cpu", (CPU,))
+    info = (probe or probe_cuda)()
+    if info.cuda_usable:
+        logger.info("running on onnxruntime's CUDA provider")
+        return DeviceChoice(device, (CUDA, CPU))
+    if device == "cuda":
+        raise BadInputError(
+            f"--device cuda: the CUDA provider is not usable ({info.reason}); "
+            "install onnxruntime-gpu[cuda,cudnn] on a machine with an NVIDIA GPU, or use --device auto|cpu",
+            field="device",
+        )
+    logger.info("CUDA provider not usable (%s); running on CPU", info.reason)
+    return DeviceChoice("auto", (CPU,), note=info.reason)
+
+
+def resolve_providers(device: str, probe: ProbeFn | None = None) -> list[str]:
+    """The onnxruntime providers for ``device`` (see :func:`select_device`).
+
+    Raises:
+        BadInputError: as :func:`select_device`.
+    """
+    return list(select_device(device, probe).providers)
+
+
+def _as_choice(device: str | DeviceChoice) -> DeviceChoice:
+    return device if isinstance(device, DeviceChoice) else select_device(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sessions
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as onnxruntime sees it.
+
+    Attributes:
+        name: tensor name.
+        shape: one entry per axis: an int, or a str for a symbolic (``"batch"``) or unknown (``"?"``) dim.
+        dtype: numpy dtype of the elements.
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: np.dtype
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _ort_spec(arg: Any) -> TensorSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise BadInputError(f"input {arg.name!r} has type {arg.type}, which onnxprune cannot feed", field="model")
+    shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) and d else "?") for d in (arg.shape or []))
+    return TensorSpec(arg.name, shape, np.dtype(dtype))
+
+
+def _proto_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    t = vi.type.tensor_type
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+    except KeyError as e:
+        raise BadInputError(f"input {vi.name!r} has an element type onnxprune cannot feed", field="model") from e
+    shape: list[int | str] = []
+    for d in t.shape.dim:
+        shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+    return TensorSpec(vi.name, tuple(shape), np.dtype(dtype))
+
+
+def model_input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers), read from the proto.
+
+    Raises:
+        BadInputError: an input has an element type numpy cannot represent.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    return [_proto_spec(vi) for vi in model.graph.input if vi.name not in inits]
+
+
+class Session:
+    """An onnxruntime session with numpy in and out, and the temp files it needs kept alive.
+
+    Build it with :func:`make_session`. Use as a context manager or call :meth:`close`.
+
+    Attributes:
+        input_specs: the inputs to feed.
+        output_names: the outputs :meth:`run` returns by default, in graph order.
+        provider: the provider onnxruntime actually uses (``CUDAExecutionProvider`` or ``CPUExecutionProvider``).
+        device: the resolved device choice.
+    """
+
+    def __init__(self, ort_session: Any, device: DeviceChoice, tmpdir: tempfile.TemporaryDirectory[str] | None) -> None:
+        self._sess = ort_session
+        self._tmpdir = tmpdir
+        self.device = device
+        self.input_specs = [_ort_spec(a) for a in ort_session.get_inputs()]
+        self.output_names = [o.name for o in ort_session.get_outputs()]
+        self.provider: str = ort_session.get_providers()[0]
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model once.
+
+        Args:
+            feeds: input name → array; every input in :attr:`input_specs` must be present.
+            output_names: which outputs to return; all by default.
+
+        Returns:
+            Output name → array.
+
+        Raises:
+            BadInputError: an input is missing or unknown.
+            InvariantError: onnxruntime failed while running the model.
+        """
+        names = {s.name for s in self.input_specs}
+        missing = sorted(names - set(feeds))
+        extra = sorted(set(feeds) - names)
+        if missing or extra:
+            raise BadInputError(
+                f"inputs do not match the model: missing {missing or 'none'}, unknown {extra or 'none'}; "
+                f"the model takes {sorted(names)}",
+                field="inputs",
+            )
+        wanted = output_names or self.output_names
+        try:
+            values = self._sess.run(wanted, dict(feeds))
+        except Exception as e:  # onnxruntime raises its own exception types
+            shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+            raise InvariantError(f"onnxruntime failed to run the model with input shapes {shapes}: {e}") from e
+        return dict(zip(wanted, values, strict=True))
+
+    def close(self) -> None:
+        """Release the session and delete its temp files."""
+        self._sess = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _light_copy(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """A copy of everything but the graph's initializers (which the caller adds), IR capped."""
+    light = onnx.ModelProto()
+    light.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    light.producer_name = model.producer_name
+    light.producer_version = model.producer_version
+    light.domain = model.domain
+    light.model_version = model.model_version
+    light.doc_string = model.doc_string
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    g.doc_string = src.doc_string
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.output.extend(extra_outputs)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    return light
+
+
+def _has_unloaded_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in model.graph.initializer
+    )
+
+
+def _write_external(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoProto], directory: str) -> str:
+    """Write ``model`` to ``directory`` with big initializers in one external file, never serializing >2 GB."""
+    light = _light_copy(model, extra_outputs)
+    data_name = "weights.bin"
+    offset = 0
+    with open(os.path.join(directory, data_name), "wb") as f:
+        for t in model.graph.initializer:
+            if not t.raw_data or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
+                light.graph.initializer.append(t)
+                continue
+            ref = light.graph.initializer.add()
+            ref.name = t.name
+            ref.data_type = t.data_type
+            ref.dims.extend(t.dims)
+            f.write(t.raw_data)
+            ref.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(t.raw_data)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(t.raw_data)
+    path = os.path.join(directory, "model.onnx")
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString())
+    return path
+
+
+def _session_source(
+    model: onnx.ModelProto | str | os.PathLike[str], extra_outputs: list[onnx.ValueInfoProto]
+) -> tuple[bytes | str, tempfile.TemporaryDirectory[str] | None]:
+    """What to hand onnxruntime: serialized bytes, or a path (with the temp dir that holds it)."""
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model)
+        if not path.is_file():
+            raise BadInputError(f"model file not found: {path}", field="model")
+        if not extra_outputs:
+            # onnxruntime reads the file and its external data itself; check the IR version cheaply.
+            proto = onnx.load(str(path), load_external_data=False)
+            if proto.ir_version <= MAX_IR_VERSION:
+                return str(path), None
+        proto = onnx.load(str(path), load_external_data=True)
+        return _session_source(proto, extra_outputs)
+    if _has_unloaded_external_data(model):
+        raise BadInputError(
+            "the model's weights are in external data that was not loaded; pass the model's path, "
+            "or load it with onnx.load(path, load_external_data=True)",
+            field="model",
+        )
+    if model.ByteSize() < _PROTO_LIMIT:
+        if model.ir_version <= MAX_IR_VERSION and not extra_outputs:
+            return model.SerializeToString(), None
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+        copy.graph.output.extend(extra_outputs)
+        return copy.SerializeToString(), None
+    tmpdir = tempfile.TemporaryDirectory(prefix="onnxprune-session-")
+    logger.debug("model is %.1f GB; writing it with external data to %s", model.ByteSize() / 1e9, tmpdir.name)
+    return _write_external(model, extra_outputs, tmpdir.name), tmpdir
+
+
+def _make(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    device: str | DeviceChoice,
+    threads: int | None,
+    extra_outputs: list[onnx.ValueInfoProto],
+) -> Session:
+    ort = _ort()
+    choice = _as_choice(device)
+    if threads is not None and threads < 1:
+        raise BadInputError(f"--threads must be >= 1, got {threads}", field="threads")
+    source, tmpdir = _session_source(model, extra_outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(source, options, providers=list(choice.providers))
+    except Exception as e:  # onnxruntime raises its own exception types
+        if tmpdir is not None:
+            tmpdir.cleanup()
+        raise BadInputError(f"onnxruntime cannot load the model: {e}", field="model") from e
+    return Session(sess, choice, tmpdir)
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    device: str | DeviceChoice = "auto",
+    threads: int | None = None,
+) -> Session:
+    """Create an onnxruntime session for a model in memory or on disk.
+
+    Models of 2 GB or more in memory are written to a temp dir with external data (kept until the
+    session is closed); a path is handed to onnxruntime as is, so its external data resolves next to
+    it. IR versions above what onnxruntime reads are capped in a copy.
+
+    Args:
+        model: a ``ModelProto`` (with its external data loaded) or a path to a ``.onnx`` file.
+        device: ``auto|cuda|cpu`` or a :class:`DeviceChoice` from :func:`select_device`.
+        threads: intra-op threads; ``None`` lets onnxruntime decide.
+
+    Returns:
+        The session; close it (or use ``with``) to delete temp files.
+
+    Raises:
+        BadInputError: the file is missing, onnxruntime cannot load the model, the model's external
+            data is not loaded, ``threads`` < 1, or the device is not usable.
+
+    Example:
+        >>> with make_session("model.onnx", "cpu", threads=1) as s:
+        ...     s.provider
+        'CPUExecutionProvider'
+    """
+    return _make(model, device, threads, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int) -> list[int]:
+    if spec.name in shapes:
+        dims = [int(d) for d in shapes[spec.name]]
+        if len(dims) != len(spec.shape):
+            raise BadInputError(
+                f"--shape {spec.name}: the model's input has {len(spec.shape)} dims {list(spec.shape)}, got {dims}",
+                field="shapes",
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, dims, strict=True)):
+            if isinstance(want, int) and want != got:
+                raise BadInputError(
+                    f"--shape {spec.name}: axis {axis} is fixed to {want} in the model, got {got}", field="shapes"
+                )
+        return dims
+    dims = []
+    for axis, d in enumerate(spec.shape):
+        if isinstance(d, int):
+            dims.append(d)
+        elif axis == 0:
+            dims.append(batch)
+        else:
+            example = "x".join(str(x) if isinstance(x, int) else ("1" if i == 0 else "N") for i, x in enumerate(spec.shape))
+            raise BadInputError(
+                f"input {spec.name!r} has symbolic dim {d!r} on axis {axis} (shape {list(spec.shape)}); "
+                f"fix it with --shape {spec.name}={example}",
+                field="shapes",
+            )
+    return dims
+
+
+def random_inputs(
+    model_or_session: onnx.ModelProto | Session,
+    shapes: Mapping[str, list[int]] | None = None,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random feeds for every input: normal floats, ints in {0, 1} (valid as indices and masks), bools.
+
+    Shapes come from ``shapes`` (input name → full shape) when given, else from the model with a
+    symbolic first dim set to ``batch``. The same ``seed`` gives the same arrays.
+
+    Args:
+        model_or_session: where to read the inputs from.
+        shapes: input name → full shape, as parsed from ``--shape NAME=1x3x224x224``.
+        batch: size of a symbolic first dim when ``shapes`` does not fix it.
+        seed: random seed.
+
+    Returns:
+        Input name → array.
+
+    Raises:
+        BadInputError: an input has a symbolic dim other than the first that ``shapes`` does not fix,
+            ``shapes`` contradicts the model or names an unknown input, or ``batch`` < 1.
+    """
+    if batch < 1:
+        raise BadInputError(f"batch must be >= 1, got {batch}", field="batch")
+    specs = model_or_session.input_specs if isinstance(model_or_session, Session) else model_input_specs(model_or_session)
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise BadInputError(
+            f"--shape names unknown input(s) {unknown}; the model's inputs are {[s.name for s in specs]}",
+            field="shapes",
+        )
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        dims = _resolve_shape(spec, shapes, batch)
+        if spec.dtype == np.bool_:
+            feeds[spec.name] = rng.integers(0, 2, size=dims).astype(np.bool_)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, 2, size=dims).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(size=dims).astype(spec.dtype)
+    return feeds
+
+
+# ----------------------------------------------------------------------------------------------
+# Intermediate capture
+
+
+def _known_types(model: onnx.ModelProto) -> dict[str, int]:
+    types: dict[str, int] = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def _infer_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """Element types of ``names`` via shape inference on a weight-free copy (works above 2 GB)."""
+    light = _light_copy(model, [])
+    known_inputs = {vi.name for vi in light.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in known_inputs:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception as e:  # onnx raises several types; inference is best effort here
+        logger.debug("shape inference for capture types failed: %s", e)
+        return {}
+    return {k: v for k, v in _known_types(inferred).items() if k in names}
+
+
+def _capture_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[list[onnx.ValueInfoProto], list[str]]:
+    """Graph outputs to add for ``names``; also which names are inputs/initializers (not outputs)."""
+    produced = {o for n in model.graph.node for o in n.output}
+    inputs = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
+    outputs = {vi.name for vi in model.graph.output}
+    direct = [n for n in names if n in inputs and n not in produced]
+    for name in names:
+        if name not in produced and name not in inputs:
+            raise BadInputError(f"tensor {name!r} is not produced by any node of the model", field="tensors")
+    needed = [n for n in names if n in produced and n not in outputs]
+    types = _known_types(model)
+    missing = [n for n in needed if n not in types]
+    if missing:
+        types.update(_infer_types(model, missing))
+    extra = []
+    for name in needed:
+        if name not in types:
+            logger.debug("element type of %r unknown after shape inference; assuming float32", name)
+        extra.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    return extra, direct
+
+
+def iter_capture(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    device: str | DeviceChoice = "auto",
+    threads: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream intermediate tensors over batches, building the session once.
+
+    The tensors are added as graph outputs to a copy of the model (``model`` is not changed); their
+    element types come from the model's value_info or shape inference, float32 when still unknown.
+    Tensors that are graph inputs or initializers are returned from the feeds / the initializer.
+    Only one batch's tensors are alive at a time unless the caller keeps them.
+
+    Args:
+        model: the model, with external data loaded.
+        tensor_names: tensors to capture.
+        batches: feeds, one mapping per batch.
+        device: ``auto|cuda|cpu`` or a :class:`DeviceChoice`.
+        threads: intra-op threads.
+
+    Yields:
+        For each batch, tensor name → array.
+
+    Raises:
+        BadInputError: a name is not a tensor of the model, or the feeds do not match its inputs.
+        InvariantError: onnxruntime failed while running.
+    """
+    extra, direct = _capture_outputs(model, list(tensor_names))
+    inits = {t.name: t for t in model.graph.initializer}
+    fixed = {n: numpy_helper.to_array(inits[n]) for n in direct if n in inits}
+    run_names = [n for n in tensor_names if n not in direct]
+    with _make(model, device, threads, extra) as sess:
+        for feeds in batches:
+            result = sess.run(feeds, run_names) if run_names else {}
+            for name in direct:
+                result[name] = fixed[name] if name in fixed else np.asarray(feeds[name])
+            yield {n: result[n] for n in tensor_names}
+
+
+def capture(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    feeds: Mapping[str, np.ndarray],
+    device: str | DeviceChoice = "auto",
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Values of intermediate tensors for one batch of feeds (see :func:`iter_capture`).
+
+    Raises:
+        BadInputError: a name is not a tensor of the model, or the feeds do not match its inputs.
+        InvariantError: onnxruntime failed while running.
+
+    Example:
+        >>> capture(model, ["relu1_out"], random_inputs(model), "cpu")["relu1_out"].shape
+        (1, 8, 32, 32)
+    """
+    return next(iter_capture(model, tensor_names, [feeds], device, threads))
