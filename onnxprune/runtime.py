@@ -370,6 +370,13 @@ def _write_external(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoPr
     return path
 
 
+def _load(path: Path, external: bool) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=external)
+    except Exception as e:  # protobuf DecodeError, OSError for missing external files, ...
+        raise BadInputError(f"{path} is not a readable ONNX model: {e}", field="model") from e
+
+
 def _session_source(
     model: onnx.ModelProto | str | os.PathLike[str], extra_outputs: list[onnx.ValueInfoProto]
 ) -> tuple[bytes | str, tempfile.TemporaryDirectory[str] | None]:
@@ -380,11 +387,9 @@ def _session_source(
             raise BadInputError(f"model file not found: {path}", field="model")
         if not extra_outputs:
             # onnxruntime reads the file and its external data itself; check the IR version cheaply.
-            proto = onnx.load(str(path), load_external_data=False)
-            if proto.ir_version <= MAX_IR_VERSION:
+            if _load(path, external=False).ir_version <= MAX_IR_VERSION:
                 return str(path), None
-        proto = onnx.load(str(path), load_external_data=True)
-        return _session_source(proto, extra_outputs)
+        return _session_source(_load(path, external=True), extra_outputs)
     if _has_unloaded_external_data(model):
         raise BadInputError(
             "the model's weights are in external data that was not loaded; pass the model's path, "
