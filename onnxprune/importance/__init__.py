@@ -1,0 +1,121 @@
+"""Importance criteria: a group in, one score per channel out (higher = more important).
+
+Criteria are looked up in a :class:`CriterionRegistry`; each gets a :class:`ScoringContext` holding
+whatever evidence the run gathered (weights always; calibration statistics and gradients when the
+criterion asks for them) and returns scores for one group. Per-tensor weight access goes through the
+analysis' sites, so no criterion re-walks the graph (STYLE.md habit 7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.errors import BadInputError
+from onnxprune.groups import Analysis, PruningGroup, Site
+
+
+@dataclass
+class ScoringContext:
+    """Evidence a criterion may use. ``extras`` carries calibration or gradient statistics by name."""
+
+    graph: gs.Graph
+    analysis: Analysis
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def weights(self, site: Site) -> np.ndarray:
+        return np.asarray(self.graph.tensors()[site.tensor].values)
+
+    def note(self, message: str) -> None:
+        """Record a per-run remark for the report (e.g. a fallback), once."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+Criterion = Callable[[ScoringContext, PruningGroup], np.ndarray]
+
+
+class CriterionRegistry:
+    """Name → criterion; registering a name twice is an error."""
+
+    def __init__(self) -> None:
+        self._criteria: dict[str, Criterion] = {}
+        self.needs: dict[str, set[str]] = {}
+
+    def register(self, name: str, fn: Criterion, needs: set[str] | None = None) -> None:
+        if name in self._criteria:
+            raise ValueError(f"criterion {name!r} is already registered")
+        self._criteria[name] = fn
+        self.needs[name] = set(needs or ())
+
+    def get(self, name: str) -> Criterion:
+        try:
+            return self._criteria[name]
+        except KeyError:
+            raise BadInputError(f"unknown criterion {name!r}; known: {', '.join(sorted(self._criteria))}",
+                                field="criterion") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._criteria)
+
+
+def default_criteria() -> CriterionRegistry:
+    """A fresh registry with every built-in criterion."""
+    from onnxprune.importance import magnitude
+
+    reg = CriterionRegistry()
+    magnitude.register(reg)
+    for module in ("scaling", "apoz", "regression", "taylor"):
+        try:
+            mod = __import__(f"onnxprune.importance.{module}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"onnxprune.importance.{module}":
+                raise
+            continue
+        mod.register(reg)
+    return reg
+
+
+def score_groups(ctx: ScoringContext, criterion: str, registry: CriterionRegistry | None = None) -> dict[int, np.ndarray]:
+    """Scores for every group that has prunable channels, keyed by group id."""
+    fn = (registry or default_criteria()).get(criterion)
+    scores: dict[int, np.ndarray] = {}
+    for group in ctx.analysis.groups:
+        if group.prunable:
+            s = np.asarray(fn(ctx, group), dtype=np.float64)
+            if s.shape != (group.size,):
+                raise ValueError(f"criterion {criterion} returned shape {s.shape} for a group of {group.size}")
+            scores[group.id] = s
+    return scores
+
+
+def per_channel(ctx: ScoringContext, group: PruningGroup, site: Site, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum per-position ``values`` of a site into the group's channels.
+
+    Returns (sums per channel, mask of channels the site touches).
+    """
+    index = ctx.analysis.group_channel_index(group)
+    classes = ctx.analysis.classes_of(site.ids)
+    sums = np.zeros(group.size)
+    touched = np.zeros(group.size, dtype=bool)
+    for pos, cls in enumerate(classes.tolist()):
+        ch = index.get(cls)
+        if ch is not None:
+            sums[ch] += values[pos]
+            touched[ch] = True
+    return sums, touched
+
+
+def group_sites(ctx: ScoringContext, group: PruningGroup, roles: tuple[str, ...]) -> list[Site]:
+    members = set(group.classes.tolist())
+    out = []
+    for site in ctx.analysis.sites:
+        if site.role in roles and members.intersection(ctx.analysis.classes_of(site.ids).tolist()):
+            out.append(site)
+    return out

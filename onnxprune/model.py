@@ -1,0 +1,289 @@
+"""Loading and saving ONNX models: the one place that handles the ONNX file format.
+
+Loading normalises what exporters do differently so the later stages see one form: weights in
+``Constant``/``ConstantOfShape`` nodes or behind ``Identity`` become initializers, old opsets are
+converted up to :data:`MIN_OPSET`, and external data is read (refusing paths that escape the model's
+folder). Saving caps the IR version at what onnxruntime reads and switches to external data above 2 GB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference, version_converter
+from onnx.external_data_helper import uses_external_data
+
+from onnxprune.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+"""Older models are converted to this opset so per-op handlers see inputs (not attributes) for axes and sizes."""
+MAX_IR_VERSION = 10
+"""onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default. 10 covers opsets up to 22."""
+PROTO_LIMIT = 2**31 - 1
+EXTERNAL_THRESHOLD = 1800 * 2**20
+"""Initializer bytes above which saving switches to external data (protobuf caps one message at 2 GiB)."""
+
+from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
+
+G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon warns about its own optional deps on every import
+
+
+@dataclass
+class LoadedModel:
+    """A normalised model plus facts the later stages need about the original file."""
+
+    model: onnx.ModelProto
+    path: str
+    original_opset: int
+    file_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def check_external_paths(model: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> None:
+    """Refuse external-data locations that leave ``base_dir`` (absolute paths, ``..``, symlinks out).
+
+    A model file is untrusted input: ``../../etc/passwd`` as a tensor location is a known attack on loaders.
+
+    Raises:
+        BadInputError: naming the tensor and its location.
+    """
+    base = Path(base_dir).resolve()
+    for tensor in _all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or base not in target.parents:
+            raise BadInputError(
+                f"tensor {tensor.name!r} points to external data {location!r} outside the model's folder",
+                field="model",
+            )
+        if not target.is_file():
+            raise BadInputError(f"external data file {location!r} for tensor {tensor.name!r} is missing", field="model")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read and normalise a model file.
+
+    Raises:
+        BadInputError: the file is missing, not ONNX, truncated, or has unsafe external data.
+
+    Example:
+        >>> loaded = load_model("examples/digits_cnn.onnx")
+        >>> loaded.model.graph.input[0].name
+        'input'
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadInputError(f"model file {path!r} does not exist", field="model")
+    size = os.path.getsize(path)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf raises several types for garbage bytes
+        raise BadInputError(f"{path!r} is not a readable ONNX model (truncated or not ONNX): {e}", field="model") from e
+    if not model.graph.node or not model.opset_import:
+        raise BadInputError(f"{path!r} is not a readable ONNX model (no graph nodes or opset)", field="model")
+    check_external_paths(model, os.path.dirname(os.path.abspath(path)))
+    try:
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:
+        raise BadInputError(f"could not read external data of {path!r}: {e}", field="model") from e
+    loaded = LoadedModel(model=model, path=path, original_opset=default_opset(model), file_bytes=size)
+    normalize(loaded)
+    return loaded
+
+
+def normalize(loaded: LoadedModel) -> None:
+    """Convert old opsets up and fold constant weight subgraphs into initializers, in place."""
+    model = loaded.model
+    opset = default_opset(model)
+    if opset < 9:
+        raise BadInputError(f"opset {opset} is older than 9, the oldest onnxprune reads", field="model")
+    if opset < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+            loaded.notes.append(f"converted opset {opset} to {MIN_OPSET}")
+        except Exception as e:
+            raise BadInputError(f"could not convert opset {opset} to {MIN_OPSET}: {e}", field="model") from e
+    graph = gs.import_onnx(model)
+    if any(n.op in ("Constant", "ConstantOfShape", "Identity") or _all_const(n) for n in graph.nodes):
+        try:
+            graph.fold_constants(error_ok=False).cleanup()
+        except Exception as e:
+            log.warning("constant folding failed (%s); weights behind computed nodes will not be pruned", e)
+    _bypass_identities(graph)
+    graph.cleanup()
+    out = gs.export_onnx(graph, do_type_check=False)
+    # Old files (IR < 4) list initializers as inputs; the converted opset needs a newer IR anyway.
+    out.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import), True))
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    loaded.model = out
+
+
+def _all_const(node: gs.Node) -> bool:
+    return bool(node.inputs) and all(isinstance(t, gs.Constant) for t in node.inputs if t is not None)
+
+
+def _bypass_identities(graph: gs.Graph) -> None:
+    """Let consumers of ``Identity(initializer)`` read the initializer directly (TorchScript export style)."""
+    outputs = set(id(t) for t in graph.outputs)
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not isinstance(node.inputs[0], gs.Constant) or id(node.outputs[0]) in outputs:
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        for consumer in list(dst.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
+        node.outputs.clear()
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
+    """Write ``model``; above the protobuf limit the weights go to ``<name>.data`` beside it.
+
+    The IR version is capped at :data:`MAX_IR_VERSION` (or the minimum the opsets need) so the file loads
+    in onnxruntime. Returns the path written.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    floor = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
+    if initializer_bytes(model) > EXTERNAL_THRESHOLD:
+        location = os.path.basename(path) + ".data"
+        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
+        if os.path.exists(data_path):
+            os.remove(data_path)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        # save_model turned the in-memory tensors into references; bring the data back for callers.
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    else:
+        onnx.save_model(model, path)
+    return path
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return initializer_bytes(model) > EXTERNAL_THRESHOLD
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that also works above 2 GB (through a temporary file)."""
+    if not is_large(model):
+        return shape_inference.infer_shapes(model, data_prop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        save_model(model, src)
+        shape_inference.infer_shapes_path(src, dst, data_prop=True)
+        return onnx.load(dst)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` with full shape checking, through a file above 2 GB."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "m.onnx")
+        save_model(model, src)
+        onnx.checker.check_model(src, full_check=True)
+
+
+def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 1) -> onnx.ModelProto:
+    """A copy whose symbolic input dims are fixed: ``shapes`` first, then ``batch`` for a leading dim.
+
+    Raises:
+        BadInputError: ``shapes`` names an input the model does not have, or its rank is wrong.
+    """
+    shapes = dict(shapes or {})
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model) if not is_large(model) else _shallow_copy(model, copy)
+    inputs = {i.name: i for i in copy.graph.input}
+    for name in shapes:
+        if name not in inputs:
+            raise BadInputError(f"--shape names {name!r}, but the model's inputs are {sorted(inputs)}", field="shapes")
+    init_names = {t.name for t in copy.graph.initializer}
+    for inp in copy.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in shapes:
+            if len(shapes[inp.name]) != len(dims):
+                raise BadInputError(
+                    f"--shape {inp.name}: rank {len(shapes[inp.name])} but the input has rank {len(dims)}", field="shapes"
+                )
+            for d, v in zip(dims, shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+        elif dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    return copy
+
+
+def _shallow_copy(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:
+    """Copy everything but the initializers' bytes (shared by reference is not possible; keep them out)."""
+    graph = model.graph
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    try:
+        copy.CopyFrom(model)
+    finally:
+        graph.initializer.extend(saved)
+    for t in saved:
+        stub = copy.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+
+
+def static_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> dict[str, list[int | str]]:
+    """Tensor name → inferred shape (ints, or strings for dims still symbolic), batch fixed to 1."""
+    fixed = with_static_inputs(model, shapes)
+    try:
+        inferred = infer_shapes(fixed)
+    except Exception as e:
+        log.warning("shape inference failed (%s); shape-dependent patterns will be blocked", e)
+        inferred = fixed
+    result: dict[str, list[int | str]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        result[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in vi.type.tensor_type.shape.dim]
+    for t in model.graph.initializer:
+        result[t.name] = list(t.dims)
+    return result

@@ -1,0 +1,194 @@
+"""Physical channel removal with onnx-graphsurgeon.
+
+The analysis already says which constant slices follow which channel (:class:`~onnxprune.groups.Site`)
+and which shape constants count them (:class:`~onnxprune.groups.Fixup`). ``cut_channels`` first
+computes *every* new value and checks it (STYLE.md habit 3), then applies them all, so a failure leaves
+the graph untouched. Fixup handlers live in a registry keyed by kind, like the analysis rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.errors import SurgeryError
+from onnxprune.groups import Analysis, Fixup
+from onnxprune.index_mapping import keep_positions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Edit:
+    """One change to apply: set ``node``'s attribute, or replace its input ``index`` with a new constant."""
+
+    node: str
+    attr: str | None = None
+    value: object = None
+    input_index: int | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class CutSummary:
+    """What ``cut_channels`` changed."""
+
+    tensors_sliced: int
+    edits: int
+    params_removed: int
+    notes: list[str] = field(default_factory=list)
+
+
+FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
+
+
+class FixupRegistry:
+    """Fixup kind → handler that returns the edits it needs (registering twice is an error)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, FixupHandler] = {}
+
+    def register(self, kind: str, handler: FixupHandler) -> None:
+        if kind in self._handlers:
+            raise ValueError(f"a fixup handler for {kind!r} is already registered")
+        self._handlers[kind] = handler
+
+    def get(self, kind: str) -> FixupHandler:
+        try:
+            return self._handlers[kind]
+        except KeyError:
+            raise SurgeryError(f"no surgery handler for fixup kind {kind!r}") from None
+
+
+def _conv_group(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    return [Edit(node.name, attr="group", value=int(keep(fix.ids[0]).sum()))]
+
+
+def _reshape(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    target = np.array(node.inputs[1].values, dtype=np.int64).copy()
+    target[fix.data["index"]] = int(keep(fix.ids[0]).sum())
+    return [Edit(node.name, input_index=1, array=target)]
+
+
+def _split(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    sizes = np.array([int(keep(part).sum()) for part in fix.ids], dtype=np.int64)
+    if "split" in node.attrs:
+        return [Edit(node.name, attr="split", value=[int(s) for s in sizes])]
+    return [Edit(node.name, input_index=1, array=sizes), Edit(node.name, attr="num_outputs", value=None)]
+
+
+def _slice(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    in_ids, out_ids = fix.ids
+    k, start = fix.data["index"], fix.data["start"]
+    new_start = int(keep(in_ids[:start]).sum())
+    new_end = new_start + int(keep(out_ids).sum())
+    starts = np.array(node.inputs[1].values).copy()
+    ends = np.array(node.inputs[2].values).copy()
+    starts[k], ends[k] = new_start, new_end
+    return [Edit(node.name, input_index=1, array=starts), Edit(node.name, input_index=2, array=ends)]
+
+
+def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    sizes = np.array(node.inputs[3].values, dtype=np.int64).copy()
+    sizes[fix.data["axis"]] = int(keep(fix.ids[0]).sum())
+    return [Edit(node.name, input_index=3, array=sizes)]
+
+
+def default_fixups() -> FixupRegistry:
+    reg = FixupRegistry()
+    reg.register("conv_group", _conv_group)
+    reg.register("reshape", _reshape)
+    reg.register("split", _split)
+    reg.register("slice", _slice)
+    reg.register("resize_sizes", _resize_sizes)
+    return reg
+
+
+def cut_channels(
+    graph: gs.Graph,
+    analysis: Analysis,
+    removed_classes: np.ndarray,
+    *,
+    fixups: FixupRegistry | None = None,
+) -> CutSummary:
+    """Remove the channels whose union-find classes are in ``removed_classes``, in place.
+
+    Raises:
+        SurgeryError: a slice would empty a tensor axis or a fixup cannot be computed; the graph is
+            unchanged in that case.
+    """
+    fixups = fixups or default_fixups()
+    removed = np.asarray(removed_classes, dtype=np.int64)
+
+    def keep(ids: np.ndarray) -> np.ndarray:
+        return keep_positions(ids, removed, analysis.class_of)
+
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    new_values: dict[str, np.ndarray] = {}
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    for site in analysis.sites:
+        mask = keep(site.ids)
+        if mask.all():
+            continue
+        prev = masks.get((site.tensor, site.axis))
+        if prev is not None and not np.array_equal(prev, mask):
+            raise SurgeryError(f"weight {site.tensor} would be sliced two different ways on axis {site.axis}")
+        masks[(site.tensor, site.axis)] = mask
+    for (name, axis), mask in masks.items():
+        value = new_values.get(name)
+        if value is None:
+            value = np.asarray(tensors[name].values)
+        if value.shape[axis] != len(mask):
+            raise SurgeryError(
+                f"weight {name} has {value.shape[axis]} entries on axis {axis}, the analysis expected {len(mask)}"
+            )
+        if not mask.any():
+            raise SurgeryError(f"the cut would remove every channel of weight {name} (axis {axis})")
+        new_values[name] = np.compress(mask, value, axis=axis)
+    edits: list[Edit] = []
+    for fix in analysis.fixups:
+        if all(keep(ids).all() for ids in fix.ids):
+            continue
+        node = nodes.get(fix.node)
+        if node is None:
+            raise SurgeryError(f"fixup for missing node {fix.node}")
+        try:
+            edits.extend(fixups.get(fix.kind)(fix, node, keep))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise SurgeryError(f"cannot update {node.op} {node.name} ({fix.kind}): {e}") from e
+    for edit in edits:
+        if edit.attr == "group" and int(edit.value) < 1:
+            raise SurgeryError(f"the cut would leave Conv {edit.node} with no channels")
+
+    before = sum(int(np.asarray(tensors[n].values).size) for n in new_values)
+    for name, value in new_values.items():
+        tensors[name].values = np.ascontiguousarray(value)
+    for edit in edits:
+        node = nodes[edit.node]
+        if edit.attr is not None:
+            if edit.value is None:
+                node.attrs.pop(edit.attr, None)
+            else:
+                node.attrs[edit.attr] = edit.value
+        else:
+            const = gs.Constant(f"{node.name}_pruned_{edit.input_index}", np.ascontiguousarray(edit.array))
+            if len(node.inputs) <= edit.input_index:
+                node.inputs.extend([gs.Variable.empty()] * (edit.input_index + 1 - len(node.inputs)))
+            node.inputs[edit.input_index] = const
+    after = sum(int(v.size) for v in new_values.values())
+    clear_inferred_shapes(graph)
+    graph.cleanup()
+    return CutSummary(tensors_sliced=len(new_values), edits=len(edits), params_removed=before - after)
+
+
+def clear_inferred_shapes(graph: gs.Graph) -> None:
+    """Forget intermediate shapes: graphsurgeon keeps stale ones on edited tensors (DESIGN.md pitfalls)."""
+    keep = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and id(t) not in keep:
+            t.shape = None
