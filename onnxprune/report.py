@@ -338,14 +338,31 @@ def infer_dims(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = 
     return Shapes(_collect_dims(inferred)), None
 
 
-def _unknown_reason(node: str, op: str, err: ShapeUnknown, inputs: list[str]) -> str:
-    if err.dims is None:
-        what = f"the shape of {err.tensor!r} is unknown"
-    else:
-        symbolic = sorted({str(d) for d in err.dims if not isinstance(d, int)} - {"None"})
-        what = f"{err.tensor!r} has symbolic dims {symbolic or list(err.dims)}"
-    hint = " ".join(f"{name}=..." for name in inputs) or "NAME=..."
-    return f"MACs of {node} ({op}) depend on a dim that is not fixed: {what}; fix input shapes with --shape {hint}"
+def _unfixed_inputs(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> dict[str, list[int | str]]:
+    """Inputs that keep symbolic dims after the batch is set to 1 and ``shapes`` applied: name → dims."""
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, list[int | str]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits or vi.name in shapes:
+            continue
+        dims: list[int | str] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim
+        ]
+        if dims and isinstance(dims[0], str):
+            dims[0] = 1
+        if any(isinstance(d, str) for d in dims):
+            out[vi.name] = dims
+    return out
+
+
+def _unknown_reason(node: str, op: str, err: ShapeUnknown, unfixed: Mapping[str, list[int | str]]) -> str:
+    head = f"MACs of {node} ({op}) need the shape of {err.tensor!r}, which is not fixed"
+    if unfixed:
+        names = ", ".join(f"{k} {v}" for k, v in unfixed.items())
+        hints = " ".join(f"--shape {k}={'x'.join(str(d) for d in v)}" for k, v in unfixed.items())
+        return f"{head}: input(s) with symbolic dims: {names}; fix them with {hints} (numbers for the names)"
+    dims = "unknown" if err.dims is None else str(list(err.dims))
+    return f"{head} (inferred dims {dims}: data-dependent or an op shape inference does not know)"
 
 
 def model_stats(
@@ -373,8 +390,7 @@ def model_stats(
     registry = registry or default_macs_registry()
     params = _param_tensors(model)
     dims, infer_error = infer_dims(model, shapes)
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [vi.name for vi in model.graph.input if vi.name not in inits]
+    unfixed = _unfixed_inputs(model, shapes or {})
     layers: list[LayerStats] = []
     reason: str | None = None
     for name, node in zip(node_names(model), model.graph.node, strict=True):
@@ -389,7 +405,7 @@ def model_stats(
             except ShapeUnknown as e:
                 macs = None
                 if reason is None:
-                    reason = _unknown_reason(name, node.op_type, e, inputs)
+                    reason = _unknown_reason(name, node.op_type, e, unfixed)
                     if infer_error:
                         reason += f" ({infer_error})"
         if layer_params or macs != 0:
@@ -582,12 +598,12 @@ def _fmt_int(n: int | None) -> str:
     return str(n)
 
 
-def _fmt_change(before: float | None, after: float | None) -> str:
+def _fmt_change(before: float | None, after: float | None, word: str = "smaller") -> str:
     if before is None or after is None or before == 0:
         return ""
     pct = 100.0 * (after - before) / before
     ratio = f"{before / after:.2f}x" if after else "inf"
-    return f"{pct:+.1f}%  ({ratio} smaller)"
+    return f"{pct:+.1f}%  ({ratio} {word})"
 
 
 def _latency_value(value: Any) -> float | None:
@@ -627,7 +643,7 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     lat_a, lat_b = _latency_value(orig.get("latency_ms")), _latency_value(pruned.get("latency_ms"))
     if lat_a is not None or lat_b is not None:
         fmt = lambda v: "?" if v is None else f"{v:.3f} ms"  # noqa: E731
-        rows.append(("latency", fmt(lat_a), fmt(lat_b), _fmt_change(lat_a, lat_b)))
+        rows.append(("latency", fmt(lat_a), fmt(lat_b), _fmt_change(lat_a, lat_b, "faster")))
     lines = [f"onnxprune {report.get('onnxprune_version', '')}: criterion {report.get('criterion')}, "
              f"device {report.get('device')}"]
     lines += _table(rows, "<>><")
