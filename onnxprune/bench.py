@@ -105,14 +105,13 @@ def _batched_shapes(session: Session, shapes: Mapping[str, list[int]] | None, ba
 
 
 def _feeds(session: Session, shapes: Mapping[str, list[int]] | None, batch: int, seed: int) -> dict[str, np.ndarray]:
-    feeds = random_inputs(session, _batched_shapes(session, shapes, batch), batch=batch, seed=seed)
     for spec in session.input_specs:
         if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] != batch:
             raise BadInputError(
                 f"input {spec.name!r} has a fixed batch of {spec.shape[0]}; cannot measure batch {batch}",
                 field="batch",
             )
-    return feeds
+    return random_inputs(session, _batched_shapes(session, shapes, batch), batch=batch, seed=seed)
 
 
 def _timed(session: Session, feeds: Mapping[str, np.ndarray]) -> float:
