@@ -2,18 +2,36 @@
 
 ``prune`` is the one function every front door calls (CLI embedded mode, gRPC service, Python API):
 a pure function of (model file, spec) → (pruned model file, report), with progress and cancellation
-passed in. It never touches server state.
+passed in. It never touches server state. Stages are small functions over one :class:`PruneState`;
+``_run_stages`` runs them in order, reports progress at each boundary and names the stage when an
+unexpected error escapes (STYLE.md habit 5).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from onnxprune.progress import ProgressFn
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune import model as model_io
+from onnxprune import plan as planning
+from onnxprune import report as reporting
+from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
+from onnxprune.groups import Analysis, analyze_graph, group_to_dict
+from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.progress import ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
+from onnxprune.surgery import cut_channels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +42,166 @@ class PruneResult:
     report: dict[str, Any]
 
 
+@dataclass
+class PruneState:
+    """Everything the stages pass along. Each stage reads what earlier ones set and adds its part."""
+
+    model_path: str
+    output_path: str
+    spec: PruneSpec
+    reporter: Reporter
+    loaded: model_io.LoadedModel | None = None
+    shapes: dict[str, list[int | str]] = field(default_factory=dict)
+    graph: gs.Graph | None = None
+    analysis: Analysis | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+    plan: planning.Plan | None = None
+    pruned: onnx.ModelProto | None = None
+    fidelity: reporting.Fidelity | None = None
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        assert self.loaded is not None
+        return self.loaded.model
+
+
+Stage = Callable[[PruneState], None]
+
+
+def stage_load(state: PruneState) -> None:
+    state.loaded = model_io.load_model(state.model_path)
+    state.notes.extend(state.loaded.notes)
+
+
+def stage_analyze(state: PruneState) -> None:
+    state.shapes = model_io.static_shapes(state.model, state.spec.shapes)
+    state.graph = gs.import_onnx(state.model)
+    state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude)
+    if state.spec.granularity == "channel" and state.spec.depth == 0 and state.spec.ratio > 0:
+        if not any(g.prunable for g in state.analysis.groups):
+            reasons = sorted({r for g in state.analysis.groups for r in g.reasons})
+            detail = f": {reasons[0]}" + (f" (and {len(reasons) - 1} more reasons)" if len(reasons) > 1 else "") if reasons else ""
+            raise PlanError(f"the model has no prunable channel groups{detail}")
+
+
+def stage_score(state: PruneState) -> None:
+    assert state.graph is not None and state.analysis is not None
+    if state.spec.ratio == 0 and not _uses_budget(state.spec):
+        return
+    ctx = ScoringContext(state.graph, state.analysis, seed=state.spec.seed, extras=state.extras)
+    state.scores = score_groups(ctx, state.spec.criterion, default_criteria())
+    state.notes.extend(ctx.notes)
+
+
+def _uses_budget(spec: PruneSpec) -> bool:
+    return any(v is not None for v in (spec.target_macs, spec.target_params, spec.target_latency))
+
+
+def stage_plan(state: PruneState) -> None:
+    assert state.analysis is not None
+    spec = state.spec
+    choose = planning.global_ranking if spec.global_ranking else planning.uniform
+    state.plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
+
+
+def stage_cut(state: PruneState) -> None:
+    assert state.graph is not None and state.analysis is not None and state.plan is not None
+    summary = cut_channels(state.graph, state.analysis, state.plan.removed_classes(state.analysis))
+    log.info("cut %d channels: %d tensors sliced, %d edits", state.plan.total_removed, summary.tensors_sliced, summary.edits)
+    state.pruned = export_graph(state.graph, state.model)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export an edited graph, re-infer shapes and run the full checker.
+
+    Raises:
+        InvariantError: the checker rejects the result.
+    """
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    out.producer_name = "onnxprune"
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    try:
+        out = model_io.infer_shapes(out)
+        model_io.check_model(out)
+    except Exception as e:
+        raise InvariantError(f"the pruned model fails onnx.checker: {e}") from e
+    return out
+
+
+def stage_verify(state: PruneState) -> None:
+    """Run both models in onnxruntime on the same inputs and compare outputs."""
+    from onnxprune import runtime
+
+    assert state.pruned is not None
+    spec = state.spec
+    choice = runtime.select_device(spec.device)
+    state.device = choice.name
+    try:
+        feeds = runtime.random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
+    except BadInputError as e:
+        state.notes.append(f"fidelity not measured: {e}")
+        return
+    with runtime.make_session(state.model, choice) as ref, runtime.make_session(state.pruned, choice) as cand:
+        names = ref.output_names
+        if cand.output_names != names:
+            raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
+        a, b = ref.run(feeds), cand.run(feeds)
+    for name in names:
+        if a[name].shape != b[name].shape:
+            raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
+    state.fidelity = reporting.fidelity([a[n] for n in names], [b[n] for n in names])
+
+
+def stage_save(state: PruneState) -> None:
+    assert state.pruned is not None
+    model_io.save_model(state.pruned, state.output_path)
+
+
+def stage_report(state: PruneState) -> None:
+    assert state.analysis is not None and state.pruned is not None and state.plan is not None
+    shapes = state.spec.shapes or None
+    original = reporting.model_stats(state.model, shapes)
+    pruned = reporting.model_stats(state.pruned, shapes)
+    groups = [group_to_dict(g, state.plan.kept(g)) for g in state.analysis.groups]
+    state.report = reporting.build_report(
+        original, pruned, groups, state.fidelity, state.spec.criterion, state.device,
+        extra={"notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings},
+    )
+
+
+STAGES: list[tuple[str, Stage]] = [
+    ("load", stage_load),
+    ("analyze", stage_analyze),
+    ("score", stage_score),
+    ("plan", stage_plan),
+    ("cut", stage_cut),
+    ("verify", stage_verify),
+    ("save", stage_save),
+    ("report", stage_report),
+]
+
+
+def _run_stages(state: PruneState, stages: list[tuple[str, Stage]]) -> None:
+    for k, (name, fn) in enumerate(stages):
+        state.reporter(name, k / len(stages), f"{name} ({k + 1}/{len(stages)})")
+        t0 = time.perf_counter()
+        try:
+            fn(state)
+        except OnnxpruneError:
+            raise
+        except Exception as e:
+            raise OnnxpruneError(f"stage '{name}' failed unexpectedly: {type(e).__name__}: {e}") from e
+        state.timings[name] = round(time.perf_counter() - t0, 4)
+    state.reporter("done", 1.0, "done")
+
+
 def prune(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -32,13 +210,44 @@ def prune(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> PruneResult:
-    """Prune ``model_path`` according to ``spec`` and write the result to ``output_path``."""
-    raise NotImplementedError("pipeline.prune is being written (issue 2)")
+    """Prune ``model_path`` according to ``spec`` and write the result to ``output_path``.
+
+    Raises:
+        BadInputError: unreadable model or invalid options.
+        PlanError: nothing in the model can be pruned as asked.
+        InvariantError: the result failed verification (nothing is written then).
+        CancelledError: ``cancel`` was set; stops at the next stage boundary.
+
+    Example:
+        >>> result = prune("examples/digits_cnn.onnx", "small.onnx", PruneSpec(ratio=0.5))
+        >>> result.report["pruned"]["params"] < result.report["original"]["params"]
+        True
+    """
+    spec = (spec or PruneSpec()).validate()
+    state = PruneState(os.fspath(model_path), os.fspath(output_path), spec, Reporter(progress, cancel))
+    _run_stages(state, STAGES)
+    return PruneResult(output_path=state.output_path, report=state.report)
 
 
-def analyze(model_path: str | os.PathLike[str], shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Return the dependency groups of a model as JSON-able data (what ``onnxprune analyze --json`` prints)."""
-    raise NotImplementedError("pipeline.analyze is being written (issue 2)")
+def analyze(
+    model_path: str | os.PathLike[str],
+    shapes: dict[str, list[int]] | None = None,
+    exclude: list[str] | None = None,
+) -> dict[str, Any]:
+    """Return the dependency groups of a model as JSON-able data (what ``onnxprune analyze --json`` prints).
+
+    Raises:
+        BadInputError: the model cannot be read.
+    """
+    spec = PruneSpec(shapes=dict(shapes or {}), exclude=list(exclude or []), ratio=0.0).validate()
+    state = PruneState(os.fspath(model_path), "", spec, Reporter())
+    stage_load(state)
+    stage_analyze(state)
+    assert state.analysis is not None
+    result = state.analysis.to_dict()
+    result["model"] = os.path.basename(state.model_path)
+    result["notes"] = state.notes + result["notes"]
+    return result
 
 
 run = prune
