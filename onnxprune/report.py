@@ -14,6 +14,7 @@ Conventions (also in DESIGN.md, "Report JSON"):
   When a needed dim is symbolic and ``shapes`` does not fix it, MACs are ``None`` with the reason.
 - **bytes**: the serialized size of the model plus its external data, summed from the parts so that
   models above 2 GB are never serialized.
+- Nodes inside subgraphs (``If``/``Loop``/``Scan`` bodies) are not counted.
 - Layers are matched between the original and the pruned model by node name (surgery keeps names);
   unnamed nodes are called ``<op>#<index>``.
 
@@ -423,8 +424,9 @@ class Fidelity:
     """How closely a candidate's first output follows the reference's.
 
     Attributes:
-        samples: rows compared (axis 0 of every batch).
-        cosine: mean per-row cosine similarity of the flattened rows.
+        samples: samples compared (axis 0 of every batch).
+        cosine: mean cosine similarity of the samples' flattened outputs (a 1-D output, one value per
+            sample, is compared as one vector per batch; two all-zero vectors count as 1).
         max_abs_err: largest absolute elementwise difference.
         top1_agreement: fraction of rows with the same argmax; only for class scores [N, K], K ≥ 2.
         kl: mean KL(reference ‖ candidate) of the rows as distributions (softmax of logits, or the rows
@@ -473,11 +475,13 @@ def fidelity(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -
     if len(reference) != len(candidate):
         raise InvariantError(f"fidelity: {len(reference)} reference batches but {len(candidate)} candidate batches")
     refs, cands = [], []
+    samples = 0
     for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
         r, c = np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64)
         if r.shape != c.shape:
             raise InvariantError(f"fidelity: batch {i} output shape changed from {r.shape} to {c.shape}")
-        rows = r.shape[0] if r.ndim else 1
+        samples += r.shape[0] if r.ndim else 1
+        rows = r.shape[0] if r.ndim >= 2 else 1  # a 1-D output (one score per sample) is compared as one vector
         refs.append(r.reshape(rows, -1))
         cands.append(c.reshape(rows, -1))
     ref, cand = np.concatenate(refs), np.concatenate(cands)
@@ -492,7 +496,7 @@ def fidelity(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -
         p, q = _as_distribution(ref), _as_distribution(cand)
         kl = float(np.mean((p * (np.log(p) - np.log(q))).sum(axis=1)))
     return Fidelity(
-        samples=int(ref.shape[0]),
+        samples=samples,
         cosine=float(np.mean(cos)),
         max_abs_err=float(np.max(np.abs(ref - cand))) if ref.size else 0.0,
         top1_agreement=top1,

@@ -182,6 +182,18 @@ def test_bytes_match_serialized_size(tmp_path: Path) -> None:
     assert model_stats(lazy).params == 733
 
 
+def test_big_weights_are_not_copied_for_shape_inference() -> None:
+    from onnxprune.report import _light_model  # noqa: PLC2701 - checking the 2 GB strategy
+
+    model = _cnn(c1=512)  # w1 has 512*4*9 = 18432 > 4096 elements; b1 (512) stays
+    light = _light_model(model, {})
+    assert "w1" not in {t.name for t in light.graph.initializer} and "b1" in {t.name for t in light.graph.initializer}
+    assert "w1" in {vi.name for vi in light.graph.input}
+    # conv1 out [1,512,5,5], MACs = 512*25*36 = 460800; conv2 w [8,256,3,3] → 8*9*256*9 = 165888
+    assert {l.node: l.macs for l in model_stats(model).layers}["conv1"] == 460800
+    assert {l.node: l.macs for l in model_stats(model).layers}["conv2"] == 165888
+
+
 def test_registry_is_an_object_with_duplicate_check() -> None:
     reg = MacsRegistry()
     reg.register("Conv", conv_macs)
@@ -230,6 +242,13 @@ def test_fidelity_probabilities_and_non_class_outputs() -> None:
     assert f.top1_agreement is None and f.kl is None
     assert f.cosine == pytest.approx(1.0)
     assert f.samples == 2
+
+
+def test_fidelity_one_score_per_sample() -> None:
+    ref = np.array([1.0, 2.0, 3.0])
+    f = fidelity([ref], [2 * ref])  # compared as one vector: same direction
+    assert (f.samples, f.cosine, f.top1_agreement) == (3, pytest.approx(1.0), None)
+    assert f.max_abs_err == pytest.approx(3.0)
 
 
 def test_fidelity_errors() -> None:
