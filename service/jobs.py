@@ -1,0 +1,427 @@
+"""The job lifecycle: validate and record submissions, run them on the executor, feed watchers, expire results.
+
+:class:`JobManager` is what the servicer calls; it speaks in plain Python values (no protobuf) and raises
+onnxprune / service errors, which the servicer maps to statuses. Every state change is one structured log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from onnxprune import errors as onnxprune_errors
+from onnxprune.errors import BadInputError, OnnxpruneError
+from onnxprune.progress import Progress
+from onnxprune.spec import PruneSpec
+from service.blobs import BlobInfo, BlobStore, check_blob_id
+from service.errors import NotFoundError, NotReadyError, ResourceExhaustedError, UnavailableError
+from service.executor import INTERRUPTED, ExecJob, Executor, Outcome
+from service.logs import log_event
+from service.modelcheck import check_model
+from service.store import (
+    ACTIVE_STATES,
+    CANCELLED,
+    EXPIRED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    ResultFile,
+)
+from service.tasks import ANALYZE, PRUNE, TaskRequest
+
+log = logging.getLogger(__name__)
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,199}$")
+_FEED_LIMIT = 2000  # events kept per running job for late watchers
+_FEED_KEEP_S = 60.0  # how long a finished job's feed stays for watchers that are catching up
+_DB_PROGRESS_INTERVAL_S = 0.5
+_ERROR_TYPES: dict[str, type[OnnxpruneError]] = {
+    name: cls
+    for name, cls in vars(onnxprune_errors).items()
+    if isinstance(cls, type) and issubclass(cls, OnnxpruneError)
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tensor_bytes: int
+    retention_s: float
+    quota_bytes: int
+
+
+@dataclass(frozen=True)
+class FeedEvent:
+    state: str
+    stage: str
+    fraction: float
+    message: str
+    log_line: str = ""
+
+
+@dataclass
+class _Feed:
+    """Recent events of one job and a condition watchers wait on."""
+
+    events: list[FeedEvent] = field(default_factory=list)
+    dropped: int = 0  # events trimmed from the front
+    closed_at: float | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def push(self, event: FeedEvent, close: bool = False) -> None:
+        with self.cond:
+            self.events.append(event)
+            if len(self.events) > _FEED_LIMIT:
+                cut = len(self.events) - _FEED_LIMIT
+                del self.events[:cut]
+                self.dropped += cut
+            if close:
+                self.closed_at = time.monotonic()
+            self.cond.notify_all()
+
+    def since(self, seq: int, timeout: float) -> tuple[list[FeedEvent], int, bool]:
+        """Events after absolute position ``seq`` (waiting up to ``timeout``), the new position, closed."""
+        with self.cond:
+            end = self.dropped + len(self.events)
+            if seq >= end and self.closed_at is None:
+                self.cond.wait(timeout)
+                end = self.dropped + len(self.events)
+            start = max(seq, self.dropped)
+            return self.events[start - self.dropped :], end, self.closed_at is not None
+
+
+def check_relative_path(path: str, field_name: str) -> str:
+    """Input paths become files under the job's directory: refuse absolute paths and ``..``.
+
+    Raises:
+        BadInputError: naming ``field_name``.
+    """
+    norm = posixpath.normpath(path or "")
+    if (
+        not path
+        or path.startswith(("/", "\\"))
+        or "\\" in path
+        or "\0" in path
+        or norm == "."
+        or norm == ".."
+        or norm.startswith("../")
+        or ".." in path.split("/")
+    ):
+        raise BadInputError(f"{field_name} must be a relative path inside the job, got {path[:200]!r}", field=field_name)
+    return norm
+
+
+class JobManager:
+    """Owns job records, blob ownership checks, watcher feeds and retention; delegates running to the executor."""
+
+    def __init__(self, store: JobStore, blobs: BlobStore, executor: Executor, limits: Limits) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._executor = executor
+        self._limits = limits
+        self._feeds: dict[str, _Feed] = {}
+        self._last_db_write: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._accepting = True
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover records of a previous run, then start the executor and re-queue waiting jobs.
+
+        Jobs that were RUNNING when the server died are marked FAILED (their process died with it; re-running
+        a job that may have crashed the server could crash it again). QUEUED jobs never started and run now.
+        """
+        failed, queued = self._store.recover("server stopped while the job was running; submit it again")
+        for job_id in failed:
+            log_event(log, "job.failed", job=job_id, reason="server restarted while running")
+        self._executor.start(self)
+        for record in queued:
+            self._feeds[record.job_id] = _Feed()
+            self._executor.submit(self._exec_job(record))
+            log_event(log, "job.requeued", job=record.job_id, tenant=record.tenant)
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    def shutdown(self, grace: float) -> None:
+        self._accepting = False
+        self._executor.shutdown(grace)
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def upload(self, tenant: str, name: str, size: int, sha256: str, chunks: Iterable[bytes]) -> BlobInfo:
+        """Store one upload for ``tenant`` (see DirBlobStore.put_stream for the checks)."""
+        self._check_accepting()
+        info = self._blobs.put_stream(chunks, size=size, sha256=sha256)
+        self._store.add_blob(info.blob_id, info.size, tenant)
+        log_event(log, "blob.uploaded", tenant=tenant, blob=info.blob_id, size=info.size, name=name[:200])
+        return info
+
+    def submit(
+        self,
+        tenant: str,
+        *,
+        model_path: str,
+        files: Mapping[str, str],
+        spec: PruneSpec,
+        inputs: Mapping[str, str] | None = None,
+        output_name: str = "",
+        kind: str = PRUNE,
+    ) -> JobRecord:
+        """Validate a job and queue it.
+
+        Raises:
+            BadInputError: bad paths, unknown blobs, an unsafe model, data options naming no uploaded file.
+            ResourceExhaustedError: store over quota or queue full.
+            UnavailableError: shutting down.
+        """
+        self._check_accepting()
+        all_inputs = self._check_inputs(tenant, model_path, files, inputs or {})
+        model_rel = check_relative_path(model_path, "model.model_path")
+        self._check_model(model_rel, all_inputs)
+        data = spec.to_dict()
+        for key in ("calib", "train_data"):
+            if data.get(key) and not (key == "calib" and data[key] == "random"):
+                data[key] = self._check_data_path(data[key], key, all_inputs)
+        output_name = output_name or "pruned.onnx"
+        if not _PLAIN_NAME.match(output_name) or output_name in (".", ".."):
+            raise BadInputError(f"output_name must be a plain file name, got {output_name[:200]!r}", field="output_name")
+        if self._blobs.usage() >= self._limits.quota_bytes:
+            raise ResourceExhaustedError("store is full; wait for results to expire or raise the quota")
+        record = JobRecord(
+            job_id=uuid.uuid4().hex,
+            tenant=tenant,
+            kind=kind,
+            spec=data,
+            model_path=model_rel,
+            inputs=dict(all_inputs),
+            output_name=output_name,
+            created=time.time(),
+        )
+        self._store.create(record)
+        with self._lock:
+            self._feeds[record.job_id] = _Feed()
+        try:
+            self._executor.submit(self._exec_job(record))
+        except OnnxpruneError as e:
+            self._store.update(record.job_id, state=CANCELLED, error=str(e), error_type=type(e).__name__,
+                               finished=time.time())
+            raise
+        log_event(log, "job.submitted", job=record.job_id, tenant=tenant, kind=kind, model=model_rel,
+                  inputs=len(all_inputs))
+        return record
+
+    def get(self, tenant: str | None, job_id: str) -> JobRecord:
+        """Raises NotFoundError for unknown jobs and for other tenants' jobs alike."""
+        record = self._store.get(job_id, tenant)
+        if record is None:
+            raise NotFoundError(f"job {job_id[:100]!r} not found")
+        return record
+
+    def list(self, tenant: str | None, limit: int) -> list[JobRecord]:
+        return [r for r in self._store.list(tenant, limit if limit > 0 else 100) if r.kind == PRUNE]
+
+    def cancel(self, tenant: str | None, job_id: str) -> JobRecord:
+        """Cancel a queued job at once or ask a running one to stop; finished jobs are returned unchanged."""
+        record = self.get(tenant, job_id)
+        if record.state in ACTIVE_STATES:
+            self._executor.cancel(job_id)
+            if self._store.update(job_id, only_if=[QUEUED], state=CANCELLED, error="cancelled",
+                                  error_type="CancelledError", finished=time.time()):
+                self._publish(job_id, FeedEvent(CANCELLED, record.stage, record.fraction, "cancelled"), close=True)
+            log_event(log, "job.cancel_requested", job=job_id, tenant=record.tenant, state=record.state)
+        return self.get(tenant, job_id)
+
+    def watch(self, tenant: str | None, job_id: str, active: Callable[[], bool]) -> Iterator[tuple[JobRecord, str]]:
+        """Yield (job snapshot, log line) from now until the job ends or ``active()`` turns False."""
+        record = self.get(tenant, job_id)
+        yield record, ""
+        with self._lock:
+            feed = self._feeds.get(job_id)
+        if record.terminal or feed is None:
+            return
+        seq = 0
+        while active():
+            events, seq, closed = feed.since(seq, timeout=1.0)
+            for ev in events:
+                record = replace(record, state=ev.state, stage=ev.stage, fraction=ev.fraction, message=ev.message)
+                if not ev.log_line and ev.state not in ACTIVE_STATES:
+                    continue  # the final snapshot below carries results and errors
+                yield record, ev.log_line
+            if closed and not events:
+                yield self.get(tenant, job_id), ""
+                return
+
+    def open_result(self, tenant: str | None, job_id: str, name: str) -> tuple[ResultFile, Iterator[bytes]]:
+        """The result file's metadata and its chunks.
+
+        Raises:
+            NotFoundError: unknown job, unknown file, or results expired.
+            NotReadyError: the job has not succeeded.
+        """
+        record = self.get(tenant, job_id)
+        if record.state == EXPIRED:
+            raise NotFoundError(f"results of job {job_id} expired (retention)")
+        if record.state != SUCCEEDED:
+            raise NotReadyError(f"job {job_id} is {record.state}; results exist only for SUCCEEDED jobs")
+        for result in record.results:
+            if result.name == name:
+                return result, self._blobs.read(result.sha256)
+        raise NotFoundError(f"job {job_id} has no result {name[:200]!r}; it has {[r.name for r in record.results]}")
+
+    def analyze(
+        self, tenant: str, *, model_path: str, files: Mapping[str, str], shapes: dict[str, list[int]],
+        active: Callable[[], bool],
+    ) -> dict:
+        """Run the analysis as an (unlisted) job on the worker pool and wait for it.
+
+        Raises:
+            The job's own error (BadInputError, UnsupportedOpError, …) when it fails.
+        """
+        spec = PruneSpec(shapes=shapes).validate()
+        record = self.submit(tenant, model_path=model_path, files=files, spec=spec, kind=ANALYZE)
+        for snapshot, _ in self.watch(tenant, record.job_id, active):
+            record = snapshot
+        if not record.terminal:
+            self.cancel(tenant, record.job_id)
+            raise onnxprune_errors.CancelledError("analysis cancelled: the client went away")
+        if record.state != SUCCEEDED:
+            raise self.job_error(record)
+        return record.report or {}
+
+    @staticmethod
+    def job_error(record: JobRecord) -> OnnxpruneError:
+        """Rebuild the exception a failed job recorded, so synchronous RPCs map it like any other."""
+        cls = _ERROR_TYPES.get(record.error_type, onnxprune_errors.OnnxpruneError)
+        if cls is BadInputError:
+            return BadInputError(record.error, field=record.error_field or None)
+        return cls(record.error)
+
+    # -- executor callbacks ----------------------------------------------------------------------------------
+
+    def on_start(self, job_id: str) -> bool:
+        started = self._store.update(job_id, only_if=[QUEUED], state=RUNNING, started=time.time())
+        if started:
+            self._publish(job_id, FeedEvent(RUNNING, "", 0.0, "started"))
+            log_event(log, "job.started", job=job_id)
+        return started
+
+    def on_progress(self, job_id: str, progress: Progress) -> None:
+        now = time.monotonic()
+        with self._lock:
+            feed = self._feeds.get(job_id)
+            last_stage = feed.events[-1].stage if feed and feed.events else ""
+            write = now - self._last_db_write.get(job_id, 0.0) > _DB_PROGRESS_INTERVAL_S or progress.stage != last_stage
+            if write:
+                self._last_db_write[job_id] = now
+        if write:
+            self._store.update(job_id, stage=progress.stage, fraction=progress.fraction, message=progress.message)
+        if progress.stage != last_stage:
+            log_event(log, "job.stage", job=job_id, stage=progress.stage)
+        self._publish(job_id, FeedEvent(RUNNING, progress.stage, progress.fraction, progress.message))
+
+    def on_log(self, job_id: str, line: str) -> None:
+        with self._lock:
+            feed = self._feeds.get(job_id)
+            last = feed.events[-1] if feed and feed.events else FeedEvent(RUNNING, "", 0.0, "")
+        self._publish(job_id, replace(last, log_line=line))
+
+    def on_finish(self, job_id: str, outcome: Outcome) -> None:
+        now = time.time()
+        if outcome.state == INTERRUPTED:
+            self._store.update(job_id, state=QUEUED, started=None, stage="", fraction=0.0,
+                               message="interrupted by server shutdown; will run again after restart")
+            log_event(log, "job.interrupted", job=job_id)
+            return
+        changes = dict(state=outcome.state, finished=now, error=outcome.error, error_type=outcome.error_type,
+                       error_field=outcome.error_field or "", results=outcome.results, report=outcome.report)
+        if outcome.state == SUCCEEDED:
+            changes.update(stage="done", fraction=1.0, message="")
+        self._store.update(job_id, **changes)
+        with self._lock:
+            self._last_db_write.pop(job_id, None)
+        self._publish(job_id, FeedEvent(outcome.state, "", 1.0, outcome.error), close=True)
+        log_event(log, "job.finished", job=job_id, state=outcome.state, error_type=outcome.error_type or None,
+                  error=outcome.error[:500] or None, results=len(outcome.results),
+                  peak_rss_mb=round(outcome.peak_rss_kb / 1024, 1))
+
+    # -- retention -------------------------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> tuple[int, int]:
+        """Expire results older than the retention time and delete blobs nothing live uses.
+
+        Returns (jobs expired, blobs deleted).
+        """
+        now = time.time() if now is None else now
+        cutoff = now - self._limits.retention_s
+        expired = self._store.expire(cutoff)
+        for job_id in expired:
+            log_event(log, "job.expired", job=job_id)
+        deleted = 0
+        for blob_id in self._store.unreferenced_blobs(cutoff):
+            self._blobs.delete(blob_id)
+            self._store.forget_blob(blob_id)
+            deleted += 1
+        with self._lock:
+            mono = time.monotonic()
+            for job_id in [j for j, f in self._feeds.items() if f.closed_at and mono - f.closed_at > _FEED_KEEP_S]:
+                del self._feeds[job_id]
+        if expired or deleted:
+            log_event(log, "store.sweep", expired=len(expired), blobs_deleted=deleted, usage=self._blobs.usage())
+        return len(expired), deleted
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise UnavailableError("server is shutting down; retry against the restarted server")
+
+    def _exec_job(self, record: JobRecord) -> ExecJob:
+        return ExecJob(record.job_id, TaskRequest(record.kind, record.spec, record.model_path, record.output_name),
+                       record.inputs)
+
+    def _publish(self, job_id: str, event: FeedEvent, close: bool = False) -> None:
+        with self._lock:
+            feed = self._feeds.get(job_id)
+        if feed is not None:
+            feed.push(event, close)
+
+    def _check_inputs(
+        self, tenant: str, model_path: str, files: Mapping[str, str], inputs: Mapping[str, str]
+    ) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for group, items in (("model.files", files), ("inputs", inputs)):
+            for path, blob_id in items.items():
+                rel = check_relative_path(path, group)
+                check_blob_id(blob_id)
+                if not self._store.owns(tenant, blob_id):
+                    raise BadInputError(f"{group}: blob {blob_id} for {path!r} was not uploaded (or has expired)",
+                                        field=group)
+                if rel in merged and merged[rel] != blob_id:
+                    raise BadInputError(f"{group}: two different files for {rel!r}", field=group)
+                merged[rel] = blob_id
+        if check_relative_path(model_path, "model.model_path") not in merged:
+            raise BadInputError(f"model.model_path {model_path!r} is not among model.files", field="model.model_path")
+        return merged
+
+    def _check_model(self, model_rel: str, inputs: Mapping[str, str]) -> None:
+        sizes = {rel: self._blobs.size(blob_id) or 0 for rel, blob_id in inputs.items()}
+        check_model(self._blobs.local_path(inputs[model_rel]), model_path=model_rel, files=sizes,
+                    max_tensor_bytes=self._limits.max_tensor_bytes)
+
+    @staticmethod
+    def _check_data_path(value: str, key: str, inputs: Mapping[str, str]) -> str:
+        rel = check_relative_path(value, key)
+        if rel in inputs or any(p.startswith(rel + "/") for p in inputs):
+            return rel
+        raise BadInputError(f"{key} {value!r} names no uploaded input file or directory", field=key)
+

@@ -1,0 +1,216 @@
+"""Assembling and running the service: ``create_server`` (a factory tests call with port 0) and ``serve``
+(what ``onnxprune serve`` runs: signals, graceful shutdown).
+
+Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING at once, new uploads and submissions get UNAVAILABLE,
+running jobs get ``shutdown_grace`` seconds to finish; jobs still running then are interrupted and put back in
+the queue (they run again, from the start, after a restart), and the gRPC server stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from onnxprune._proto import compressor_pb2 as pb
+from onnxprune._proto import compressor_pb2_grpc as pb_grpc
+from onnxprune.errors import BadInputError
+from service.auth import AuthInterceptor, Authenticator, load_tokens
+from service.blobs import CHUNK_SIZE, DirBlobStore
+from service.executor import LocalProcessExecutor
+from service.jobs import JobManager, Limits
+from service.logs import log_event
+from service.servicer import CompressorServicer
+from service.store import SqliteJobStore
+from service.tasks import TaskFn, run_task
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Compressor"].full_name
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``onnxprune serve`` can set. Sizes in bytes, times in seconds."""
+
+    workers: int = 2
+    queue_size: int = 256
+    tokens: dict[str, str] | None = None  # token → tenant; None: no auth
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    retention_s: float = 168 * 3600.0
+    quota_bytes: int = 50 * GB
+    max_upload_bytes: int = 8 * GB
+    max_tensor_bytes: int | None = None  # default: max_upload_bytes
+    rpc_threads: int = 64
+    cancel_grace_s: float = 10.0
+    shutdown_grace_s: float = 30.0
+    sweep_interval_s: float = 60.0
+
+
+class CompressionServer:
+    """A bound, not yet started service; ``start`` it, then ``stop`` it (gracefully) or ``wait`` for it."""
+
+    def __init__(self, grpc_server: grpc.Server, manager: JobManager, health_servicer: health.HealthServicer,
+                 store: SqliteJobStore, config: ServerConfig) -> None:
+        self.grpc_server = grpc_server
+        self.manager = manager
+        self.health = health_servicer
+        self._store = store
+        self._config = config
+        self._stopped = threading.Event()
+        self._janitor = threading.Thread(target=self._sweep_loop, name="onnxprune-janitor", daemon=True)
+
+    def start(self) -> None:
+        self.manager.start()
+        self.manager.sweep()
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._janitor.start()
+
+    def _sweep_loop(self) -> None:
+        while not self._stopped.wait(self._config.sweep_interval_s):
+            try:
+                self.manager.sweep()
+            except Exception as e:  # noqa: BLE001 - retention must not stop on one bad sweep
+                log_event(log, "store.sweep_error", logging.ERROR, error=repr(e))
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new work, let jobs finish for ``grace`` s, then stop serving."""
+        if self._stopped.is_set():
+            return
+        grace = self._config.shutdown_grace_s if grace is None else grace
+        log_event(log, "server.stopping", grace_s=grace)
+        self.health.enter_graceful_shutdown()
+        self.manager.stop_accepting()
+        self.manager.shutdown(grace)
+        self._stopped.set()
+        self.grpc_server.stop(grace=min(grace, 5.0)).wait()
+        self._store.close()
+        log_event(log, "server.stopped")
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None and config.tls_key is None:
+        if config.tls_client_ca is not None:
+            raise BadInputError("--tls-client-ca needs --tls-cert and --tls-key", field="tls_client_ca")
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise BadInputError("TLS needs both --tls-cert and --tls-key", field="tls_cert")
+    try:
+        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as e:
+        raise BadInputError(f"cannot read TLS files: {e}", field="tls_cert") from e
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def create_server(
+    address: str, store: str | Path, config: ServerConfig | None = None, *, task: TaskFn = run_task
+) -> tuple[CompressionServer, int]:
+    """Build the service on ``store`` (a directory) and bind ``address`` (``host:0`` picks a free port).
+
+    Args:
+        address: ``HOST:PORT``; bind 127.0.0.1 unless the service must be reachable from elsewhere.
+        store: directory for ``jobs.sqlite``, blobs and scratch space; created if missing.
+        config: limits, workers, auth and TLS.
+        task: the job function (tests pass small stand-ins; production runs the pipeline).
+
+    Returns:
+        The server (call ``start()``) and the bound port.
+
+    Raises:
+        BadInputError: unusable TLS settings or an address that cannot be bound.
+    """
+    config = config or ServerConfig()
+    root = Path(store)
+    root.mkdir(parents=True, exist_ok=True)
+    job_store = SqliteJobStore(root / "jobs.sqlite")
+    blobs = DirBlobStore(root / "blobs", quota_bytes=config.quota_bytes, max_upload_bytes=config.max_upload_bytes)
+    executor = LocalProcessExecutor(task, blobs, root / "work", workers=config.workers,
+                                    queue_size=config.queue_size, cancel_grace=config.cancel_grace_s)
+    limits = Limits(max_tensor_bytes=config.max_tensor_bytes or config.max_upload_bytes,
+                    retention_s=config.retention_s, quota_bytes=config.quota_bytes)
+    manager = JobManager(job_store, blobs, executor, limits)
+    auth = Authenticator(config.tokens)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="onnxprune-rpc"),
+        interceptors=[AuthInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", CHUNK_SIZE + (64 << 10)),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+    )
+    pb_grpc.add_CompressorServicer_to_server(CompressorServicer(manager, auth, config.retention_s), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = _credentials(config)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise BadInputError(f"cannot listen on {address}: {e}", field="port") from e
+    if port == 0:
+        raise BadInputError(f"cannot listen on {address}", field="port")
+    log_event(log, "server.created", address=address, port=port, store=str(root), workers=config.workers,
+              auth=auth.enabled, tls=credentials is not None, mtls=config.tls_client_ca is not None)
+    return CompressionServer(server, manager, health_servicer, job_store, config), port
+
+
+def serve(host: str, port: int, store: str | Path, config: ServerConfig, *, task: TaskFn = run_task) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. Prints ``listening on HOST:PORT`` once bound."""
+    server, bound = create_server(f"{host}:{port}", store, config, task=task)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+    log_event(log, "server.listening", host=host, port=bound)
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+def config_from_args(args: object) -> ServerConfig:
+    """Translate ``onnxprune serve`` arguments (see ``onnxprune.cli``) into a config.
+
+    Raises:
+        BadInputError: non-positive sizes or a bad token file.
+    """
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours"):
+        value = get(name)
+        if value is not None and value <= 0:
+            raise BadInputError(f"--{name.replace('_', '-')} must be > 0, got {value}", field=name)
+    return ServerConfig(
+        workers=get("workers", 2),
+        tokens=load_tokens(Path(get("token_file"))) if get("token_file") else None,
+        tls_cert=Path(get("tls_cert")) if get("tls_cert") else None,
+        tls_key=Path(get("tls_key")) if get("tls_key") else None,
+        tls_client_ca=Path(get("tls_client_ca")) if get("tls_client_ca") else None,
+        retention_s=get("retention_hours", 168.0) * 3600.0,
+        quota_bytes=int(get("quota_gb", 50.0) * GB),
+        max_upload_bytes=int(get("max_upload_gb", 8.0) * GB),
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - `onnxprune serve` is the entry point
+    sys.exit("run `onnxprune serve`")
