@@ -1,0 +1,343 @@
+"""Numerical gradient check of every VJP rule (float64 central differences, then float32 on onnxruntime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import UnsupportedOpError
+from onnxprune.training.autodiff import build_gradients
+from onnxprune.training.gradcheck import check_gradients
+from onnxprune.training.vjp import VJPRegistry, default_registry
+
+RNG = np.random.default_rng(1234)
+TOL64 = 1e-6
+TOL32 = 2e-3  # float32 graph on onnxruntime vs float64 analytic
+
+
+def _op_model(
+    op: str,
+    floats: dict[str, np.ndarray],
+    consts: dict[str, np.ndarray] | None = None,
+    order: list[str] | None = None,
+    n_out: int = 1,
+    opset: int = 17,
+    **attrs: object,
+) -> onnx.ModelProto:
+    """One-node model: ``floats`` are graph inputs, ``consts`` initializers, ``order`` the input list."""
+    consts = consts or {}
+    names = order or list(floats) + list(consts)
+    outs = [f"y{i}" for i in range(n_out)]
+    node = helper.make_node(op, names, outs, name=f"{op.lower()}_node", **attrs)
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)) for k, v in floats.items()]
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]
+    known = {vi.name: vi for vi in inferred.graph.value_info} | {vi.name: vi for vi in inferred.graph.output}
+    model.graph.output.extend(known[o] for o in outs)
+    return model
+
+
+def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wrt: list[str], tol64: float = TOL64, tol32: float = TOL32) -> None:
+    res = check_gradients(model, feeds, wrt)
+    assert res.max_rel_err < tol64, f"float64 rel err {res.max_rel_err:.2e}"
+    assert res.max_rel_err_ort32 < tol32, f"onnxruntime float32 rel err {res.max_rel_err_ort32:.2e}"
+
+
+def r(*shape: int, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    return RNG.uniform(low, high, shape).astype(np.float32)
+
+
+def away_from(x: np.ndarray, kinks: list[float], margin: float = 0.05) -> np.ndarray:
+    """Nudge values off non-differentiable points so central differences stay valid."""
+    x = x.copy()
+    for k in kinks:
+        close = np.abs(x - k) < margin
+        x[close] = k + margin * np.sign(x[close] - k + 1e-9) * 2
+    return x
+
+
+# ------------------------------------------------------------------------------ elementwise binary
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+@pytest.mark.parametrize("sa,sb", [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (4,)), ((2, 1, 4), (3, 1)), ((1,), (2, 3))])
+def test_binary_broadcast(op: str, sa: tuple[int, ...], sb: tuple[int, ...]) -> None:
+    a, b = r(*sa), r(*sb)
+    if op == "Div":
+        b = np.sign(b) * (np.abs(b) + 0.5)
+    _check(_op_model(op, {"a": a, "b": b}), {"a": a, "b": b}, ["a", "b"])
+
+
+def test_binary_symbolic_batch_dynamic_reduce() -> None:
+    """Symbolic dims on both sides force the run-time axis search in reduce_to."""
+    a, b = r(2, 3), r(1, 3)
+    node = helper.make_node("Mul", ["a", "b"], ["y0"])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
+                                       helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m", 3])],
+                          [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    _check(m, {"a": a, "b": b}, ["a", "b"])
+
+
+# ------------------------------------------------------------------------------ unary activations
+@pytest.mark.parametrize("op,attrs,kinks", [
+    ("Relu", {}, [0.0]), ("LeakyRelu", {"alpha": 0.1}, [0.0]), ("Sigmoid", {}, []), ("Tanh", {}, []),
+    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, [-4 / 3, 2.0]), ("HardSwish", {}, [-3.0, 3.0]),
+    ("Erf", {}, []), ("Exp", {}, []), ("Neg", {}, []), ("Abs", {}, [0.0]), ("Softplus", {}, []),
+    ("Identity", {}, []),
+])
+def test_unary(op: str, attrs: dict, kinks: list[float]) -> None:
+    x = away_from(r(2, 3, 5, low=-4, high=4), kinks)
+    _check(_op_model(op, {"x": x}, **attrs), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("op", ["Log", "Sqrt", "Reciprocal"])
+def test_unary_positive(op: str) -> None:
+    x = r(3, 4, low=0.5, high=2.0)
+    _check(_op_model(op, {"x": x}), {"x": x}, ["x"])
+
+
+def test_dropout_is_identity() -> None:
+    x = r(2, 6)
+    _check(_op_model("Dropout", {"x": x}), {"x": x}, ["x"])
+
+
+def test_clip_inputs() -> None:
+    x = away_from(r(3, 7, low=-2, high=2), [-0.5, 0.7])
+    consts = {"lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)}
+    _check(_op_model("Clip", {"x": x}, consts), {"x": x}, ["x"])
+    _check(_op_model("Clip", {"x": x}, {"hi": consts["hi"]}, order=["x", "", "hi"]), {"x": x}, ["x"])
+
+
+def test_pow_cast_where_expand() -> None:
+    x = r(2, 3, low=0.5, high=1.5)
+    _check(_op_model("Pow", {"x": x}, {"p": np.array(2.5, np.float32)}), {"x": x}, ["x"])
+    p = r(3, low=0.5, high=2.0)
+    _check(_op_model("Pow", {"x": x, "p": p}), {"x": x, "p": p}, ["x", "p"])
+    c = np.array([[True, False, True]])
+    a, b = r(2, 3), r(3)
+    _check(_op_model("Where", {"a": a, "b": b}, {"c": c}, order=["c", "a", "b"]), {"a": a, "b": b}, ["a", "b"])
+    _check(_op_model("Expand", {"x": r(3, 1)}, {"s": np.array([2, 3, 4], np.int64)}), {"x": r(3, 1)}, ["x"])
+    _check(_op_model("Cast", {"x": x}, to=TensorProto.FLOAT), {"x": x}, ["x"])
+
+
+def test_prelu() -> None:
+    x, s = away_from(r(2, 3, 4), [0.0]), r(3, 1, low=0.1, high=0.5)
+    _check(_op_model("PRelu", {"x": x, "s": s}), {"x": x, "s": s}, ["x", "s"])
+
+
+# ------------------------------------------------------------------------------ softmax family
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax(op: str, axis: int) -> None:
+    x = r(2, 4, 3, low=-2, high=2)
+    _check(_op_model(op, {"x": x}, axis=axis), {"x": x}, ["x"])
+
+
+# ------------------------------------------------------------------------------ normalisation
+def test_batch_norm_inference() -> None:
+    x, s, b = r(2, 3, 4, 5), r(3, low=0.5, high=1.5), r(3)
+    consts = {"mean": r(3), "var": r(3, low=0.5, high=2.0)}
+    m = _op_model("BatchNormalization", {"x": x, "s": s, "b": b}, consts, epsilon=1e-3)
+    _check(m, {"x": x, "s": s, "b": b}, ["x", "s", "b"])
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_layer_norm(axis: int) -> None:
+    x = r(2, 3, 4)
+    pshape = (4,) if axis == -1 else (3, 4)
+    s, b = r(*pshape, low=0.5, high=1.5), r(*pshape)
+    m = _op_model("LayerNormalization", {"x": x, "s": s, "b": b}, axis=axis, epsilon=1e-5)
+    _check(m, {"x": x, "s": s, "b": b}, ["x", "s", "b"], tol64=1e-5)
+
+
+# ------------------------------------------------------------------------------ linear algebra
+@pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 1, 3, 4), (3, 4, 2)), ((4,), (2, 4, 3)), ((2, 3, 4), (4,))])
+def test_matmul_batched(sa: tuple[int, ...], sb: tuple[int, ...]) -> None:
+    a, b = r(*sa), r(*sb)
+    _check(_op_model("MatMul", {"a": a, "b": b}), {"a": a, "b": b}, ["a", "b"])
+
+
+@pytest.mark.parametrize("ta", [0, 1])
+@pytest.mark.parametrize("tb", [0, 1])
+@pytest.mark.parametrize("cshape", [(5,), (3, 5), (1, 1)])
+def test_gemm(ta: int, tb: int, cshape: tuple[int, ...]) -> None:
+    a = r(4, 3) if ta else r(3, 4)
+    b = r(5, 4) if tb else r(4, 5)
+    c = r(*cshape)
+    m = _op_model("Gemm", {"a": a, "b": b, "c": c}, transA=ta, transB=tb, alpha=0.7, beta=1.3)
+    _check(m, {"a": a, "b": b, "c": c}, ["a", "b", "c"])
+
+
+# ------------------------------------------------------------------------------ convolution
+@pytest.mark.parametrize("cfg", [
+    dict(x=(2, 3, 7, 7), w=(4, 3, 3, 3), attrs={}),
+    dict(x=(2, 4, 9, 8), w=(6, 2, 3, 2), attrs={"group": 2, "strides": [2, 3], "pads": [1, 0, 2, 1]}),
+    dict(x=(1, 4, 8, 8), w=(4, 1, 3, 3), attrs={"group": 4, "pads": [1, 1, 1, 1], "strides": [2, 2]}),
+    dict(x=(2, 2, 9, 9), w=(3, 2, 3, 3), attrs={"dilations": [2, 2], "strides": [2, 1], "pads": [0, 2, 1, 0]}),
+    dict(x=(1, 2, 7, 6), w=(2, 2, 3, 3), attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    dict(x=(2, 3, 10), w=(4, 3, 3), attrs={"strides": [3], "pads": [1, 1]}),
+    dict(x=(2, 3, 5, 5), w=(4, 3, 1, 1), attrs={}),
+])
+def test_conv(cfg: dict) -> None:
+    x, w, b = r(*cfg["x"]), r(*cfg["w"]), r(cfg["w"][0])
+    m = _op_model("Conv", {"x": x, "w": w, "b": b}, **cfg["attrs"])
+    _check(m, {"x": x, "w": w, "b": b}, ["x", "w", "b"])
+
+
+# ------------------------------------------------------------------------------ pooling
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [1, 0, 0, 1], "ceil_mode": 1},
+])
+def test_max_pool(attrs: dict) -> None:
+    x = RNG.permutation(2 * 3 * 7 * 6).reshape(2, 3, 7, 6).astype(np.float32) / 50.0  # distinct: no ties
+    _check(_op_model("MaxPool", {"x": x}, **attrs), {"x": x}, ["x"])
+
+
+def test_max_pool_with_indices_used() -> None:
+    x = RNG.permutation(2 * 2 * 4 * 4).reshape(2, 2, 4, 4).astype(np.float32)
+    _check(_op_model("MaxPool", {"x": x}, n_out=2, kernel_shape=[2, 2], strides=[2, 2]), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+    {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 0, 0], "ceil_mode": 1},
+])
+def test_average_pool(attrs: dict) -> None:
+    x = r(2, 3, 7, 6)
+    _check(_op_model("AveragePool", {"x": x}, **attrs), {"x": x}, ["x"])
+
+
+def test_global_average_pool() -> None:
+    x = r(2, 3, 4, 5)
+    _check(_op_model("GlobalAveragePool", {"x": x}), {"x": x}, ["x"])
+
+
+# ------------------------------------------------------------------------------ reductions
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum"])
+@pytest.mark.parametrize("axes,keep", [([1], 1), ([-1, 0], 0), (None, 0)])
+def test_reduce_axes_input(op: str, axes: list[int] | None, keep: int) -> None:
+    x = r(2, 3, 4)
+    consts = {} if axes is None else {"axes": np.array(axes, np.int64)}
+    _check(_op_model(op, {"x": x}, consts, opset=18, keepdims=keep), {"x": x}, ["x"])
+
+
+def test_reduce_mean_axes_attribute() -> None:
+    x = r(2, 3, 4)
+    _check(_op_model("ReduceMean", {"x": x}, axes=[2], keepdims=0), {"x": x}, ["x"])
+
+
+# ------------------------------------------------------------------------------ shape ops
+def test_shape_ops() -> None:
+    x = r(2, 3, 4)
+    _check(_op_model("Flatten", {"x": x}, axis=2), {"x": x}, ["x"])
+    _check(_op_model("Reshape", {"x": x}, {"s": np.array([4, -1], np.int64)}), {"x": x}, ["x"])
+    _check(_op_model("Transpose", {"x": x}, perm=[2, 0, 1]), {"x": x}, ["x"])
+    _check(_op_model("Transpose", {"x": x}), {"x": x}, ["x"])
+    _check(_op_model("Unsqueeze", {"x": x}, {"a": np.array([0, 3], np.int64)}), {"x": x}, ["x"])
+    y = r(2, 1, 4)
+    _check(_op_model("Squeeze", {"y": y}, {"a": np.array([1], np.int64)}), {"y": y}, ["y"])
+
+
+def test_concat_split() -> None:
+    a, b, c = r(2, 3, 4), r(2, 1, 4), r(2, 2, 4)
+    _check(_op_model("Concat", {"a": a, "b": b, "c": c}, axis=1), {"a": a, "b": b, "c": c}, ["a", "c"])
+    x = r(2, 6, 3)
+    _check(_op_model("Split", {"x": x}, {"s": np.array([1, 3, 2], np.int64)}, n_out=3, axis=1), {"x": x}, ["x"])
+    # an unused Split output gets zeros
+    m = _op_model("Split", {"x": x}, n_out=2, axis=1, opset=18, num_outputs=2)
+    del m.graph.output[1]
+    _check(m, {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps", [
+    ([1], [3], [1], [1]), ([0, -1], [2, -6], [2, 1], [2, -2]), ([1, 0], [100, 4], [0, 2], [1, 3]),
+])
+def test_slice(starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> None:
+    x = r(3, 5, 6)
+    consts = {k: np.array(v, np.int64) for k, v in dict(s=starts, e=ends, a=axes, t=steps).items()}
+    _check(_op_model("Slice", {"x": x}, consts), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad(mode: str) -> None:
+    x = r(2, 3, 4, 5)
+    pads = np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)
+    consts = {"p": pads}
+    if mode == "constant":
+        consts["v"] = np.array(0.5, np.float32)
+    _check(_op_model("Pad", {"x": x}, consts, mode=mode), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("attrs,scales", [
+    ({"mode": "nearest"}, [1, 1, 2, 2]),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2, 3]),
+    ({"mode": "linear"}, [1, 1, 2, 2]),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, [1, 1, 1.5, 2]),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, [1, 1, 0.5, 2]),
+])
+def test_resize(attrs: dict, scales: list[float]) -> None:
+    x = r(1, 2, 4, 4)
+    consts = {"roi": np.array([], np.float32), "sc": np.array(scales, np.float32)}
+    _check(_op_model("Resize", {"x": x}, consts, order=["x", "roi", "sc"], **attrs), {"x": x}, ["x"])
+
+
+def test_gather_embedding_duplicates() -> None:
+    table = r(6, 4)
+    ids = np.array([[1, 3, 1], [-1, 0, 3]], np.int64)
+    _check(_op_model("Gather", {"t": table}, {"i": ids}), {"t": table}, ["t"])
+    _check(_op_model("Gather", {"t": table}, {"i": np.array([2, 2, 0], np.int64)}, axis=1), {"t": table}, ["t"])
+
+
+def test_gather_elements() -> None:
+    x = r(3, 4)
+    idx = np.array([[0, 2], [1, 1], [3, 0]], np.int64)
+    _check(_op_model("GatherElements", {"x": x}, {"i": idx}, axis=1), {"x": x}, ["x"])
+
+
+# ------------------------------------------------------------------------------ driver behaviour
+def test_registry_rejects_duplicates_and_missing_rule_names_node() -> None:
+    reg = VJPRegistry()
+    reg.register("Relu", lambda ctx, node, g: [g[0]])
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("Relu", lambda ctx, node, g: [g[0]])
+    x = r(2, 3)
+    m = _op_model("Mul", {"x": x}, {"k": r(3)})
+    with pytest.raises(UnsupportedOpError) as err:
+        build_gradients(m, "y0", ["x"], registry=reg)
+    assert err.value.op_type == "Mul" and err.value.node == "mul_node"
+    assert "mul_node" in str(err.value)
+
+
+def test_every_issue_op_has_a_rule() -> None:
+    reg = default_registry()
+    required = """Conv Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Tanh Erf Softmax
+    LogSoftmax BatchNormalization LayerNormalization MaxPool AveragePool GlobalAveragePool ReduceMean Flatten Reshape
+    Transpose Concat Split Slice Squeeze Unsqueeze Pad Resize Identity Dropout Gather""".split()
+    assert [op for op in required if op not in reg] == []
+
+
+def test_non_differentiable_paths_are_skipped() -> None:
+    """Shape → integer arithmetic → Reshape, and an op without a rule off the loss path, need no rules."""
+    x = r(2, 6)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Reshape", ["x", "s"], ["xr"]),
+        helper.make_node("TopK", ["x", "k"], ["tv", "ti"], axis=1),  # no rule, not on the loss path
+        helper.make_node("Relu", ["xr"], ["y0"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+                          [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [2, 6])],
+                          [numpy_helper.from_array(np.array([2], np.int64), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    _check(m, {"x": away_from(x, [0.0])}, ["x"])
