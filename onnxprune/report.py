@@ -5,7 +5,8 @@ Conventions (also in DESIGN.md, "Report JSON"):
 - **params**: the number of elements in every floating-point initializer, plus floating-point tensors
   held in ``Constant`` nodes (Paddle exports keep weights there). Integer tensors (shapes, indices) are
   not parameters. A layer's params are those of the tensors it reads, so a weight shared by two nodes
-  appears in both rows but once in the total.
+  appears in both rows but once in the total. Sparse initializers count their stored non-zeros. Weights
+  computed at run time (e.g. ``ConstantOfShape`` stand-ins) are not counted.
 - **MACs**: per sample (a symbolic first input dim is set to 1) from shapes found by ONNX shape
   inference. ``Conv`` = output elements × (Cin/groups) × kernel elements (1-D/2-D/3-D alike);
   ``ConvTranspose`` = input elements × (Cout/groups) × kernel elements; ``Gemm``/``MatMul`` = M × N × K,
@@ -223,13 +224,26 @@ def node_names(model: onnx.ModelProto) -> list[str]:
     return [n.name or f"{n.op_type}#{i}" for i, n in enumerate(model.graph.node)]
 
 
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a ``Constant`` node given by its ``value`` attribute, else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+    return None
+
+
 def _param_tensors(model: onnx.ModelProto) -> dict[str, int]:
-    counts = {t.name: math.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
-                    counts[node.output[0]] = math.prod(a.t.dims)
+    g = model.graph
+    counts = {t.name: math.prod(t.dims) for t in g.initializer if t.data_type in _FLOAT_TYPES}
+    for st in g.sparse_initializer:  # stored non-zeros
+        if st.values.data_type in _FLOAT_TYPES:
+            counts[st.values.name] = math.prod(st.values.dims)
+    for node in g.node:
+        value = _constant_value(node)
+        if value is not None and value.data_type in _FLOAT_TYPES:
+            counts[node.output[0]] = math.prod(value.dims)
     return counts
 
 
@@ -265,7 +279,13 @@ def _light_model(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onn
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
     g = light.graph
-    g.node.extend(model.graph.node)
+    typed: list[onnx.ValueInfoProto] = []  # weights replaced by typed inputs
+    for node in model.graph.node:
+        value = _constant_value(node)
+        if value is not None and value.data_type in _FLOAT_TYPES and math.prod(value.dims) > _INFERENCE_KEEP_ELEMS:
+            typed.append(helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
+        else:
+            g.node.append(node)
     for vi in model.graph.input:
         new = g.input.add()
         new.CopyFrom(vi)
@@ -291,10 +311,12 @@ def _light_model(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onn
     declared = {vi.name for vi in model.graph.input}
     for t in model.graph.initializer:
         if t.data_type in _FLOAT_TYPES and math.prod(t.dims) > _INFERENCE_KEEP_ELEMS:
-            if t.name not in declared:
-                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            typed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             g.initializer.append(t)
+    for st in model.graph.sparse_initializer:
+        typed.append(helper.make_tensor_value_info(st.values.name, st.values.data_type, list(st.dims)))
+    g.input.extend(vi for vi in typed if vi.name not in declared)
     return light
 
 
@@ -309,10 +331,9 @@ def _collect_dims(model: onnx.ModelProto) -> dict[str, Dims]:
     for t in model.graph.initializer:
         out[t.name] = list(t.dims)
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    out[node.output[0]] = list(a.t.dims)
+        value = _constant_value(node)
+        if value is not None:
+            out[node.output[0]] = list(value.dims)
     return out
 
 

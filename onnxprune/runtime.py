@@ -280,7 +280,7 @@ class Session:
             Output name → array.
 
         Raises:
-            BadInputError: an input is missing or unknown.
+            BadInputError: an input is missing or unknown, or has a shape/dtype the model rejects.
             InvariantError: onnxruntime failed while running the model.
         """
         names = {s.name for s in self.input_specs}
@@ -297,6 +297,8 @@ class Session:
             values = self._sess.run(wanted, dict(feeds))
         except Exception as e:  # onnxruntime raises its own exception types
             shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+            if type(e).__name__ == "InvalidArgument":  # wrong shape or dtype fed: the caller's data
+                raise BadInputError(f"the model rejects inputs with shapes {shapes}: {e}", field="inputs") from e
             raise InvariantError(f"onnxruntime failed to run the model with input shapes {shapes}: {e}") from e
         return dict(zip(wanted, values, strict=True))
 
@@ -370,6 +372,21 @@ def _write_external(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoPr
     return path
 
 
+def _file_ir_version(path: Path) -> int | None:
+    """``ir_version`` from the file's first bytes (protobuf writes field 1 first), or None if not there."""
+    with open(path, "rb") as f:
+        head = f.read(11)
+    if not head or head[0] != 0x08:  # field 1, varint
+        return None
+    value, shift = 0, 0
+    for byte in head[1:]:
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value
+        shift += 7
+    return None
+
+
 def _load(path: Path, external: bool) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=external)
@@ -386,8 +403,11 @@ def _session_source(
         if not path.is_file():
             raise BadInputError(f"model file not found: {path}", field="model")
         if not extra_outputs:
-            # onnxruntime reads the file and its external data itself; check the IR version cheaply.
-            if _load(path, external=False).ir_version <= MAX_IR_VERSION:
+            # onnxruntime reads the file and its external data itself; only the IR version is checked.
+            ir = _file_ir_version(path)
+            if ir is None:
+                ir = _load(path, external=False).ir_version
+            if ir <= MAX_IR_VERSION:
                 return str(path), None
         return _session_source(_load(path, external=True), extra_outputs)
     if _has_unloaded_external_data(model):
@@ -601,7 +621,7 @@ def _capture_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[list[onn
 
 
 def iter_capture(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | os.PathLike[str],
     tensor_names: list[str],
     batches: Iterable[Mapping[str, np.ndarray]],
     device: str | DeviceChoice = "auto",
@@ -615,7 +635,7 @@ def iter_capture(
     Only one batch's tensors are alive at a time unless the caller keeps them.
 
     Args:
-        model: the model, with external data loaded.
+        model: the model (with external data loaded) or its path.
         tensor_names: tensors to capture.
         batches: feeds, one mapping per batch.
         device: ``auto|cuda|cpu`` or a :class:`DeviceChoice`.
@@ -625,9 +645,12 @@ def iter_capture(
         For each batch, tensor name → array.
 
     Raises:
-        BadInputError: a name is not a tensor of the model, or the feeds do not match its inputs.
+        BadInputError: a name is not a tensor of the model, the feeds do not match its inputs, or the
+            file cannot be read.
         InvariantError: onnxruntime failed while running.
     """
+    if not isinstance(model, onnx.ModelProto):
+        model = _load(Path(model), external=True)
     extra, direct = _capture_outputs(model, list(tensor_names))
     inits = {t.name: t for t in model.graph.initializer}
     fixed = {n: numpy_helper.to_array(inits[n]) for n in direct if n in inits}
@@ -641,7 +664,7 @@ def iter_capture(
 
 
 def capture(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | os.PathLike[str],
     tensor_names: list[str],
     feeds: Mapping[str, np.ndarray],
     device: str | DeviceChoice = "auto",

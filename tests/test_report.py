@@ -170,6 +170,29 @@ def test_constant_node_weights_count_as_params() -> None:
     assert [(l.node, l.params, l.macs) for l in stats.layers] == [("mm", 12, 12)]
 
 
+def test_big_constant_weights_and_sparse_initializers() -> None:
+    # A Constant-node weight above the inference threshold: [5000, 2] = 10000 elements.
+    w = RNG.standard_normal((5000, 2)).astype(np.float32)
+    big = _model(
+        [
+            helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        ],
+        [_vi("x", ["N", 5000])],
+        [_vi("y", ["N", 2])],
+        [],
+    )
+    stats = model_stats(big)
+    assert (stats.params, stats.macs) == (10000, 1 * 2 * 5000)
+    # A sparse initializer [4, 3] with 2 stored values: params count the stored values; MACs use the dense shape.
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "s")
+    indices = numpy_helper.from_array(np.array([0, 7], np.int64), "s_idx")
+    sparse = _model([helper.make_node("MatMul", ["x", "s"], ["y"], name="mm")], [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [])
+    sparse.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4, 3]))
+    stats = model_stats(sparse)
+    assert (stats.params, stats.macs) == (2, 12)
+
+
 def test_bytes_match_serialized_size(tmp_path: Path) -> None:
     model = _cnn()
     exact = len(model.SerializeToString())

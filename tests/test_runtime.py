@@ -196,8 +196,18 @@ def test_session_errors(tmp_path: Path) -> None:
         make_session(bad, "cpu")
     with pytest.raises(BadInputError, match="threads"):
         make_session(_affine_model(), "cpu", threads=0)
-    with make_session(_affine_model(), "cpu") as sess, pytest.raises(BadInputError, match="missing \\['x'\\]"):
-        sess.run({"z": np.zeros((1, 3), np.float32)})
+    with make_session(_affine_model(), "cpu") as sess:
+        with pytest.raises(BadInputError, match="missing \\['x'\\]"):
+            sess.run({"z": np.zeros((1, 3), np.float32)})
+        with pytest.raises(BadInputError, match="rejects inputs with shapes \\{'x': \\[1, 4\\]\\}"):
+            sess.run({"x": np.zeros((1, 4), np.float32)})
+
+
+def test_ir_version_read_from_file_head(tmp_path: Path) -> None:
+    for ir in (3, 9, 14):
+        path = tmp_path / f"m{ir}.onnx"
+        onnx.save(_affine_model(ir_version=ir), path)
+        assert runtime._file_ir_version(path) == ir  # noqa: SLF001
 
 
 # -- random inputs ----------------------------------------------------------------------------
@@ -280,6 +290,17 @@ def test_capture_intermediate_input_and_initializer() -> None:
     np.testing.assert_array_equal(got["b"], [0, 1, 2])
     np.testing.assert_allclose(got["y"], 2 * x + [0, 1, 2])
     assert [o.name for o in model.graph.output] == ["y"]  # the caller's model is not changed
+
+
+def test_capture_from_path_with_external_data(tmp_path: Path) -> None:
+    model = _big_weight_model()
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 32]))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    x = np.ones((2, 64), np.float32)
+    got = capture(path, ["y"], {"x": x}, "cpu")
+    np.testing.assert_allclose(got["y"], x @ _W, rtol=1e-4, atol=1e-4)
 
 
 def test_capture_unknown_tensor() -> None:
