@@ -15,26 +15,26 @@ through a :class:`Listener`, and the job manager decides what to record.
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import queue
-import resource
 import shutil
+import subprocess
+import sys
 import threading
 import time
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from onnxprune.errors import OnnxpruneError
 from onnxprune.progress import Progress
 from service.blobs import BlobStore
 from service.errors import ResourceExhaustedError, UnavailableError
 from service.logs import log_event
 from service.store import CANCELLED, FAILED, SUCCEEDED, ResultFile
 from service.tasks import TaskFn, TaskRequest
+from service.worker import CANCEL, encode_job
 
 log = logging.getLogger(__name__)
 
@@ -85,53 +85,6 @@ class Executor(Protocol):
     def shutdown(self, grace: float) -> None: ...
 
 
-class _ChildLogHandler(logging.Handler):
-    """Forwards the job's log records to the server as log lines."""
-
-    def __init__(self, send: Any) -> None:
-        super().__init__(logging.INFO)
-        self._send = send
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._send(("log", self.format(record)))
-        except Exception:  # noqa: BLE001 - a closed pipe must not break the job
-            self.handleError(record)
-
-
-def _child_main(
-    task: TaskFn, request: TaskRequest, in_dir: str, out_dir: str, conn: Connection, cancel: Any
-) -> None:
-    """Entry point of a job process: run the task, send progress/log/result messages over ``conn``."""
-    lock = threading.Lock()
-
-    def send(message: tuple[Any, ...]) -> None:
-        with lock:
-            conn.send(message)
-
-    root = logging.getLogger()
-    root.addHandler(_ChildLogHandler(send))
-    root.setLevel(logging.INFO)
-    try:
-        result = task(
-            request,
-            Path(in_dir),
-            Path(out_dir),
-            lambda p: send(("progress", p.stage, p.fraction, p.message)),
-            cancel,
-        )
-        message: tuple[Any, ...] = ("done", result.files, result.report)
-    except OnnxpruneError as e:
-        message = ("error", type(e).__name__, str(e), getattr(e, "field", None))
-    except BaseException as e:  # noqa: BLE001 - report any bug to the server instead of dying silently
-        traceback.print_exc()
-        message = ("error", type(e).__name__, f"internal error in job: {type(e).__name__}: {e}", None)
-    send(("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
-    send(message)
-    conn.close()
-
-
 class LocalProcessExecutor:
     """``workers`` job slots fed by a queue of at most ``queue_size`` waiting jobs.
 
@@ -160,10 +113,9 @@ class LocalProcessExecutor:
         self._workers = workers
         self._queue: queue.Queue[ExecJob | None] = queue.Queue(maxsize=queue_size)
         self._cancel_grace = cancel_grace
-        self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._queued: set[str] = set()
-        self._running: dict[str, Any] = {}  # job id → its multiprocessing Event
+        self._running: dict[str, threading.Event] = {}  # job id → its cancel request
         self._cancelled: set[str] = set()
         self._stopping = threading.Event()
         self._interrupt = threading.Event()
@@ -284,33 +236,42 @@ class LocalProcessExecutor:
         info = self._blobs.put_file(out_dir / name)
         return ResultFile(name=name, size=info.size, sha256=info.blob_id)
 
+    def _spawn(self, job: ExecJob, in_dir: Path, out_dir: Path) -> tuple[subprocess.Popen[bytes], Connection]:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        try:  # the job's stray prints go to the server's stderr, never into its stdout
+            stdout: int | None = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):
+            stdout = None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.worker", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=stdout, pass_fds=(write_fd,), env=env,
+            )
+        finally:
+            os.close(write_fd)
+        assert proc.stdin is not None
+        proc.stdin.write(encode_job((self._task, job.request, str(in_dir), str(out_dir))))
+        proc.stdin.flush()
+        return proc, Connection(read_fd, writable=False)
+
     def _run_process(self, job: ExecJob, in_dir: Path, out_dir: Path) -> Outcome:
         assert self._listener is not None
-        cancel = self._ctx.Event()
+        cancel = threading.Event()
         with self._lock:
             self._running[job.job_id] = cancel
             if job.job_id in self._cancelled:
                 cancel.set()
-        parent, child = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(
-            target=_child_main,
-            args=(self._task, job.request, str(in_dir), str(out_dir), child, cancel),
-            name=f"onnxprune-job-{job.job_id}",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
+        proc, conn = self._spawn(job, in_dir, out_dir)
         outcome: Outcome | None = None
         peak = 0
         stop_sent: float | None = None
         try:
             while True:
-                if parent.poll(0.1):
+                if conn.poll(0.1):
                     try:
-                        msg = parent.recv()
+                        msg = conn.recv()
                     except EOFError:
-                        msg = None
-                    if msg is None:
                         break
                     kind = msg[0]
                     if kind == "progress":
@@ -323,24 +284,29 @@ class LocalProcessExecutor:
                         outcome = Outcome(SUCCEEDED, results=msg[1], report=msg[2])
                     elif kind == "error":
                         outcome = Outcome(FAILED, error=msg[2], error_type=msg[1], error_field=msg[3])
-                elif not proc.is_alive():
+                elif proc.poll() is not None:
                     break
                 if self._interrupt.is_set() or cancel.is_set():
-                    cancel.set()
-                    stop_sent = stop_sent or time.monotonic()
-                    if time.monotonic() - stop_sent > self._cancel_grace and proc.is_alive():
+                    if stop_sent is None:
+                        cancel.set()
+                        stop_sent = time.monotonic()
+                        self._tell(proc, CANCEL)
+                    elif time.monotonic() - stop_sent > self._cancel_grace and proc.poll() is None:
                         log_event(log, "job.terminate", job=job.job_id, reason="did not stop within grace")
                         proc.terminate()
-                        proc.join(2)
-                        if proc.is_alive():
+                        try:
+                            proc.wait(2)
+                        except subprocess.TimeoutExpired:
                             proc.kill()
                         break
         finally:
-            parent.close()
-            proc.join(5)
-            if proc.is_alive():
+            conn.close()
+            self._tell(proc, b"")
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join()
+                proc.wait()
         interrupted = self._interrupt.is_set() and job.job_id not in self._cancelled
         if outcome is not None and outcome.state == SUCCEEDED:
             outcome.peak_rss_kb = peak
@@ -352,8 +318,22 @@ class LocalProcessExecutor:
         if outcome is None:
             return Outcome(
                 FAILED,
-                error=f"job process died without a result (exit code {proc.exitcode}); out of memory?",
+                error=f"job process died without a result (exit code {proc.returncode}); out of memory?",
                 error_type="WorkerDied",
             )
         outcome.peak_rss_kb = peak
         return outcome
+
+    @staticmethod
+    def _tell(proc: subprocess.Popen[bytes], message: bytes) -> None:
+        """Send a control byte to the job (empty: close its stdin, which also means stop)."""
+        if proc.stdin is None or proc.stdin.closed:
+            return
+        try:
+            if message:
+                proc.stdin.write(message)
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass

@@ -1,0 +1,84 @@
+"""``onnxprune prune/analyze --server``: the same commands, run as jobs on a compression service.
+
+Output matches the embedded run (same files, same report, same summary). Exit codes: 0 success; 2 when the
+request is wrong (bad option, bad model, unknown job, bad token: the status codes in ``USER_ERROR_CODES``) or
+when the job failed with an error the embedded run would also exit 2 on; 1 when the job or service failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from onnxprune.client import USER_ERROR_CODES, Client, JobFailedError, ServiceError
+from onnxprune.errors import BadInputError, OnnxpruneError, PlanError, UnsupportedOpError
+from onnxprune.spec import PruneSpec, parse_shape_args
+
+T = TypeVar("T")
+_USER_ERRORS = (BadInputError, PlanError, UnsupportedOpError)
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A client for ``--server/--token/--tls-ca``."""
+    return Client(args.server, token=args.token, tls_ca=args.tls_ca)
+
+
+def exit_code(e: OnnxpruneError) -> int:
+    """2 for requests the user must change, 1 for failures of the job or the service."""
+    if isinstance(e, ServiceError):
+        return 2 if e.code in USER_ERROR_CODES else 1
+    if isinstance(e, JobFailedError):
+        return 1
+    return 2 if isinstance(e, _USER_ERRORS) else 1
+
+
+def guarded(action: Callable[[], int]) -> int:
+    """Run ``action``; print one line and return the exit code for onnxprune errors."""
+    try:
+        return action()
+    except OnnxpruneError as e:
+        print(f"onnxprune: error: {e}", file=sys.stderr)
+        return exit_code(e)
+
+
+def prune(args: argparse.Namespace, spec: PruneSpec) -> int:
+    """Upload ``args.model``, run the job with a progress bar, download the results, print the summary."""
+    from onnxprune.commands._progress import StageBar
+    from onnxprune.commands.prune import write_report
+    from onnxprune.report import render_table
+
+    def action() -> int:
+        with connect(args) as client:
+            job = client.submit(args.model, spec, output_name=Path(args.output).name)
+            try:
+                with StageBar("prune") as bar:
+                    job = client.wait(job.job_id, progress=bar)
+            except KeyboardInterrupt:
+                client.cancel(job.job_id)
+                print(f"onnxprune: cancelled job {job.job_id}", file=sys.stderr)
+                raise
+            client.fetch(job.job_id, args.output, job=job)
+            report = client.report(job.job_id)
+        write_report(report, args.report)
+        print(render_table(report))
+        print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+        return 0
+
+    return guarded(action)
+
+
+def analyze(args: argparse.Namespace) -> int:
+    """``onnxprune analyze --server``: the analysis runs on the service, the output is the embedded one."""
+    from onnxprune.commands.analyze import render
+
+    def action() -> int:
+        with connect(args) as client:
+            result = client.analyze(args.model, parse_shape_args(args.shape))
+        print(json.dumps(result, indent=2) if args.json else render(result))
+        return 0
+
+    return guarded(action)
