@@ -1,0 +1,333 @@
+"""Training artifacts that stock onnxruntime can run (DESIGN.md, "Training artifacts").
+
+``training_model.onnx``: batch inputs, loss inputs (labels / teacher outputs / targets), params,
+optimizer state, ``lr``, ``step`` → ``loss``, ``<param>__new``…, ``<state>__new``….
+``eval_model.onnx``: the inference graph with the trained params as inputs.
+``checkpoint.npz``: params, optimizer state and ``__step__``. ``manifest.json``: what feeds what.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.errors import BadInputError
+from onnxprune.training.autodiff import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
+from onnxprune.training.losses import LossGraph, LossSpec, add_loss
+from onnxprune.training.optimizers import (
+    LR_INPUT,
+    STEP_INPUT,
+    OptimizerSpec,
+    ParamSlot,
+    add_optimizer,
+    new_name,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "onnxprune-training/1"
+STEP_KEY = "__step__"
+MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR ≤ 13; 10 covers every opset we emit
+
+#: (op type, input positions) that hold weights: the tensors fine-tuning trains by default.
+WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "Gather": (0,), "PRelu": (1,),
+}
+#: Elementwise ops whose initializer operand is a weight when it has more than one element (biases,
+#: per-channel scales, positional embeddings); single-element ones are constants like HardSwish's 6.
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def select_trainable(model: onnx.ModelProto) -> list[str]:
+    """Float initializers of rank ≥ 1 used as weights; BN running statistics never are."""
+    inits = {t.name: t for t in model.graph.initializer}
+    chosen: dict[str, None] = {}
+    for node in model.graph.node:
+        for pos, name in enumerate(node.input):
+            t = inits.get(name)
+            if t is None or t.data_type not in FLOAT_TYPES or len(t.dims) < 1:
+                continue
+            if pos in WEIGHT_SLOTS.get(node.op_type, ()) or (node.op_type in ELEMENTWISE and int(np.prod(t.dims)) > 1):
+                chosen[name] = None
+    frozen = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4) if len(n.input) > i}
+    return [n for n in chosen if n not in frozen]
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
+    """Copy of ``model`` with the named inputs' dims fixed (``--shape NAME=1x3x224x224``).
+
+    Raises:
+        BadInputError: an unknown input name or a rank mismatch.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not shapes:
+        return out
+    inputs = {i.name: i for i in out.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise BadInputError(f"--shape names {name!r}, but the model's inputs are {sorted(inputs)}", field="shapes")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) and len(shape.dim) != len(dims):
+            raise BadInputError(f"--shape {name}: rank {len(dims)} but the input has rank {len(shape.dim)}", field="shapes")
+        shape.Clear()
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+    del out.graph.value_info[:]  # stale intermediate shapes would contradict the new ones
+    return out
+
+
+def _params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    wanted = set(names)
+    keep = [t for t in model.graph.initializer if t.name not in wanted]
+    moved = {t.name: t for t in model.graph.initializer if t.name in wanted}
+    existing = {i.name for i in model.graph.input}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    for name in names:
+        if name not in existing:
+            t = moved[name]
+            out.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return out
+
+
+def _cap_ir(model: onnx.ModelProto) -> onnx.ModelProto:
+    floor = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
+    return model
+
+
+@dataclass(frozen=True)
+class GradientModel:
+    """A model computing ``loss`` and one ``<param>__grad`` per trained parameter (params as inputs)."""
+
+    result: GradientResult
+    loss: LossGraph
+    params: dict[str, np.ndarray]  # trained name → initial value
+    batch_inputs: tuple[str, ...]
+
+
+def build_gradient_model(
+    model: onnx.ModelProto,
+    loss: LossSpec,
+    *,
+    trainable: Sequence[str] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> GradientModel:
+    """The loss and its gradients w.r.t. ``trainable`` (default :func:`select_trainable`).
+
+    Parameters with no path to the loss stay frozen initializers (logged).
+
+    Raises:
+        BadInputError: a named trainable tensor is not a float initializer.
+        UnsupportedOpError: an op on the differentiated path has no VJP rule.
+    """
+    base = upgrade_opset(fix_input_shapes(model, shapes))
+    inits = {t.name: t for t in base.graph.initializer}
+    names = list(trainable) if trainable is not None else select_trainable(base)
+    for n in names:
+        if n not in inits or inits[n].data_type not in FLOAT_TYPES:
+            raise BadInputError(f"trainable tensor {n!r} is not a float initializer of the model", field="trainable")
+    init_names = set(inits)
+    batch_inputs = tuple(i.name for i in base.graph.input if i.name not in init_names)
+    lg = add_loss(base, loss)
+    result = build_gradients(_params_to_inputs(lg.model, names), lg.loss, names)
+    if result.missing:  # put the unreachable ones back as constants
+        graph = result.model.graph
+        keep_inputs = [i for i in graph.input if i.name not in set(result.missing)]
+        del graph.input[:]
+        graph.input.extend(keep_inputs)
+        graph.initializer.extend(inits[n] for n in result.missing)
+    params = {n: numpy_helper.to_array(inits[n]) for n in names if n in result.grads}
+    return GradientModel(result, lg, params, batch_inputs)
+
+
+@dataclass
+class TrainingArtifacts:
+    """The four artifacts in memory; :meth:`save` writes them, :meth:`load` reads them back."""
+
+    training_model: onnx.ModelProto
+    eval_model: onnx.ModelProto
+    checkpoint: dict[str, np.ndarray]
+    manifest: dict[str, Any]
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the artifacts into ``directory`` (created); returns its path."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(_cap_ir(self.training_model), path / "training_model.onnx")
+        onnx.save_model(_cap_ir(self.eval_model), path / "eval_model.onnx")
+        np.savez(path / "checkpoint.npz", **self.checkpoint)
+        (path / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> TrainingArtifacts:
+        """Read artifacts written by :meth:`save`.
+
+        Raises:
+            BadInputError: a file is missing or the manifest is of another format.
+        """
+        path = Path(directory)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            training = onnx.load(path / "training_model.onnx")
+            evaluation = onnx.load(path / "eval_model.onnx")
+            checkpoint = load_checkpoint(path / "checkpoint.npz")
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"cannot read training artifacts from {path}: {e}", field="artifacts") from e
+        if manifest.get("format") != FORMAT:
+            raise BadInputError(f"{path}/manifest.json is not {FORMAT}", field="artifacts")
+        return cls(training, evaluation, checkpoint, manifest)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p["name"] for p in self.manifest["params"]]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def export_artifacts(
+    model: onnx.ModelProto,
+    *,
+    loss: LossSpec | str = "ce",
+    optimizer: OptimizerSpec | str = "sgd",
+    trainable: Sequence[str] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> TrainingArtifacts:
+    """Build the training and eval graphs, initial checkpoint and manifest for ``model``.
+
+    Args:
+        model: an inference model (BatchNormalization in inference mode).
+        loss: a :class:`LossSpec` or its kind (``ce``, ``distill``, ``mse``).
+        optimizer: an :class:`OptimizerSpec` or its kind (``sgd``, ``adamw``).
+        trainable: initializer names to train; default :func:`select_trainable`.
+        shapes: fixed dims for inputs (Conv/pool gradients need static spatial dims).
+        output_dir: also write the four files there.
+
+    Raises:
+        BadInputError: bad loss/optimizer/trainable/shape options.
+        UnsupportedOpError: an op on the differentiated path has no VJP rule (names op and node).
+
+    Example:
+        >>> arts = export_artifacts(onnx.load("m.onnx"), loss="ce", optimizer="adamw")  # doctest: +SKIP
+        >>> arts.save("artifacts/")  # doctest: +SKIP
+    """
+    from onnxprune import __version__
+
+    loss_spec = LossSpec(kind=loss) if isinstance(loss, str) else loss
+    opt_spec = OptimizerSpec(kind=optimizer) if isinstance(optimizer, str) else optimizer
+    gm = build_gradient_model(model, loss_spec, trainable=trainable, shapes=shapes)
+    train = onnx.ModelProto()
+    train.CopyFrom(gm.result.model)
+    graph = train.graph
+    grad_outputs = set(gm.result.grads.values())
+    keep = [o for o in graph.output if o.name not in grad_outputs]
+    del graph.output[:]
+    graph.output.extend(keep)
+    slots = [
+        ParamSlot(n, gm.result.grads[n], tuple(int(d) for d in v.shape), helper.np_dtype_to_tensor_dtype(v.dtype))
+        for n, v in gm.params.items()
+    ]
+    states = add_optimizer(graph, slots, opt_spec)
+    train.graph.name = f"{model.graph.name or 'model'}_training"
+    _cap_ir(train)
+    onnx.checker.check_model(train)
+
+    evaluation = _params_to_inputs(upgrade_opset(fix_input_shapes(model, shapes)), list(gm.params))
+    _cap_ir(evaluation)
+    checkpoint: dict[str, np.ndarray] = dict(gm.params)
+    for s in states:
+        checkpoint[s.name] = np.zeros(s.shape, helper.tensor_dtype_to_np_dtype(s.dtype))
+    checkpoint[STEP_KEY] = np.asarray(0, np.int64)
+    manifest = {
+        "format": FORMAT,
+        "onnxprune_version": __version__,
+        "opset": int(max(i.version for i in train.opset_import if i.domain in ("", "ai.onnx"))),
+        "inputs": {
+            "batch": list(gm.batch_inputs),
+            "labels": gm.loss.labels,
+            "teacher": gm.loss.teacher,
+            "targets": gm.loss.targets,
+            "lr": LR_INPUT,
+            "step": STEP_INPUT,
+        },
+        "outputs": {"loss": gm.loss.loss},
+        "params": [
+            {"name": s.name, "shape": list(s.shape), "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(s.dtype))),
+             "input": s.name, "output": new_name(s.name)}
+            for s in slots
+        ],
+        "state": [
+            {"name": s.name, "param": s.param, "kind": s.kind, "shape": list(s.shape), "input": s.name,
+             "output": new_name(s.name)}
+            for s in states
+        ],
+        "frozen": list(gm.result.missing),
+        "loss": {**asdict(loss_spec), "outputs": list(gm.loss.terms), "terms": gm.loss.terms},
+        "optimizer": asdict(opt_spec),
+        "eval": {"inputs": [i.name for i in evaluation.graph.input], "outputs": [o.name for o in evaluation.graph.output]},
+        "checkpoint": {"step": STEP_KEY},
+    }
+    arts = TrainingArtifacts(train, evaluation, checkpoint, manifest)
+    if output_dir is not None:
+        arts.save(output_dir)
+    return arts
+
+
+def apply_checkpoint(
+    model: onnx.ModelProto, checkpoint: Mapping[str, np.ndarray] | str | os.PathLike[str] | TrainingArtifacts
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` with its initializers replaced by the checkpoint's parameters.
+
+    ``checkpoint`` is a name → array mapping, a ``checkpoint.npz`` path, an artifacts directory or
+    :class:`TrainingArtifacts`. Entries that are not initializers of ``model`` (optimizer state, step)
+    are ignored.
+
+    Raises:
+        BadInputError: a parameter's shape differs from the model's initializer.
+
+    Example:
+        >>> tuned = apply_checkpoint(onnx.load("m.onnx"), "artifacts/")  # doctest: +SKIP
+    """
+    if isinstance(checkpoint, TrainingArtifacts):
+        values: Mapping[str, np.ndarray] = checkpoint.checkpoint
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        p = Path(checkpoint)
+        values = load_checkpoint(p / "checkpoint.npz" if p.is_dir() else p)
+    else:
+        values = checkpoint
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    replaced = 0
+    for i, init in enumerate(out.graph.initializer):
+        if init.name not in values:
+            continue
+        old = numpy_helper.to_array(init)
+        new = np.asarray(values[init.name])
+        if tuple(new.shape) != tuple(old.shape):
+            raise BadInputError(
+                f"checkpoint tensor {init.name!r} has shape {list(new.shape)}, the model's is {list(old.shape)}",
+                field="checkpoint",
+            )
+        out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new.astype(old.dtype), init.name))
+        replaced += 1
+    log.info("applied %d checkpoint tensors", replaced)
+    return out
