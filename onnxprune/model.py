@@ -248,7 +248,7 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | No
             for d, v in zip(dims, shapes[inp.name]):
                 d.Clear()
                 d.dim_value = int(v)
-        elif dims and not dims[0].HasField("dim_value"):
+        elif dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             dims[0].Clear()
             dims[0].dim_value = batch
     return copy

@@ -223,7 +223,8 @@ def _ort_spec(arg: Any) -> TensorSpec:
     dtype = _ORT_TYPES.get(arg.type)
     if dtype is None:
         raise BadInputError(f"input {arg.name!r} has type {arg.type}, which onnxprune cannot feed", field="model")
-    shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) and d else "?") for d in (arg.shape or []))
+    # Paddle writes -1 for dynamic dims: treat any non-positive int as unknown.
+    shape = tuple(d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?") for d in (arg.shape or []))
     return TensorSpec(arg.name, shape, np.dtype(dtype))
 
 
@@ -235,7 +236,7 @@ def _proto_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
         raise BadInputError(f"input {vi.name!r} has an element type onnxprune cannot feed", field="model") from e
     shape: list[int | str] = []
     for d in t.shape.dim:
-        shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+        shape.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?"))
     return TensorSpec(vi.name, tuple(shape), np.dtype(dtype))
 
 
@@ -292,6 +293,8 @@ class Session:
                 f"the model takes {sorted(names)}",
                 field="inputs",
             )
+        if self._sess is None:
+            raise InvariantError("this session was closed; make a new one with make_session")
         wanted = output_names or self.output_names
         try:
             values = self._sess.run(wanted, dict(feeds))
@@ -372,6 +375,13 @@ def _write_external(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoPr
     return path
 
 
+def _too_big_to_serialize(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() >= _PROTO_LIMIT
+    except Exception:  # protobuf raises EncodeError from ByteSize itself at 2 GB and above
+        return True
+
+
 def _file_ir_version(path: Path) -> int | None:
     """``ir_version`` from the file's first bytes (protobuf writes field 1 first), or None if not there."""
     with open(path, "rb") as f:
@@ -416,7 +426,7 @@ def _session_source(
             "or load it with onnx.load(path, load_external_data=True)",
             field="model",
         )
-    if model.ByteSize() < _PROTO_LIMIT:
+    if not _too_big_to_serialize(model):
         if model.ir_version <= MAX_IR_VERSION and not extra_outputs:
             return model.SerializeToString(), None
         copy = onnx.ModelProto()
@@ -425,7 +435,7 @@ def _session_source(
         copy.graph.output.extend(extra_outputs)
         return copy.SerializeToString(), None
     tmpdir = tempfile.TemporaryDirectory(prefix="onnxprune-session-")
-    logger.debug("model is %.1f GB; writing it with external data to %s", model.ByteSize() / 1e9, tmpdir.name)
+    logger.debug("model is 2 GB or more; writing it with external data to %s", tmpdir.name)
     return _write_external(model, extra_outputs, tmpdir.name), tmpdir
 
 

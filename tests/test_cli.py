@@ -1,0 +1,99 @@
+"""The ``onnxprune`` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.models import BUILDERS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in lines[0]
+
+
+def test_prune_writes_model_and_report(tmp_path: Path) -> None:
+    proc = cli("prune", str(REPO / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "small.onnx"),
+               "--ratio", "0.5", "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    for key in ("original", "pruned", "groups", "layers", "fidelity", "criterion", "device", "onnxprune_version"):
+        assert key in report
+    assert report["pruned"]["params"] < 0.4 * report["original"]["params"]
+    assert "params" in proc.stdout and "fidelity" in proc.stdout
+    onnx.checker.check_model(str(tmp_path / "small.onnx"), full_check=True)
+
+
+def test_analyze_table_and_json(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(BUILDERS["resnet_basic"](), model)
+    table = cli("analyze", str(model))
+    assert table.returncode == 0 and "prunable groups" in table.stdout
+    as_json = json.loads(cli("analyze", str(model), "--json").stdout)
+    assert as_json["prunable_groups"] >= 3
+
+
+def test_not_onnx(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\xffthis is not a model" * 50)
+    assert_one_line_error(cli("prune", str(bad), "-o", str(tmp_path / "o.onnx")), "not a readable ONNX model")
+
+
+def test_truncated(tmp_path: Path) -> None:
+    data = BUILDERS["vgg"]().SerializeToString()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(cli("prune", str(bad), "-o", str(tmp_path / "o.onnx")), "not a readable ONNX model")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert_one_line_error(cli("prune", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")), "does not exist")
+
+
+def test_no_prunable_groups(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="only")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1] * 12)],
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    assert_one_line_error(cli("prune", str(path), "-o", str(tmp_path / "o.onnx")), "no prunable channel groups")
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_ratio_out_of_range(ratio: str, tmp_path: Path) -> None:
+    assert_one_line_error(
+        cli("prune", str(REPO / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx"), "--ratio", ratio),
+        "--ratio must be in [0, 1)",
+    )
+
+
+def test_bad_shape_argument(tmp_path: Path) -> None:
+    assert_one_line_error(
+        cli("prune", str(REPO / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx"), "--shape", "input=1xAx8"),
+        "--shape expects",
+    )
+
+
+def test_unknown_criterion_is_a_usage_error(tmp_path: Path) -> None:
+    proc = cli("prune", "m.onnx", "-o", "o.onnx", "--criterion", "magic")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

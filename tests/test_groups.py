@@ -1,0 +1,239 @@
+"""Dependency analysis and surgery on every op pattern issue 2 names, each on a model built in code.
+
+Each pattern is pruned through the real pipeline and checked for validity (full checker), shapes,
+fewer parameters, and outputs that still run. The exactness tests zero chosen channels everywhere
+they live (producer rows, biases, BN γ/β, consumer columns), prune exactly those, and require the
+outputs to stay the same to 1e-4: a wrong index anywhere in the surgery breaks that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxprune import model as model_io
+from onnxprune.groups import Analysis, analyze_graph
+from onnxprune.pipeline import analyze, prune
+from onnxprune.spec import PruneSpec
+from tests.models import BUILDERS, VARIANTS, random_inputs, run
+
+WIDTH_PATTERNS = [
+    "mlp", "mlp_matmul", "vgg", "flatten_gemm", "reshape_gemm", "gap_gemm", "resnet_basic", "resnet_bottleneck",
+    "mobilenetv2", "squeeze_excite", "densenet", "activations", "misc_passthrough", "residual_sub_mul",
+    "paddle_constants", "conv_transpose", "conv1d", "conv3d",
+]
+VARIANT_PATTERNS = [
+    "mlp[trans_b=False]", "squeeze_excite[hardsigmoid]", "squeeze_excite[reducemean]",
+    "squeeze_excite[reducemean,opset18]", "squeeze_excite[gemm]", "vgg[opset13]", "mobilenetv2[opset21]",
+]
+
+
+def _model(name: str) -> onnx.ModelProto:
+    return VARIANTS[name]() if name in VARIANTS else BUILDERS[name]()
+
+
+def _save(model: onnx.ModelProto, tmp_path: Path, name: str = "model.onnx") -> Path:
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def _analysis(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[gs.Graph, Analysis]:
+    loaded = model_io.LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
+    model_io.normalize(loaded)
+    graph = gs.import_onnx(loaded.model)
+    return graph, analyze_graph(graph, model_io.static_shapes(loaded.model, shapes))
+
+
+def _params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def _group_of(analysis: Analysis, producer: str):
+    return next(g for g in analysis.groups if producer in g.producers)
+
+
+@pytest.mark.parametrize("name", WIDTH_PATTERNS + VARIANT_PATTERNS)
+def test_pattern_prunes_to_valid_smaller_model(name: str, tmp_path: Path) -> None:
+    model = _model(name)
+    src = _save(model, tmp_path)
+    result = prune(src, tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    pruned = onnx.load(result.output_path)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(pruned), full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+    feeds = random_inputs(model, batch=3)
+    before, after = run(model, feeds), run(pruned, feeds)
+    for key in before:
+        assert after[key].shape == before[key].shape
+        assert np.all(np.isfinite(after[key]))
+    assert _params(pruned) < _params(model)
+    assert result.report["pruned"]["params"] < result.report["original"]["params"]
+    assert result.report["pruned"]["macs"] < result.report["original"]["macs"]
+
+
+def test_symbolic_spatial_needs_no_shape_for_convs_and_reports_null_macs(tmp_path: Path) -> None:
+    model = BUILDERS["symbolic_spatial"]()
+    src = _save(model, tmp_path)
+    result = prune(src, tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert result.report["original"]["macs"] is None
+    assert result.report["pruned"]["params"] < result.report["original"]["params"]
+    fixed = prune(src, tmp_path / "out2.onnx", PruneSpec(ratio=0.5, shapes={"input": [1, 3, 32, 32]}, device="cpu"))
+    assert fixed.report["original"]["macs"] > fixed.report["pruned"]["macs"] > 0
+    pruned = onnx.load(fixed.output_path)
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[2].dim_param  # the input stays symbolic
+    feeds = random_inputs(model, batch=1, dims={"H": 24, "W": 40})
+    assert run(pruned, feeds)["output"].shape == run(model, feeds)["output"].shape
+
+
+def test_residual_add_couples_its_producers() -> None:
+    _, a = _analysis(BUILDERS["resnet_basic"]())
+    g = _group_of(a, "stem")
+    assert "block1.conv2" in g.producers and "block1.conv1" not in g.producers
+    g2 = _group_of(a, "block2.conv2")
+    assert "block2.downsample" in g2.producers
+
+
+def test_depthwise_conv_shares_its_input_channels_and_group_shrinks(tmp_path: Path) -> None:
+    model = BUILDERS["mobilenetv2"]()
+    _, a = _analysis(model)
+    g = _group_of(a, "block1.expand")
+    assert "block1.dw" in g.members and "block1.dw" not in [p for grp in a.groups for p in grp.producers]
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    pruned = onnx.load(result.output_path)
+    dw = next(n for n in pruned.graph.node if n.name == "block1.dw")
+    group = next(a.i for a in dw.attribute if a.name == "group")
+    weight = next(t for t in pruned.graph.initializer if t.name == dw.input[1])
+    assert group == weight.dims[0] == g.size // 2
+
+
+def test_squeeze_excite_mul_couples_gate_with_block() -> None:
+    _, a = _analysis(BUILDERS["squeeze_excite"]())
+    g = _group_of(a, "block")
+    assert "se.expand" in g.producers
+    assert _group_of(a, "se.reduce").prunable > 0
+
+
+def test_concat_offsets_map_each_input() -> None:
+    _, a = _analysis(BUILDERS["densenet"]())
+    concat_maps = [m for name, m in a.maps.items() if "concat" in name]
+    assert concat_maps
+    for m in concat_maps:
+        assert len(set(a.classes_of(m.ids).tolist())) == len(m.ids)  # every position its own channel
+
+
+def test_flatten_gemm_removes_whole_spatial_blocks(tmp_path: Path) -> None:
+    model = BUILDERS["flatten_gemm"]()
+    conv_w = next(t for t in model.graph.initializer if t.name.startswith("conv1") and len(t.dims) == 4)
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")
+    fc_w = next(t for t in model.graph.initializer if t.name == fc.input[1])
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    pruned = onnx.load(result.output_path)
+    new_conv = next(t for t in pruned.graph.initializer if t.name == conv_w.name)
+    new_fc = next(t for t in pruned.graph.initializer if t.name == fc_w.name)
+    spatial = (fc_w.dims[1] if fc_w.dims[1] != 10 else fc_w.dims[0]) // conv_w.dims[0]
+    assert new_conv.dims[0] == conv_w.dims[0] // 2
+    assert new_conv.dims[0] * spatial in new_fc.dims
+
+
+def test_graph_outputs_are_never_cut() -> None:
+    _, a = _analysis(BUILDERS["mlp"]())
+    last = _group_of(a, "fc3")
+    assert last.prunable == 0 and "reaches graph output" in last.blocked_reason
+
+
+def test_unknown_op_blocks_only_its_neighbours(tmp_path: Path) -> None:
+    _, a = _analysis(BUILDERS["lstm"]())
+    reasons = [r for g in a.groups for r in g.reasons]
+    assert any("LSTM" in r and "not understood" in r for r in reasons)
+    assert any(g.prunable for g in a.groups)
+    result = prune(_save(BUILDERS["lstm"](), tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert result.report["pruned"]["params"] < result.report["original"]["params"]
+
+
+def test_exclude_keeps_named_nodes_intact(tmp_path: Path) -> None:
+    model = BUILDERS["vgg"]()
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, exclude=["conv2"], device="cpu"))
+    pruned = onnx.load(result.output_path)
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    before = next(t for t in model.graph.initializer if t.name == conv2.input[1])
+    after = next(t for t in pruned.graph.initializer if t.name == conv2.input[1])
+    assert list(after.dims) == list(before.dims)
+    assert _params(pruned) < _params(model)
+
+
+def test_analyze_reports_groups_and_reasons(tmp_path: Path) -> None:
+    result = analyze(_save(BUILDERS["resnet_basic"](), tmp_path))
+    assert result["prunable_groups"] >= 3
+    assert any(g["blocked"] and "graph output" in g["blocked"] for g in result["groups"])
+
+
+def test_weights_in_constant_and_identity_nodes_are_pruned(tmp_path: Path) -> None:
+    model = BUILDERS["paddle_constants"]()
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert result.report["pruned"]["params"] < 0.7 * result.report["original"]["params"]
+
+
+# --- exactness: zeroed channels removed → same outputs -----------------------------------------
+
+
+def zero_channels_everywhere(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[onnx.ModelProto, int]:
+    """Zero ``ratio`` of the prunable channels of every group in every tensor that follows them.
+
+    Returns the edited model and how many channels were zeroed.
+    """
+    graph, a = _analysis(model)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for g in a.groups:
+        n = min(int(np.floor(ratio * g.size + 1e-9)), g.prunable, g.size - 1)
+        if n:
+            free = np.flatnonzero(~g.blocked)
+            chosen.extend(g.classes[rng.choice(free, size=n, replace=False)].tolist())
+    chosen_arr = np.array(chosen, dtype=np.int64)
+    tensors = graph.tensors()
+    for site in a.sites:
+        if site.role == "stat":
+            continue
+        mask = np.isin(a.classes_of(site.ids), chosen_arr)
+        if mask.any():
+            values = np.array(tensors[site.tensor].values)
+            index = [slice(None)] * values.ndim
+            index[site.axis] = np.flatnonzero(mask)
+            values[tuple(index)] = 0
+            tensors[site.tensor].values = values
+    return gs.export_onnx(graph), len(chosen)
+
+
+@pytest.mark.parametrize("name", [
+    "resnet_basic", "resnet_bottleneck", "mobilenetv2", "squeeze_excite", "densenet", "flatten_gemm",
+    "reshape_gemm", "gap_gemm", "vgg", "mlp", "mlp_matmul", "misc_passthrough", "residual_sub_mul",
+    "conv_transpose", "conv1d",
+])
+def test_exactness_zeroed_channels_removed_without_output_change(name: str, tmp_path: Path) -> None:
+    zeroed, n = zero_channels_everywhere(BUILDERS[name](), 0.5, seed=1)
+    assert n > 0
+    src = _save(zeroed, tmp_path)
+    result = prune(src, tmp_path / "out.onnx", PruneSpec(ratio=0.5, criterion="l2", device="cpu"))
+    pruned = onnx.load(result.output_path)
+    removed = sum(g["channels"] - g["kept"] for g in result.report["groups"])
+    assert removed == n
+    feeds = random_inputs(zeroed, batch=4, seed=3)
+    before, after = run(zeroed, feeds), run(pruned, feeds)
+    for key in before:
+        np.testing.assert_allclose(after[key], before[key], atol=1e-4, rtol=1e-4)
+    assert _params(pruned) < _params(zeroed)
+
+
+def test_ratio_zero_keeps_outputs(tmp_path: Path) -> None:
+    model = BUILDERS["resnet_basic"]()
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.0, device="cpu"))
+    feeds = random_inputs(model, batch=2)
+    before, after = run(model, feeds), run(onnx.load(result.output_path), feeds)
+    for key in before:
+        assert np.max(np.abs(after[key] - before[key])) <= 1e-5
+    assert result.report["pruned"]["params"] == result.report["original"]["params"]
