@@ -7,7 +7,6 @@ training script shares ``tests.data``) without ``tests`` being an installed pack
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -20,10 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.data import digits_split  # noqa: E402
+from tests.data import RAPIDOCR_INSTALL, digits_split, light_model_dir, light_model_names, rapidocr_model_dir  # noqa: E402
 
-RAPIDOCR_INSTALL = "python3 -m pip install --no-deps rapidocr-onnxruntime==1.4.4"
-LIGHT_DIR = Path("onnx") / "backend" / "test" / "data" / "light"
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +38,15 @@ def digits_model_path() -> Path:
     return path
 
 
-def light_model_dir() -> Path:
-    """``onnx/backend/test/data/light`` inside the installed onnx wheel (real architectures, stand-in weights)."""
-    spec = importlib.util.find_spec("onnx")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the onnx package is not installed: python3 -m pip install onnx")
-    return Path(next(iter(spec.submodule_search_locations))).parent / LIGHT_DIR
-
-
-def light_model_names() -> list[str]:
-    """Names ``X`` of every ``light_X.onnx`` in the onnx wheel (resnet50, densenet121, shufflenet, vgg19, ...)."""
-    return sorted(p.stem[len("light_"):] for p in light_model_dir().glob("light_*.onnx"))
-
-
 @pytest.fixture(scope="session")
 def light_model() -> Callable[[str], Path]:
-    """``light_model("resnet50")`` -> path of ``light_resnet50.onnx`` from the onnx wheel (opset 9 models)."""
+    """``light_model("resnet50")`` -> path of ``light_resnet50.onnx`` from the onnx wheel.
+
+    All are IR version 3, opset 9, batch fixed at 1 (input [1, 3, 224, 224]), with every initializer also listed
+    as a graph input, and weights produced by ``ConstantOfShape`` nodes filled with 0.02 (use
+    ``light_model_random`` for distinct weights). Names: bvlc_alexnet, densenet121, inception_v1, inception_v2,
+    resnet50, shufflenet, squeezenet, vgg19, zfnet512.
+    """
 
     def find(name: str) -> Path:
         path = light_model_dir() / f"light_{name}.onnx"
@@ -67,12 +57,31 @@ def light_model() -> Callable[[str], Path]:
     return find
 
 
-def rapidocr_model_dir() -> Path:
-    """``models/`` of the installed rapidocr_onnxruntime package, located without importing it (it imports cv2)."""
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"rapidocr_onnxruntime is not installed; install its models with: {RAPIDOCR_INSTALL}")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+@pytest.fixture(scope="session")
+def light_model_random(light_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+                       ) -> Callable[[str], Path]:
+    """``light_model_random("resnet50")`` -> path of that model with realistic random weights (cached per session).
+
+    The wheel's light models fill every weight with 0.02 (all channels tie on importance, outputs are constant);
+    see ``tests.models.randomize_light_weights``. Note vgg19/zfnet512/alexnet become 240-570 MB when materialized.
+    """
+    import onnx
+
+    from tests.models import randomize_light_weights
+
+    directory = tmp_path_factory.mktemp("light_random")
+    cache: dict[str, Path] = {}
+
+    def make(name: str, seed: int = 0) -> Path:
+        key = f"{name}-{seed}"
+        if key not in cache:
+            model = randomize_light_weights(onnx.load(str(light_model(name))), seed=seed)
+            path = directory / f"light_{name}_random{seed}.onnx"
+            onnx.save(model, str(path))
+            cache[key] = path
+        return cache[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,22 @@
-"""Test data: the digits set that ships inside the scikit-learn wheel, and the DATA file format.
+"""Test data that ships inside installed wheels, and the DATA file format.
 
 The digits images (1797 8x8 grey-scale digits, 10 classes) are read from the CSV bundled in the
-scikit-learn wheel, so tests and the example model need no network and no downloads.
+scikit-learn wheel, so tests and the example model need no network and no downloads. Real models come
+from the onnx wheel (``backend/test/data/light``) and from rapidocr-onnxruntime's ``models/``; they are
+located here, never copied into the repository (importable by benchmarks too: ``from tests.data import ...``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 DIGITS_CLASSES = 10
 TEST_FRACTION = 0.25
+RAPIDOCR_INSTALL = "python3 -m pip install --no-deps rapidocr-onnxruntime==1.4.4"
+RAPIDOCR_MODELS = ("ch_ppocr_mobile_v2.0_cls_infer", "ch_PP-OCRv4_det_infer", "ch_PP-OCRv4_rec_infer")
 
 
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -77,3 +82,41 @@ def write_npz(path: str | Path, x: np.ndarray, y: np.ndarray | None = None, inpu
     with path.open("wb") as f:  # np.savez appends '.npz' to a str path without it; a file object keeps the name
         np.savez(f, **arrays)
     return path
+
+
+def _package_dir(name: str) -> Path | None:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def light_model_dir() -> Path:
+    """``onnx/backend/test/data/light`` inside the installed onnx wheel (real architectures, stand-in weights).
+
+    Raises:
+        FileNotFoundError: onnx is not installed or its wheel lacks the light test data.
+    """
+    onnx_dir = _package_dir("onnx")
+    path = onnx_dir / "backend" / "test" / "data" / "light" if onnx_dir else None
+    if path is None or not path.is_dir():
+        raise FileNotFoundError("onnx's backend/test/data/light is missing: python3 -m pip install 'onnx>=1.17,<1.24'")
+    return path
+
+
+def light_model_names() -> list[str]:
+    """Names ``X`` of every ``light_X.onnx`` in the onnx wheel (resnet50, densenet121, shufflenet, vgg19, ...)."""
+    return sorted(p.stem[len("light_"):] for p in light_model_dir().glob("light_*.onnx"))
+
+
+def rapidocr_model_dir() -> Path:
+    """``models/`` of the installed rapidocr_onnxruntime package, found WITHOUT importing it (it imports cv2).
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message gives the install command).
+    """
+    package = _package_dir("rapidocr_onnxruntime")
+    if package is None or not (package / "models").is_dir():
+        raise FileNotFoundError(f"rapidocr_onnxruntime is not installed; install its models with: {RAPIDOCR_INSTALL}")
+    return package / "models"

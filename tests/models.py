@@ -749,6 +749,128 @@ def run(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], t
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Real architectures with stand-in weights (onnx wheel's backend/test/data/light)
+# --------------------------------------------------------------------------------------------------------------
+def randomize_light_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """Replace the ``ConstantOfShape`` stand-in weights of an onnx ``light_*.onnx`` model by realistic random ones.
+
+    Why: those models fill every weight with the same value (0.02), so all channels tie on any importance score and
+    the outputs are constant (ResNet-50's softmax is exactly 1/1000 everywhere) -- fidelity checks would pass
+    vacuously. Each constant is drawn by its role: He-normal for Conv/Gemm weights, gamma ~ 1, var ~ U(0.5, 1.5) and
+    small beta/mean/bias for BatchNormalization and biases (gamma ~ 0.35 on a BN that feeds a residual Add/Sum,
+    so activations in deep ResNets do not grow by orders of magnitude), ~1 for per-channel ``Mul`` scales (seen through
+    ``Unsqueeze``), small for ``Add`` shifts; finally the classifier before the Softmax is scaled so the logits
+    have std 2 on a random input (neither uniform nor one-hot probabilities). The result keeps the model's IR version and opset, and its IR-3 style
+    (every initializer also listed as a graph input); the ``*__SHAPE`` helper inputs that become unused are dropped.
+
+    Raises:
+        ValueError: if the model has no ConstantOfShape weights to replace.
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in graph.node:
+        for k, i in enumerate(n.input):
+            consumers.setdefault(i, []).append((n, k))
+    producers = {o for n in graph.node if n.op_type != "ConstantOfShape" for o in n.output}
+
+    def role(name: str) -> tuple[str, int, onnx.NodeProto | None]:
+        users = consumers.get(name, [])
+        if len(users) == 1 and users[0][0].op_type in ("Unsqueeze", "Reshape"):
+            return role(users[0][0].output[0])
+        return (users[0][0].op_type, users[0][1], users[0][0]) if users else ("", -1, None)
+
+    def feeds_residual(node: onnx.NodeProto) -> bool:
+        users = consumers.get(node.output[0], [])
+        return len(users) == 1 and users[0][0].op_type in ("Add", "Sum") and all(
+            i in producers for i in users[0][0].input)
+
+    def draw(shape: tuple[int, ...], value: float, op: str, k: int, node: onnx.NodeProto | None) -> np.ndarray:
+        normal = rng.standard_normal(shape).astype(np.float32)
+        if op in ("Conv", "ConvTranspose") and k == 1 and len(shape) > 1:
+            return normal * np.float32(math.sqrt(2.0 / int(np.prod(shape[1:]))))
+        if op in ("Gemm", "MatMul") and k == 1 and len(shape) == 2:
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute) if node is not None else False
+            return normal * np.float32(math.sqrt(2.0 / shape[1 if trans_b else 0]))
+        if op == "BatchNormalization" and k == 1 and node is not None and feeds_residual(node):
+            return 0.35 * (1.0 + 0.2 * normal)  # small residual branches, as zero-init-residual training leaves them
+        if op == "BatchNormalization" and k == 1 or op == "Mul":
+            return 1.0 + 0.2 * normal
+        if op == "BatchNormalization" and k == 4:
+            return (0.5 + rng.random(shape)).astype(np.float32)
+        if op in ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "Add", "Sum"):
+            return 0.1 * normal
+        return np.full(shape, value, np.float32)  # unknown role: keep the stand-in value
+
+    replaced: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "ConstantOfShape" or node.input[0] not in inits:
+            continue
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[0]]))
+        fill = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"), np.zeros(1, np.float32))
+        if fill.dtype != np.float32:
+            continue
+        op, k, user = role(node.output[0])
+        array = draw(shape, float(fill.ravel()[0]), op, k, user).astype(np.float32)
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        if model.ir_version < 4:
+            graph.input.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, list(shape)))
+        replaced.append(node)
+    if not replaced:
+        raise ValueError("randomize_light_weights: the model has no float ConstantOfShape weights")
+    for node in replaced:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+    for v in [v for v in graph.input if v.name not in used]:
+        graph.input.remove(v)
+    _scale_logits(model, rng)
+    return model
+
+
+_POSITIVELY_HOMOGENEOUS = ("Relu", "GlobalAveragePool", "AveragePool", "MaxPool", "Flatten", "Reshape", "Dropout",
+                           "Identity", "Squeeze")
+
+
+def _scale_logits(model: onnx.ModelProto, rng: np.random.Generator, target_std: float = 2.0) -> None:
+    """Rescale the classifier before a final Softmax so its logits have std ``target_std`` on a random input.
+
+    Random deep nets give logits whose scale depends exponentially on depth: the softmax is either uniform or
+    one-hot, and fidelity metrics on it say nothing. Scaling the last Conv/Gemm by s > 0 scales the logits by s
+    because everything between it and the Softmax (Relu, pooling, Flatten...) is positively homogeneous.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    softmax = producers.get(graph.output[0].name)
+    if softmax is None or softmax.op_type != "Softmax":
+        return
+    node = producers.get(softmax.input[0])
+    while node is not None and node.op_type in _POSITIVELY_HOMOGENEOUS:
+        node = producers.get(node.input[0])
+    inits = {t.name: t for t in graph.initializer}
+    if node is None or node.op_type not in ("Gemm", "Conv") or not all(i in inits for i in node.input[1:]):
+        return
+    feeds = {}
+    for v in graph.input:
+        if v.name not in inits:
+            shape = [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+            feeds[v.name] = rng.standard_normal(shape).astype(np.float32)
+    probe = copy.deepcopy(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info(softmax.input[0], TensorProto.FLOAT, None))
+    logits = next(iter(run(probe, feeds, threads=2).values()))
+    std = float(logits.std())
+    if not np.isfinite(std) or std == 0.0:
+        return
+    for name in node.input[1:]:
+        t = inits[name]
+        t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) * (target_std / std)).astype(np.float32), name))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # zero_channels: for exactness tests
 # --------------------------------------------------------------------------------------------------------------
 class _Tensors:

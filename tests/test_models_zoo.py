@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.models import BUILDERS, VARIANTS, build, build_vgg, random_inputs, run, zero_channels
+from tests.models import BUILDERS, VARIANTS, build, build_flatten_gemm, build_vgg, random_inputs, run, zero_channels
 
 ALL = {name: (lambda fn=fn: fn()) for name, fn in BUILDERS.items()} | VARIANTS
 
@@ -86,3 +86,57 @@ def test_zero_channels_does_not_mutate_input_and_rejects_unknown() -> None:
         zero_channels(model, "nope", [0])
     with pytest.raises(ValueError, match="not a supported producer"):
         zero_channels(model, "pool", [0])
+
+
+def test_zeroed_flatten_gemm_channels_are_removable_exactly() -> None:
+    """The premise of the exactness tests, proved by hand on Flatten->Gemm: channel c owns columns c*16..c*16+15."""
+    from onnx import numpy_helper
+
+    drop, keep = [1, 6], [c for c in range(8) if c not in (1, 6)]
+    zeroed = zero_channels(build_flatten_gemm(), "conv1", drop)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(zeroed)
+    cols = np.concatenate([np.arange(c * 16, c * 16 + 16) for c in keep])
+    for t in pruned.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if t.name.startswith("conv1") and a.shape[0] == 8:
+            a = a[keep]
+        elif t.name == "fc.weight":
+            a = a[:, cols]
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+    del pruned.graph.output[0].type.tensor_type.shape.dim[:]  # let onnxruntime infer; output shape is unchanged
+    feeds = random_inputs(zeroed, batch=4)
+    np.testing.assert_allclose(run(pruned, feeds)["output"], run(zeroed, feeds)["output"], atol=1e-5)
+
+
+def test_light_models_are_listed_and_found(light_model) -> None:  # noqa: ANN001 (pytest fixture)
+    from tests.data import light_model_names
+
+    names = light_model_names()
+    assert {"resnet50", "densenet121", "squeezenet", "vgg19", "inception_v1", "shufflenet"} <= set(names)
+    assert light_model("squeezenet").stat().st_size > 0
+
+
+def test_light_model_random_has_distinct_weights(light_model_random) -> None:  # noqa: ANN001
+    model = onnx.load(str(light_model_random("squeezenet")))
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(n.op_type == "ConstantOfShape" for n in model.graph.node)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    w = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == conv.input[1])
+    assert w.std() > 0.01
+    inits = {t.name for t in model.graph.initializer}
+    data = next(i.name for i in model.graph.input if i.name not in inits)
+    out = run(model, {data: np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}, threads=2)
+    probs = next(iter(out.values())).ravel()
+    assert 0.01 < probs.max() < 0.99, "softmax neither uniform nor one-hot"
+
+
+@pytest.mark.parametrize("name", ["ch_ppocr_mobile_v2.0_cls_infer", "ch_PP-OCRv4_det_infer", "ch_PP-OCRv4_rec_infer"])
+def test_rapidocr_models_are_found_without_importing_the_package(rapidocr_model, name: str) -> None:  # noqa: ANN001
+    import sys
+
+    path = rapidocr_model(name)
+    assert path.suffix == ".onnx" and path.stat().st_size > 100_000
+    assert "rapidocr_onnxruntime" not in sys.modules, "importing it would import cv2 (not installed)"
