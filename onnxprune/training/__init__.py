@@ -1,0 +1,23 @@
+"""Fine-tuning on stock onnxruntime: autodiff into standard ONNX ops, in-graph losses and optimizers.
+
+Public entry points: :func:`finetune` (train a model, get a model back), :func:`export_artifacts` /
+:func:`apply_checkpoint` (the DESIGN.md artifact directory), :func:`accumulate_gradients` (gradient
+statistics for Taylor/OBD importance). The per-op VJP rules live in :mod:`onnxprune.training.vjp`.
+"""
+
+from __future__ import annotations
+
+from onnxprune.training.artifacts import TrainingArtifacts, apply_checkpoint, export_artifacts, select_trainable
+from onnxprune.training.autodiff import GradientResult, build_gradients
+from onnxprune.training.data import TrainData
+from onnxprune.training.grads import GradStats, accumulate_gradients
+from onnxprune.training.losses import LossSpec
+from onnxprune.training.optimizers import OptimizerSpec
+from onnxprune.training.trainer import FinetuneConfig, FinetuneResult, finetune
+from onnxprune.training.vjp import VJPRegistry, default_registry
+
+__all__ = [
+    "FinetuneConfig", "FinetuneResult", "GradStats", "GradientResult", "LossSpec", "OptimizerSpec", "TrainData",
+    "TrainingArtifacts", "VJPRegistry", "accumulate_gradients", "apply_checkpoint", "build_gradients",
+    "default_registry", "export_artifacts", "finetune", "select_trainable",
+]
