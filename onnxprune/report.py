@@ -247,15 +247,27 @@ def _param_tensors(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
+_FOUR_BIT = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n))
+# Tensors with more elements than this are sized from dtype × count: protobuf's ByteSize walks the data
+# (about a second per 600 MB) and cannot be called on the whole model at 2 GB and above.
+_EXACT_SIZE_ELEMS = 1 << 20
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    n = math.prod(t.dims)
+    if t.data_type in _FOUR_BIT:
+        return (n + 1) // 2
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 def _tensor_bytes(t: onnx.TensorProto) -> int:
     if t.data_location == onnx.TensorProto.EXTERNAL:
         entries = {e.key: e.value for e in t.external_data}
-        if "length" in entries:
-            stored = int(entries["length"])
-        else:
-            stored = math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        stored = int(entries["length"]) if "length" in entries else _data_bytes(t)
         return t.ByteSize() + stored
-    return t.ByteSize()
+    if t.data_type == onnx.TensorProto.STRING or math.prod(t.dims) <= _EXACT_SIZE_ELEMS:
+        return t.ByteSize()
+    return _data_bytes(t) + len(t.name) + 4 * len(t.dims) + 10  # tags, lengths and varint dims
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

@@ -356,19 +356,21 @@ def _write_external(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoPr
     offset = 0
     with open(os.path.join(directory, data_name), "wb") as f:
         for t in model.graph.initializer:
-            if not t.raw_data or len(t.raw_data) < _EXTERNAL_MIN_BYTES:
+            data = t.raw_data  # one copy of the bytes at a time
+            if len(data) < _EXTERNAL_MIN_BYTES:
                 light.graph.initializer.append(t)
                 continue
             ref = light.graph.initializer.add()
             ref.name = t.name
             ref.data_type = t.data_type
             ref.dims.extend(t.dims)
-            f.write(t.raw_data)
+            f.write(data)
             ref.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(t.raw_data)))):
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
                 entry = ref.external_data.add()
                 entry.key, entry.value = key, value
-            offset += len(t.raw_data)
+            offset += len(data)
+            del data
     path = os.path.join(directory, "model.onnx")
     with open(path, "wb") as f:
         f.write(light.SerializeToString())

@@ -217,6 +217,14 @@ def test_big_weights_are_not_copied_for_shape_inference() -> None:
     assert {l.node: l.macs for l in model_stats(model).layers}["conv2"] == 165888
 
 
+def test_bytes_of_big_tensors_are_estimated_closely() -> None:
+    # Above 1M elements the size comes from dtype x count (protobuf's ByteSize would walk the data).
+    from onnxprune.report import _tensor_bytes  # noqa: PLC2701
+
+    t = numpy_helper.from_array(np.zeros((1100, 1000), np.float16), "big_weight")
+    assert abs(_tensor_bytes(t) - t.ByteSize()) <= 16
+
+
 def test_registry_is_an_object_with_duplicate_check() -> None:
     reg = MacsRegistry()
     reg.register("Conv", conv_macs)
