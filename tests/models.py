@@ -8,7 +8,9 @@ Conventions shared by every ``build_<name>(*, seed=0, opset=17, **kw) -> onnx.Mo
 
 * one graph input ``input`` with a symbolic batch dim ``N`` (e.g. ``["N", 3, 8, 8]``), one output ``output``;
 * float32 weights as initializers (He-normal scale), BatchNormalization with non-trivial gamma/beta/mean/var;
-* every node named (producers get readable names such as ``conv1``/``bn1``/``fc2``, the rest ``<op>_<k>``);
+* every node named: producers get readable names (``conv1``, ``block1.conv2``, ``fc2``); the BN after a conv
+  is ``<conv>.bn``; the bias Add after a MatMul is ``<matmul>.add``; other nodes are ``<op>_<k>`` (``relu_3``);
+  tensors are ``<node>_out`` and weights ``<node>.weight``/``.bias`` (BN: ``.weight/.bias/.running_mean/.running_var``);
 * IR version 8 (or the minimum the opset needs), so onnxruntime 1.31 (IR <= 13) loads it;
 * passes ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime; no value_info is stored
   except the graph output's shape, so pruning code never meets stale intermediate shapes.
@@ -634,20 +636,25 @@ def build_batched_matmul(*, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return g.finish(g.gemm(x, 16, NUM_CLASSES, name="classifier"), ["N", 8, 16])
 
 
-def build_lstm(*, seed: int = 0, opset: int = 17, hidden: int = 16) -> onnx.ModelProto:
-    """An LSTM between MatMul layers on tokens [N, 8, 16] (recurrent ops must block their groups only).
+def build_lstm(*, seed: int = 0, opset: int = 17, hidden: int = 16, cell: str = "lstm") -> onnx.ModelProto:
+    """A recurrent op between MatMul layers on tokens [N, 8, 16] (recurrent ops must block their groups only).
 
-    ``proj_in`` MatMul(16->16)+Add -> Relu -> Transpose to [T, N, F] -> ``lstm`` (hidden ``hidden``) ->
-    Squeeze num_directions -> Transpose back -> ``fc_a`` (hidden->32) + Relu -> ``fc_b`` (32->16) + Relu ->
-    ReduceMean over tokens -> ``classifier`` Gemm(16->10). ``fc_a``'s 32 hidden units stay prunable.
+    ``proj_in`` MatMul(16->16)+Add -> Relu -> Transpose to [T, N, F] -> ``lstm`` (an LSTM, or a GRU / RNN with
+    ``cell="gru"|"rnn"``; hidden ``hidden``) -> Squeeze num_directions -> Transpose back -> ``fc_a`` (hidden->32)
+    + Relu -> ``fc_b`` (32->16) + Relu -> ReduceMean over tokens -> ``classifier`` Gemm(16->10).
+    ``fc_a``'s 32 hidden units stay prunable; ``proj_in``'s 16 outputs feed the recurrent op's input weights.
     """
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}
+    if cell not in gates:
+        raise ValueError(f"lstm: cell must be one of {sorted(gates)}, got {cell!r}")
     g = _Graph("lstm", seed, opset)
     x = g.node("Relu", [g.linear("input", 16, 16, name="proj_in")])
     x = g.node("Transpose", [x], name="to_time_major", perm=[1, 0, 2])
-    w = g.const("lstm.W", g.he([1, 4 * hidden, 16], 16))
-    r = g.const("lstm.R", g.he([1, 4 * hidden, hidden], hidden) * 0.5)
-    b = g.const("lstm.B", g.small([1, 8 * hidden]))
-    y = g.node("LSTM", [x, w, r, b], name="lstm", hidden_size=hidden)  # Y: [T, 1, N, hidden]
+    k = gates[cell]
+    w = g.const("lstm.W", g.he([1, k * hidden, 16], 16))
+    r = g.const("lstm.R", g.he([1, k * hidden, hidden], hidden) * 0.5)
+    b = g.const("lstm.B", g.small([1, 2 * k * hidden]))
+    y = g.node(cell.upper(), [x, w, r, b], name="lstm", hidden_size=hidden)  # Y: [T, 1, N, hidden]
     y = g.node("Squeeze", [y, g.const("squeeze_axes", np.array([1], np.int64))], name="squeeze")
     y = g.node("Transpose", [y], name="to_batch_major", perm=[1, 0, 2])
     y = g.node("Relu", [g.linear(y, hidden, 32, name="fc_a")])
@@ -695,6 +702,8 @@ VARIANTS: dict[str, Callable[[], onnx.ModelProto]] = {
     "squeeze_excite[reducemean,opset18]": lambda: build_squeeze_excite(pool="reducemean", opset=18),
     "squeeze_excite[gemm]": lambda: build_squeeze_excite(fc="gemm", gate="hardsigmoid"),
     "shufflenet[slice]": lambda: build_shufflenet(split="slice"),
+    "lstm[gru]": lambda: build_lstm(cell="gru"),
+    "lstm[rnn]": lambda: build_lstm(cell="rnn"),
     "transformer_block[blocks=2,opset18]": lambda: build_transformer_block(blocks=2, opset=18),
     "resnet_bottleneck[blocks=3]": lambda: build_resnet_bottleneck(blocks=3),
     "vgg[opset13]": lambda: build_vgg(opset=13),

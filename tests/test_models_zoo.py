@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -27,6 +30,22 @@ def test_builds_checks_and_runs(name: str) -> None:
     assert out.shape[0] == 2
     assert np.isfinite(out).all()
     assert out.std() > 1e-3, "outputs vary across the batch / features (weights are not degenerate)"
+
+
+MIN_OPSET = {"activations": 14, "transformer_block": 17}
+
+
+@pytest.mark.parametrize("opset", [13, 18, 21])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_builder_honours_opset(name: str, opset: int) -> None:
+    """Opset-dependent forms (ReduceMean axes as input from 18, IR 10 for 21) are right at both ends of the range."""
+    if opset < MIN_OPSET.get(name, 13):
+        with pytest.raises(ValueError, match="opset"):
+            build(name, opset=opset)
+        return
+    model = build(name, opset=opset)
+    assert model.opset_import[0].version == opset
+    assert run(model, random_inputs(model, batch=1))["output"].shape[0] == 1
 
 
 @pytest.mark.parametrize("name", ["vgg", "transformer_block", "paddle_constants"])
@@ -111,7 +130,7 @@ def test_zeroed_flatten_gemm_channels_are_removable_exactly() -> None:
     np.testing.assert_allclose(run(pruned, feeds)["output"], run(zeroed, feeds)["output"], atol=1e-5)
 
 
-def test_light_models_are_listed_and_found(light_model) -> None:  # noqa: ANN001 (pytest fixture)
+def test_light_models_are_listed_and_found(light_model: Callable[[str], Path]) -> None:
     from tests.data import light_model_names
 
     names = light_model_names()
@@ -119,7 +138,7 @@ def test_light_models_are_listed_and_found(light_model) -> None:  # noqa: ANN001
     assert light_model("squeezenet").stat().st_size > 0
 
 
-def test_light_model_random_has_distinct_weights(light_model_random) -> None:  # noqa: ANN001
+def test_light_model_random_has_distinct_weights(light_model_random: Callable[[str], Path]) -> None:
     model = onnx.load(str(light_model_random("squeezenet")))
     onnx.checker.check_model(model, full_check=True)
     assert not any(n.op_type == "ConstantOfShape" for n in model.graph.node)
@@ -134,7 +153,9 @@ def test_light_model_random_has_distinct_weights(light_model_random) -> None:  #
 
 
 @pytest.mark.parametrize("name", ["ch_ppocr_mobile_v2.0_cls_infer", "ch_PP-OCRv4_det_infer", "ch_PP-OCRv4_rec_infer"])
-def test_rapidocr_models_are_found_without_importing_the_package(rapidocr_model, name: str) -> None:  # noqa: ANN001
+def test_rapidocr_models_are_found_without_importing_the_package(
+    rapidocr_model: Callable[[str], Path], name: str
+) -> None:
     import sys
 
     path = rapidocr_model(name)
