@@ -90,9 +90,16 @@ def _check(runs: int, warmup: int, batch: int) -> None:
         raise BadInputError(f"--batch must be >= 1, got {batch}", field="batch")
 
 
-def batch_is_dynamic(session: Session) -> bool:
-    """Whether every input's first dim is symbolic (so any batch size can be fed)."""
-    return all(spec.shape and not isinstance(spec.shape[0], int) for spec in session.input_specs)
+def fixed_batch(session: Session) -> int | None:
+    """The batch size a model is fixed to, or None when it takes any batch.
+
+    A model takes any batch when some input has a symbolic first dim (inputs with a fixed first dim
+    are then taken to be unbatched); otherwise its batch is the first input's first dim.
+    """
+    firsts = [spec.shape[0] for spec in session.input_specs if spec.shape]
+    if not firsts or any(not isinstance(d, int) for d in firsts):
+        return None
+    return int(firsts[0])
 
 
 def _batched_shapes(session: Session, shapes: Mapping[str, list[int]] | None, batch: int) -> dict[str, list[int]]:
@@ -105,12 +112,9 @@ def _batched_shapes(session: Session, shapes: Mapping[str, list[int]] | None, ba
 
 
 def _feeds(session: Session, shapes: Mapping[str, list[int]] | None, batch: int, seed: int) -> dict[str, np.ndarray]:
-    for spec in session.input_specs:
-        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] != batch:
-            raise BadInputError(
-                f"input {spec.name!r} has a fixed batch of {spec.shape[0]}; cannot measure batch {batch}",
-                field="batch",
-            )
+    fixed = fixed_batch(session)
+    if fixed is not None and fixed != batch:
+        raise BadInputError(f"the model has a fixed batch of {fixed}; cannot measure batch {batch}", field="batch")
     return random_inputs(session, _batched_shapes(session, shapes, batch), batch=batch, seed=seed)
 
 

@@ -74,6 +74,18 @@ def test_measure_latency_errors() -> None:
         measure_latency(_mlp(16), "cpu", batch=0)
 
 
+def test_unbatched_side_inputs_do_not_fix_the_batch() -> None:
+    model = _mlp(16)
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]))
+    model.graph.node.append(helper.make_node("Mul", ["y", "scale"], ["z"], name="scale"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8]))
+    with make_session(model, "cpu", threads=1) as sess:
+        assert bench.fixed_batch(sess) is None
+        _check_stats(measure_latency(sess, batch=4, runs=RUNS, warmup=0), 4)
+    with make_session(_mlp(16, batch=2), "cpu") as sess:
+        assert bench.fixed_batch(sess) == 2
+
+
 def test_compare_interleaves_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     order: list[str] = []
     real = bench._timed  # noqa: SLF001

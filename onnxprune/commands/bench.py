@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from onnxprune.bench import Comparison, LatencyStats, batch_is_dynamic, compare, measure_latency
+from onnxprune.bench import Comparison, LatencyStats, compare, fixed_batch, measure_latency
 from onnxprune.errors import BadInputError
 from onnxprune.runtime import Session, make_session, select_device
 from onnxprune.spec import parse_shape_args
@@ -22,21 +22,16 @@ logger = logging.getLogger(__name__)
 
 def _usable_batches(sessions: list[Session], wanted: list[int]) -> tuple[list[int], list[int]]:
     """Batches every model can take: all when the batch dim is symbolic, else only the fixed one."""
-    fixed = set()
-    for s in sessions:
-        if not batch_is_dynamic(s):
-            first = [spec.shape[0] for spec in s.input_specs if spec.shape and isinstance(spec.shape[0], int)]
-            fixed.update(first)
+    fixed = {b for b in (fixed_batch(s) for s in sessions) if b is not None}
     if not fixed:
         return list(wanted), []
     if len(fixed) > 1:
-        raise BadInputError(f"the models' inputs have different fixed batch sizes {sorted(fixed)}", field="batch")
+        raise BadInputError(f"the models have different fixed batch sizes {sorted(fixed)}", field="batch")
     only = fixed.pop()
-    usable = [b for b in wanted if b == only] or [only]
     skipped = [b for b in wanted if b != only]
     if skipped:
         logger.warning("the model has a fixed batch of %d; measuring batch %d only (skipping %s)", only, only, skipped)
-    return usable, skipped
+    return [only], skipped
 
 
 def _row(label: str, s: LatencyStats) -> list[str]:
