@@ -342,6 +342,8 @@ class JobManager:
                                message="interrupted by server shutdown; will run again after restart")
             log_event(log, "job.interrupted", job=job_id)
             return
+        for result in outcome.results:
+            self._store.add_blob(result.sha256, result.size, None)
         changes = dict(state=outcome.state, finished=now, error=outcome.error, error_type=outcome.error_type,
                        error_field=outcome.error_field or "", results=outcome.results, report=outcome.report)
         if outcome.state == SUCCEEDED:
