@@ -129,7 +129,9 @@ def probe_cuda() -> DeviceInfo:
     if got and got[0] == CUDA:
         return DeviceInfo(True)
     return DeviceInfo(
-        False, "onnxruntime could not load the CUDA provider (needs a GPU and matching CUDA/cuDNN libraries)"
+        False,
+        "onnxruntime could not load it; it needs an NVIDIA GPU and the CUDA/cuDNN libraries that match "
+        "onnxruntime-gpu, e.g. from onnxruntime-gpu[cuda,cudnn]",
     )
 
 

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {
             "device": choice.name,
             "provider": sessions[0].provider,
+            "device_note": choice.note,
             "threads": args.threads,
             "runs": args.runs,
             "warmup": warmup,
