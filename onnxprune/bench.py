@@ -102,20 +102,11 @@ def fixed_batch(session: Session) -> int | None:
     return int(firsts[0])
 
 
-def _batched_shapes(session: Session, shapes: Mapping[str, list[int]] | None, batch: int) -> dict[str, list[int]]:
-    """``shapes`` with the first dim replaced by ``batch`` where the model's first dim is symbolic."""
-    out = {name: list(dims) for name, dims in (shapes or {}).items()}
-    for spec in session.input_specs:
-        if spec.name in out and spec.shape and not isinstance(spec.shape[0], int):
-            out[spec.name][0] = batch
-    return out
-
-
 def _feeds(session: Session, shapes: Mapping[str, list[int]] | None, batch: int, seed: int) -> dict[str, np.ndarray]:
     fixed = fixed_batch(session)
     if fixed is not None and fixed != batch:
         raise BadInputError(f"the model has a fixed batch of {fixed}; cannot measure batch {batch}", field="batch")
-    return random_inputs(session, _batched_shapes(session, shapes, batch), batch=batch, seed=seed)
+    return random_inputs(session, shapes, batch=batch, seed=seed)
 
 
 def _timed(session: Session, feeds: Mapping[str, np.ndarray]) -> float:

@@ -503,7 +503,7 @@ def make_session(
 # Inputs
 
 
-def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int) -> list[int]:
+def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int | None) -> list[int]:
     if spec.name in shapes:
         dims = [int(d) for d in shapes[spec.name]]
         if len(dims) != len(spec.shape):
@@ -516,13 +516,15 @@ def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int
                 raise BadInputError(
                     f"--shape {spec.name}: axis {axis} is fixed to {want} in the model, got {got}", field="shapes"
                 )
+        if batch is not None and dims and not isinstance(spec.shape[0], int):
+            dims[0] = batch
         return dims
     dims = []
     for axis, d in enumerate(spec.shape):
         if isinstance(d, int):
             dims.append(d)
         elif axis == 0:
-            dims.append(batch)
+            dims.append(1 if batch is None else batch)
         else:
             example = "x".join(str(x) if isinstance(x, int) else ("1" if i == 0 else "N") for i, x in enumerate(spec.shape))
             raise BadInputError(
@@ -536,18 +538,20 @@ def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int
 def random_inputs(
     model_or_session: onnx.ModelProto | Session,
     shapes: Mapping[str, list[int]] | None = None,
-    batch: int = 1,
+    batch: int | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Random feeds for every input: normal floats, ints in {0, 1} (valid as indices and masks), bools.
 
-    Shapes come from ``shapes`` (input name → full shape) when given, else from the model with a
-    symbolic first dim set to ``batch``. The same ``seed`` gives the same arrays.
+    Shapes come from ``shapes`` (input name → full shape) when given, else from the model. A symbolic
+    first dim is the batch: ``batch`` when given (it wins over the first dim in ``shapes``, which
+    then only fixes the other dims), else the first dim in ``shapes``, else 1. The same ``seed`` gives
+    the same arrays.
 
     Args:
         model_or_session: where to read the inputs from.
         shapes: input name → full shape, as parsed from ``--shape NAME=1x3x224x224``.
-        batch: size of a symbolic first dim when ``shapes`` does not fix it.
+        batch: size of a symbolic first dim (see above); ``None`` leaves it to ``shapes`` or 1.
         seed: random seed.
 
     Returns:
@@ -557,7 +561,7 @@ def random_inputs(
         BadInputError: an input has a symbolic dim other than the first that ``shapes`` does not fix,
             ``shapes`` contradicts the model or names an unknown input, or ``batch`` < 1.
     """
-    if batch < 1:
+    if batch is not None and batch < 1:
         raise BadInputError(f"batch must be >= 1, got {batch}", field="batch")
     specs = model_or_session.input_specs if isinstance(model_or_session, Session) else model_input_specs(model_or_session)
     shapes = dict(shapes or {})

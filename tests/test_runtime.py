@@ -239,7 +239,9 @@ def _multi_input_model() -> onnx.ModelProto:
 def test_random_inputs_resolve_batch_and_shapes() -> None:
     model = _multi_input_model()
     feeds = random_inputs(model, {"image": [1, 3, 16, 12]}, batch=4, seed=3)
-    assert feeds["image"].shape == (1, 3, 16, 12) and feeds["image"].dtype == np.float32
+    assert feeds["image"].shape == (4, 3, 16, 12) and feeds["image"].dtype == np.float32  # batch wins
+    assert random_inputs(model, {"image": [2, 3, 16, 12]})["image"].shape == (2, 3, 16, 12)
+    assert random_inputs(model, {"image": [2, 3, 16, 12]})["ids"].shape == (1, 5)
     assert feeds["ids"].shape == (4, 5) and feeds["ids"].dtype == np.int64
     assert set(np.unique(feeds["ids"])) <= {0, 1}
     assert feeds["mask"].dtype == np.bool_
@@ -249,7 +251,7 @@ def test_random_inputs_resolve_batch_and_shapes() -> None:
         from_session = random_inputs(sess, {"image": [1, 3, 16, 12]}, batch=4, seed=3)
         out = sess.run(from_session)
     np.testing.assert_array_equal(from_session["ids"], feeds["ids"])
-    assert out["img"].shape == (1, 3, 16, 12)
+    assert out["img"].shape == (4, 3, 16, 12)
 
 
 def test_random_inputs_unresolved_symbolic_dim_names_the_fix() -> None:
