@@ -576,3 +576,18 @@ def test_remote_job_errors_match_embedded_errors(start_server: ServerFactory, tm
         client.prune(path, tmp_path / "r.onnx", PruneSpec())
     assert type(remote.value) is type(embedded.value)
     assert isinstance(remote.value, (BadInputError, PlanError))
+
+
+def test_stop_interrupts_jobs_past_the_grace_and_requeues_them(start_server: ServerFactory, tmp_path: Path) -> None:
+    server, target = start_server(task=slow_task, workers=1, store=tmp_path / "s")
+    with Client(target) as client:
+        job = client.submit(tiny_model(tmp_path / "m.onnx"), PruneSpec(calib_samples=300))
+        while client.get(job.job_id).state != "RUNNING":
+            time.sleep(0.05)
+    start = time.monotonic()
+    server.stop(grace=0.5)
+    assert time.monotonic() - start < 10
+    from service.store import SqliteJobStore
+
+    record = SqliteJobStore(tmp_path / "s" / "jobs.sqlite").get(job.job_id)
+    assert record is not None and record.state == "QUEUED" and "interrupted" in record.message
