@@ -313,9 +313,13 @@ def _light_model(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onn
             for d, value in zip(dims, fixed, strict=True):
                 d.Clear()
                 d.dim_value = int(value)
-        elif len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
+        else:
+            for d in dims:  # Paddle writes -1 for dynamic dims: make them unknown
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.Clear()
+            if len(dims) and not dims[0].HasField("dim_value"):
+                dims[0].Clear()
+                dims[0].dim_value = 1
     for vi in model.graph.output:
         new = g.output.add()
         new.name = vi.name
@@ -338,7 +342,8 @@ def _collect_dims(model: onnx.ModelProto) -> dict[str, Dims]:
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
             out[vi.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                for d in tt.shape.dim
             ]
     for t in model.graph.initializer:
         out[t.name] = list(t.dims)
@@ -380,7 +385,8 @@ def _unfixed_inputs(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> 
         if vi.name in inits or vi.name in shapes:
             continue
         dims: list[int | str] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+            for d in vi.type.tensor_type.shape.dim
         ]
         if dims and isinstance(dims[0], str):
             dims[0] = 1

@@ -152,6 +152,15 @@ def test_symbolic_spatial_dims_give_null_macs_with_reason() -> None:
         model_stats(model, {"x": [1, 4, 10]})
 
 
+def test_paddle_style_minus_one_dims_are_dynamic() -> None:
+    model = _cnn(spatial=(-1, -1))
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    stats = model_stats(model)
+    assert stats.macs is None and "--shape x=1x4x?x?" in stats.macs_unknown_reason
+    assert model_stats(model, {"x": [1, 4, 10, 10]}).macs == 10480
+
+
 def test_constant_node_weights_count_as_params() -> None:
     w = RNG.standard_normal((3, 4)).astype(np.float32)
     model = _model(

@@ -272,6 +272,17 @@ def test_random_inputs_reject_contradicting_shapes() -> None:
         random_inputs(_affine_model(), batch=0)
 
 
+def test_minus_one_dims_are_dynamic() -> None:
+    model = _multi_input_model()
+    dims = model.graph.input[0].type.tensor_type.shape.dim  # image: [-1, 3, -1, -1] as Paddle writes it
+    for i in (0, 2, 3):
+        dims[i].Clear()
+        dims[i].dim_value = -1
+    with pytest.raises(BadInputError, match="--shape image="):
+        random_inputs(model, batch=2)
+    assert random_inputs(model, {"image": [1, 3, 8, 8]}, batch=2)["image"].shape == (2, 3, 8, 8)
+
+
 def test_random_inputs_skip_initializers_listed_as_inputs() -> None:
     model = _affine_model(ir_version=3)
     model.graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [3]))  # IR 3 style
