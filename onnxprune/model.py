@@ -129,6 +129,8 @@ def normalize(loaded: LoadedModel) -> None:
             loaded.notes.append(f"converted opset {opset} to {MIN_OPSET}")
         except Exception as e:
             raise BadInputError(f"could not convert opset {opset} to {MIN_OPSET}: {e}", field="model") from e
+    # Constant folding runs onnxruntime, which reads IR <= 13: cap it as save_model does.
+    model.ir_version = readable_ir_version(model)
     graph = gs.import_onnx(model)
     if any(n.op in ("Constant", "ConstantOfShape", "Identity") or _all_const(n) for n in graph.nodes):
         try:
@@ -138,8 +140,7 @@ def normalize(loaded: LoadedModel) -> None:
     _bypass_identities(graph)
     graph.cleanup()
     out = gs.export_onnx(graph, do_type_check=False)
-    # Old files (IR < 4) list initializers as inputs; the converted opset needs a newer IR anyway.
-    out.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(out.opset_import), True))
+    out.ir_version = model.ir_version  # already made readable (and raised for converted old files) above
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
@@ -172,6 +173,12 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def readable_ir_version(model: onnx.ModelProto) -> int:
+    """The model's IR version capped at :data:`MAX_IR_VERSION`, but never below what its opsets need."""
+    floor = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     """Write ``model``; above the protobuf limit the weights go to ``<name>.data`` beside it.
 
@@ -180,8 +187,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    floor = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    model.ir_version = max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
+    model.ir_version = readable_ir_version(model)
     if initializer_bytes(model) > EXTERNAL_THRESHOLD:
         location = os.path.basename(path) + ".data"
         data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
