@@ -187,7 +187,11 @@ class DirBlobStore:
             return None
 
     def materialize(self, blob_id: str, dest: Path) -> None:
-        """Place the blob at ``dest`` for a job: a hard link (no copy, no extra disk), or a copy across devices.
+        """Copy the blob to ``dest`` for a job (``copyfile`` uses sendfile: no bytes pass through Python).
+
+        Not a hard link: onnx refuses external data files with several links (a known hardlink attack), and a
+        job must never be able to modify the stored blob. Not a symlink: loaders resolve it out of the job's
+        folder and refuse it.
 
         Raises:
             NotFoundError: no such blob.
@@ -196,10 +200,7 @@ class DirBlobStore:
         if not src.exists():
             raise NotFoundError(f"blob {blob_id} not found")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dest)
-        except OSError:
-            shutil.copyfile(src, dest)
+        shutil.copyfile(src, dest)
 
     def local_path(self, blob_id: str) -> Path:
         """A readable local file with the blob's bytes (an object-store backend would fetch to a cache).
