@@ -247,7 +247,9 @@ def _param_tensors(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-_FOUR_BIT = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n))
+_FOUR_BIT = frozenset(
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)
+)
 # Tensors with more elements than this are sized from dtype × count: protobuf's ByteSize walks the data
 # (about a second per 600 MB) and cannot be called on the whole model at 2 GB and above.
 _EXACT_SIZE_ELEMS = 1 << 20
@@ -367,7 +369,9 @@ def infer_dims(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = 
     real_inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
     unknown = sorted(set(shapes) - real_inputs)
     if unknown:
-        raise BadInputError(f"--shape names unknown input(s) {unknown}; inputs are {sorted(real_inputs)}", field="shapes")
+        raise BadInputError(
+            f"--shape names unknown input(s) {unknown}; inputs are {sorted(real_inputs)}", field="shapes"
+        )
     light = _light_model(model, shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -682,7 +686,8 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     orig, pruned = report["original"], report["pruned"]
     rows = [("", "original", "pruned", "change")]
     for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "bytes")):
-        rows.append((label, _fmt_int(orig.get(key)), _fmt_int(pruned.get(key)), _fmt_change(orig.get(key), pruned.get(key))))
+        before, after = orig.get(key), pruned.get(key)
+        rows.append((label, _fmt_int(before), _fmt_int(after), _fmt_change(before, after)))
     lat_a, lat_b = _latency_value(orig.get("latency_ms")), _latency_value(pruned.get("latency_ms"))
     if lat_a is not None or lat_b is not None:
         fmt = lambda v: "?" if v is None else f"{v:.3f} ms"  # noqa: E731

@@ -226,7 +226,9 @@ def _ort_spec(arg: Any) -> TensorSpec:
     if dtype is None:
         raise BadInputError(f"input {arg.name!r} has type {arg.type}, which onnxprune cannot feed", field="model")
     # Paddle writes -1 for dynamic dims: treat any non-positive int as unknown.
-    shape = tuple(d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?") for d in (arg.shape or []))
+    shape = tuple(
+        d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) and d else "?") for d in (arg.shape or [])
+    )
     return TensorSpec(arg.name, shape, np.dtype(dtype))
 
 
@@ -526,7 +528,9 @@ def _resolve_shape(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int
         elif axis == 0:
             dims.append(1 if batch is None else batch)
         else:
-            example = "x".join(str(x) if isinstance(x, int) else ("1" if i == 0 else "N") for i, x in enumerate(spec.shape))
+            example = "x".join(
+                str(x) if isinstance(x, int) else ("1" if i == 0 else "N") for i, x in enumerate(spec.shape)
+            )
             raise BadInputError(
                 f"input {spec.name!r} has symbolic dim {d!r} on axis {axis} (shape {list(spec.shape)}); "
                 f"fix it with --shape {spec.name}={example}",
@@ -563,7 +567,10 @@ def random_inputs(
     """
     if batch is not None and batch < 1:
         raise BadInputError(f"batch must be >= 1, got {batch}", field="batch")
-    specs = model_or_session.input_specs if isinstance(model_or_session, Session) else model_input_specs(model_or_session)
+    if isinstance(model_or_session, Session):
+        specs = model_or_session.input_specs
+    else:
+        specs = model_input_specs(model_or_session)
     shapes = dict(shapes or {})
     unknown = sorted(set(shapes) - {s.name for s in specs})
     if unknown:

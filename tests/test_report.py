@@ -196,7 +196,8 @@ def test_big_constant_weights_and_sparse_initializers() -> None:
     # A sparse initializer [4, 3] with 2 stored values: params count the stored values; MACs use the dense shape.
     values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "s")
     indices = numpy_helper.from_array(np.array([0, 7], np.int64), "s_idx")
-    sparse = _model([helper.make_node("MatMul", ["x", "s"], ["y"], name="mm")], [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [])
+    mm = helper.make_node("MatMul", ["x", "s"], ["y"], name="mm")
+    sparse = _model([mm], [_vi("x", ["N", 4])], [_vi("y", ["N", 3])], [])
     sparse.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4, 3]))
     stats = model_stats(sparse)
     assert (stats.params, stats.macs) == (2, 12)
@@ -328,7 +329,9 @@ def test_report_json_and_layers_matched_by_name() -> None:
     assert set(report) == {
         "original", "pruned", "groups", "layers", "fidelity", "criterion", "device", "onnxprune_version", "plan"
     }  # fmt: skip
-    assert report["original"] == {"params": 733, "macs": 10480, "bytes": before.bytes, "latency_ms": latency["original"]}
+    assert report["original"] == {
+        "params": 733, "macs": 10480, "bytes": before.bytes, "latency_ms": latency["original"]
+    }  # fmt: skip
     assert report["pruned"]["params"] == 148 + 16 + 144 + 45
     assert report["pruned"]["macs"] == 3600 + 1296 + 40
     assert report["groups"] == groups
@@ -336,7 +339,8 @@ def test_report_json_and_layers_matched_by_name() -> None:
     assert (report["criterion"], report["device"], report["onnxprune_version"]) == ("l2", "cpu", __version__)
     rows = {r["node"]: r for r in report["layers"]}
     assert rows["conv1"] == {
-        "node": "conv1", "op": "Conv", "params_before": 296, "params_after": 148, "macs_before": 7200, "macs_after": 3600
+        "node": "conv1", "op": "Conv",
+        "params_before": 296, "params_after": 148, "macs_before": 7200, "macs_after": 3600,
     }  # fmt: skip
     assert rows["dw3"]["params_after"] == 0 and rows["dw3"]["macs_after"] == 0  # removed node
     assert rows["fc"]["params_before"] == rows["fc"]["params_after"] == 45
