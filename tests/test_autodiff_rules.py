@@ -190,6 +190,23 @@ def test_conv(cfg: dict) -> None:
     _check(m, {"x": x, "w": w, "b": b}, ["x", "w", "b"])
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(x=(2, 3, 4, 4), w=(3, 2, 3, 3), attrs={}),
+    dict(x=(1, 4, 3, 4), w=(4, 3, 3, 2), attrs={"group": 2, "strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 2]}),
+    dict(x=(2, 2, 4, 3), w=(2, 2, 2, 3), attrs={"dilations": [2, 1], "strides": [2, 2], "pads": [1, 1, 0, 1]}),
+    dict(x=(1, 2, 3, 3), w=(2, 3, 3, 3), attrs={"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+])
+def test_conv_transpose(cfg: dict) -> None:
+    x, w, b = r(*cfg["x"]), r(*cfg["w"]), r(cfg["w"][1] * cfg["attrs"].get("group", 1))
+    m = _op_model("ConvTranspose", {"x": x, "w": w, "b": b}, **cfg["attrs"])
+    _check(m, {"x": x, "w": w, "b": b}, ["x", "w", "b"])
+
+
+def test_sum_variadic_broadcast() -> None:
+    a, b, c = r(2, 3), r(3), r(1, 1)
+    _check(_op_model("Sum", {"a": a, "b": b, "c": c}), {"a": a, "b": b, "c": c}, ["a", "b", "c"])
+
+
 # ------------------------------------------------------------------------------ pooling
 @pytest.mark.parametrize("attrs", [
     {"kernel_shape": [2, 2], "strides": [2, 2]},

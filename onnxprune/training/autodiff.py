@@ -343,13 +343,26 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus outer-scope names read inside subgraphs (If/Loop/Scan bodies)."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sub in graphs:
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for n in sub.node:
+                names += [i for i in node_inputs(n) if i and i not in defined]
+                defined.update(n.output)
+    return names
+
+
 def _differentiable(
     graph: onnx.GraphProto, wrt: Sequence[str], info: dict[str, TensorInfo], non_diff: frozenset[str]
 ) -> set[str]:
     """Float tensors reachable from ``wrt`` through ops that carry gradients."""
     reach = set(wrt)
     for node in graph.node:
-        if node.op_type in non_diff or not any(i in reach for i in node.input if i):
+        if node.op_type in non_diff or not any(i in reach for i in node_inputs(node)):
             continue
         for o in node.output:
             ti = info.get(o)
@@ -365,7 +378,7 @@ def _needed(graph: onnx.GraphProto, loss: str, reach: set[str]) -> tuple[set[str
     for node in reversed(graph.node):
         if not any(o in need for o in node.output if o):
             continue
-        ins = [i for i in node.input if i and i in reach]
+        ins = [i for i in node_inputs(node) if i in reach]
         if ins:
             active.append(node)
             need.update(ins)
@@ -398,6 +411,7 @@ def build_gradients(
     from onnxprune.training.vjp import default_registry
 
     reg = registry if registry is not None else default_registry()
+    wrt = list(dict.fromkeys(wrt))
     model = upgrade_opset(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -442,6 +442,70 @@ def _spatial(ctx: GradContext, x: str, node: onnx.NodeProto) -> list[int]:
     return [int(d) for d in shape[2:]]  # type: ignore[arg-type]
 
 
+def _conv_weight_grad(
+    ctx: GradContext, x: str, gy: str, ws: list[int], in_sp: list[int], out_sp: list[int], group: int,
+    strides: list[int], dil: list[int], pb: list[int], pe: list[int],
+) -> str:
+    """dL/dW of ``y = Conv(x, W)``: correlate ``x`` with ``gy``, batch and channels swapped.
+
+    The batch becomes the reduction channel, so one Conv (strides and dilations exchanged) does it;
+    groups fold into the channel axis. Extra rows from padding beyond the last window are sliced off.
+    """
+    m, cg = ws[0], ws[1]
+    nsp = len(in_sp)
+    kernel = ws[2:]
+    sp = list(range(2, 2 + nsp))
+    if group == 1:
+        xt = ctx.transpose(x, [1, 0] + sp)
+        gt = ctx.transpose(gy, [1, 0] + sp)
+    else:
+        mg = m // group
+        xr = ctx.reshape(x, [-1, group, cg] + in_sp)
+        xt = ctx.reshape(ctx.transpose(xr, [2, 1, 0] + [i + 1 for i in sp]), [cg, -1] + in_sp)
+        gr = ctx.reshape(gy, [-1, group, mg] + out_sp)
+        gt = ctx.reshape(ctx.transpose(gr, [1, 2, 0] + [i + 1 for i in sp]), [m, -1] + out_sp)
+    gw = ctx.emit("Conv", [xt, gt], group=group, strides=dil, dilations=strides, pads=pb + pe, kernel_shape=out_sp)
+    gw = ctx.transpose(gw, [1, 0] + sp)
+    got = [(size + b + e - ((o - 1) * s + 1)) // d + 1 for size, b, e, o, s, d in zip(in_sp, pb, pe, out_sp, strides, dil)]
+    if got != kernel:
+        gw = ctx.emit("Slice", [gw, ctx.ints([0] * nsp), ctx.ints(kernel), ctx.ints(sp)])
+    return gw
+
+
+def _conv_transpose(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """ConvTranspose is the adjoint of Conv: its input grad is a Conv, its weight grad a Conv weight grad
+    with the roles of input and output exchanged."""
+    x, w = node.input[0], node.input[1]
+    bias = _in(node, 2)
+    gy = g[0]
+    ws = ctx.static_shape(w, node)
+    in_sp = _spatial(ctx, x, node)
+    out_sp = _spatial(ctx, node.output[0], node)
+    kernel = ws[2:]
+    n = len(kernel)
+    group = int(attr(node, "group", 1))  # type: ignore[arg-type]
+    strides = list(attr(node, "strides", [1] * n))  # type: ignore[call-overload]
+    dil = list(attr(node, "dilations", [1] * n))  # type: ignore[call-overload]
+    opad = list(attr(node, "output_padding", [0] * n))  # type: ignore[call-overload]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    pads = attr(node, "pads")
+    if pads is None:  # derive from output_shape / auto_pad (or none)
+        total = [s * (i - 1) + op + e - o for s, i, op, e, o in zip(strides, in_sp, opad, eff, out_sp)]
+        auto = attr(node, "auto_pad", b"NOTSET")
+        upper = (auto.decode() if isinstance(auto, bytes) else str(auto)) != "SAME_LOWER"
+        pb = [t // 2 if upper else t - t // 2 for t in total]
+        pe = [t - b for t, b in zip(total, pb)]
+    else:
+        pb, pe = list(pads[:n]), list(pads[n:])  # type: ignore[index]
+    res: list[str | None] = [None] * len(node.input)
+    res[0] = ctx.emit("Conv", [gy, w], group=group, strides=strides, dilations=dil, pads=pb + pe, kernel_shape=kernel)
+    # as a Conv from gy's space (Cout channels) to x's (Cin): weight W[Cin, Cout/g, k]
+    res[1] = _conv_weight_grad(ctx, gy, x, ws, out_sp, in_sp, group, strides, dil, pb, pe)
+    if bias:
+        res[2] = ctx.reduce("ReduceSum", gy, [0] + list(range(2, 2 + n)), keepdims=False)
+    return res
+
+
 def _conv(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x, w, y = node.input[0], node.input[1], node.output[0]
     bias = _in(node, 2)
@@ -460,26 +524,9 @@ def _conv(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
         "ConvTranspose", [gy, w], group=group, strides=strides, dilations=dil, pads=pb + pe_new,
         output_padding=opad if any(opad) else None, kernel_shape=kernel,
     )
-    # weight gradient: correlate input with output grads, batch and channels swapped (strides ↔ dilations)
-    m, cg = ws[0], ws[1]
-    sp = list(range(2, 2 + nsp))
-    if group == 1:
-        xt = ctx.transpose(x, [1, 0] + sp)
-        gt = ctx.transpose(gy, [1, 0] + sp)
-    else:
-        mg = m // group
-        xr = ctx.reshape(x, [-1, group, cg] + in_sp)
-        xt = ctx.reshape(ctx.transpose(xr, [2, 1, 0] + [i + 1 for i in sp]), [cg, -1] + in_sp)
-        gr = ctx.reshape(gy, [-1, group, mg] + out_sp)
-        gt = ctx.reshape(ctx.transpose(gr, [1, 2, 0] + [i + 1 for i in sp]), [m, -1] + out_sp)
-    gw = ctx.emit("Conv", [xt, gt], group=group, strides=dil, dilations=strides, pads=pb + pe, kernel_shape=out_sp)
-    gw = ctx.transpose(gw, [1, 0] + sp)
-    got = [(size + b + e - ((o - 1) * s + 1)) // d + 1 for size, b, e, o, s, d in zip(in_sp, pb, pe, out_sp, strides, dil)]
-    if got != kernel:
-        gw = ctx.emit("Slice", [gw, ctx.ints([0] * nsp), ctx.ints(kernel), ctx.ints(sp)])
-    res[1] = gw
+    res[1] = _conv_weight_grad(ctx, x, gy, ws, in_sp, out_sp, group, strides, dil, pb, pe)
     if bias:
-        res[2] = ctx.reduce("ReduceSum", gy, [0] + sp, keepdims=False)
+        res[2] = ctx.reduce("ReduceSum", gy, [0] + list(range(2, 2 + nsp)), keepdims=False)
     return res
 
 
@@ -803,7 +850,7 @@ def default_registry() -> VJPRegistry:
         "Softplus": _softplus, "Pow": _pow, "Cast": _cast, "Where": _where, "Expand": _expand,
         "Softmax": _softmax, "LogSoftmax": _log_softmax,
         "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
-        "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv,
+        "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "ConvTranspose": _conv_transpose,
         "MaxPool": _max_pool, "AveragePool": _average_pool, "GlobalAveragePool": _global_average_pool,
         "ReduceMean": _reduce_sum_or_mean(mean=True), "ReduceSum": _reduce_sum_or_mean(mean=False),
         "Flatten": _reshape_back, "Reshape": _reshape_back, "Squeeze": _reshape_back, "Unsqueeze": _reshape_back,
