@@ -28,6 +28,7 @@ class ScoringContext:
     seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    _sites_by_group: dict[int, list[Site]] | None = field(default=None, repr=False)
 
     def weights(self, site: Site) -> np.ndarray:
         return np.asarray(self.graph.tensors()[site.tensor].values)
@@ -36,6 +37,17 @@ class ScoringContext:
         """Record a per-run remark for the report (e.g. a fallback), once."""
         if message not in self.notes:
             self.notes.append(message)
+
+    def sites_of(self, group: PruningGroup) -> list[Site]:
+        """Every site touching ``group``'s channels, indexed once per run (not per group and site)."""
+        if self._sites_by_group is None:
+            group_of = {int(c): g.id for g in self.analysis.groups for c in g.classes}
+            index: dict[int, list[Site]] = {}
+            for site in self.analysis.sites:
+                for gid in {group_of[int(c)] for c in np.unique(self.analysis.classes_of(site.ids)) if c >= 0}:
+                    index.setdefault(gid, []).append(site)
+            self._sites_by_group = index
+        return self._sites_by_group.get(group.id, [])
 
 
 Criterion = Callable[[ScoringContext, PruningGroup], np.ndarray]
@@ -95,27 +107,28 @@ def score_groups(ctx: ScoringContext, criterion: str, registry: CriterionRegistr
     return scores
 
 
+def channel_positions(ctx: ScoringContext, group: PruningGroup, ids: np.ndarray) -> np.ndarray:
+    """For each position of an id array, the group channel it belongs to, or -1 (fixed / other group)."""
+    classes = ctx.analysis.classes_of(ids)
+    order = np.argsort(group.classes)
+    sorted_classes = group.classes[order]
+    pos = np.clip(np.searchsorted(sorted_classes, classes), 0, len(order) - 1)
+    return np.where(sorted_classes[pos] == classes, order[pos], -1)
+
+
 def per_channel(ctx: ScoringContext, group: PruningGroup, site: Site, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum per-position ``values`` of a site into the group's channels.
 
     Returns (sums per channel, mask of channels the site touches).
     """
-    index = ctx.analysis.group_channel_index(group)
-    classes = ctx.analysis.classes_of(site.ids)
+    ch = channel_positions(ctx, group, site.ids)
+    valid = ch >= 0
     sums = np.zeros(group.size)
+    np.add.at(sums, ch[valid], np.asarray(values, dtype=np.float64)[valid])
     touched = np.zeros(group.size, dtype=bool)
-    for pos, cls in enumerate(classes.tolist()):
-        ch = index.get(cls)
-        if ch is not None:
-            sums[ch] += values[pos]
-            touched[ch] = True
+    touched[ch[valid]] = True
     return sums, touched
 
 
 def group_sites(ctx: ScoringContext, group: PruningGroup, roles: tuple[str, ...]) -> list[Site]:
-    members = set(group.classes.tolist())
-    out = []
-    for site in ctx.analysis.sites:
-        if site.role in roles and members.intersection(ctx.analysis.classes_of(site.ids).tolist()):
-            out.append(site)
-    return out
+    return [site for site in ctx.sites_of(group) if site.role in roles]
