@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # The worker process imports the job function by module name; under `python benchmarks/bench_service.py`
     # this module is __main__, so take the function from the module imported under its own name.
     import bench_service
+
     from onnxprune.client import Client
     from service.server import ServerConfig, create_server
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.size_mb} MiB, best of {args.repeat}, warm page cache, loopback")
         for name, row in rows.items():
-            print(f"  {name:<50} {row['mb_per_s']:>8.1f} MB/s  ({row['best_s']:.2f} s best, {row['median_s']:.2f} s median)")
+            print(f"  {name:<50} {row['mb_per_s']:>8.1f} MB/s  "
+                  f"({row['best_s']:.2f} s best, {row['median_s']:.2f} s median)")
     return 0
 
 

@@ -11,7 +11,6 @@ in the gRPC stub is rewritten to match.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -73,10 +73,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     Deliberate errors keep their message; anything else is a bug, logged with its traceback and reported as
     INTERNAL without internals. BadInputError adds a BadRequest field violation (field and reason).
     """
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            break
-    else:
+    code = next((code for cls, code in _CODES if isinstance(exc, cls)), None)
+    if code is None:
         log.error("event=rpc.internal_error error=%r", exc, exc_info=exc)
         return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {type(exc).__name__}")
     status = status_pb2.Status(code=code, message=str(exc))

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from onnxprune import errors as onnxprune_errors
 from onnxprune.errors import BadInputError, OnnxpruneError
@@ -115,7 +114,9 @@ def check_relative_path(path: str, field_name: str) -> str:
         or norm.startswith("../")
         or ".." in path.split("/")
     ):
-        raise BadInputError(f"{field_name} must be a relative path inside the job, got {path[:200]!r}", field=field_name)
+        raise BadInputError(
+            f"{field_name} must be a relative path inside the job, got {path[:200]!r}", field=field_name
+        )
     return norm
 
 
@@ -194,7 +195,9 @@ class JobManager:
                 data[key] = self._check_data_path(data[key], key, all_inputs)
         output_name = output_name or "pruned.onnx"
         if not _PLAIN_NAME.match(output_name) or output_name in (".", ".."):
-            raise BadInputError(f"output_name must be a plain file name, got {output_name[:200]!r}", field="output_name")
+            raise BadInputError(
+                f"output_name must be a plain file name, got {output_name[:200]!r}", field="output_name"
+            )
         if self._blobs.usage() >= self._limits.quota_bytes:
             raise ResourceExhaustedError("store is full; wait for results to expire or raise the quota")
         record = JobRecord(

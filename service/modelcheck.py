@@ -223,7 +223,9 @@ def _check(buf: memoryview, model_path: str, files: Mapping[str, int], max_tenso
             offset = int(t.external.get("offset", "0") or 0)
             length = int(t.external["length"]) if t.external.get("length") else declared
         except ValueError as e:
-            raise BadInputError(f"tensor {t.name!r}: external data offset/length are not integers", field="model") from e
+            raise BadInputError(
+                f"tensor {t.name!r}: external data offset/length are not integers", field="model"
+            ) from e
         if offset < 0 or length < 0 or offset + length > files[target]:
             raise BadInputError(
                 f"tensor {t.name!r}: external data [{offset}, {offset + length}) lies outside {target!r} "

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune.errors import BadInputError
-from service.auth import AuthInterceptor, Authenticator, load_tokens
+from service.auth import Authenticator, AuthInterceptor, load_tokens
 from service.blobs import CHUNK_SIZE, DirBlobStore
 from service.executor import LocalProcessExecutor
 from service.jobs import JobManager, Limits

@@ -84,7 +84,8 @@ def start_server(tmp_path: Path) -> Iterator[ServerFactory]:
 
 
 def stub(target: str, token: str | None = None) -> tuple[pb_grpc.CompressorStub, tuple]:
-    return pb_grpc.CompressorStub(grpc.insecure_channel(target)), (("authorization", f"Bearer {token}"),) if token else ()
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return pb_grpc.CompressorStub(grpc.insecure_channel(target)), metadata
 
 
 def upload_raw(stub_: pb_grpc.CompressorStub, data: bytes, *, name: str = "m.onnx", sha: str | None = None,
@@ -259,12 +260,13 @@ def test_tokens_authenticate_and_isolate_tenants(start_server: ServerFactory, tm
 def _certificates(directory: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, written as PEM files."""
     x509 = pytest.importorskip("cryptography.x509")
+    import ipaddress
+
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     paths: dict[str, Path] = {}
 
     def key_and_pem(name: str) -> ec.EllipticCurvePrivateKey:
@@ -497,7 +499,6 @@ def test_graceful_stop_finishes_running_jobs(start_server: ServerFactory, tmp_pa
 
 def test_remote_prune_gives_the_same_model_as_embedded(start_server: ServerFactory, tmp_path: Path) -> None:
     from onnxprune import pipeline
-
     from service.tasks import run_task
 
     _, target = start_server(task=run_task)

@@ -17,8 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.client import Client
 from onnxprune.spec import PruneSpec
-from tests.test_service_restart import ServerProcess, start  # noqa: F401 - fixture helpers
-from tests.test_service_restart import servers  # noqa: F401 - pytest fixture
+from tests.test_service_restart import (  # noqa: F401 - fixture helpers
+    ServerProcess,
+    servers,  # noqa: F401 - pytest fixture
+    start,
+)
 
 IN, HIDDEN, OUT = 8192, 12288, 4096  # 8192×12288 + 12288×4096 float32 weights = 604 MB
 
