@@ -203,26 +203,31 @@ class LocalProcessExecutor:
                 return
             with self._lock:
                 self._queued.discard(job.job_id)
-                skip = job.job_id in self._cancelled
-                self._cancelled.discard(job.job_id)
-            if skip or not self._listener.on_start(job.job_id):
+                if job.job_id in self._cancelled:
+                    self._cancelled.discard(job.job_id)
+                    continue
+                # Registered before anything slow happens, so a cancel arriving while inputs are copied counts.
+                cancel = self._running[job.job_id] = threading.Event()
+            if not self._listener.on_start(job.job_id):
+                with self._lock:
+                    self._running.pop(job.job_id, None)
                 continue
             try:
-                outcome = self._run(job)
+                outcome = self._run(job, cancel)
             except Exception as e:  # noqa: BLE001 - one broken job must not take a worker slot down
                 log_event(log, "job.executor_error", logging.ERROR, job=job.job_id, error=repr(e))
                 log.debug("executor error", exc_info=e)
                 outcome = Outcome(FAILED, error=f"job could not run: {e}", error_type=type(e).__name__)
             self._listener.on_finish(job.job_id, outcome)
 
-    def _run(self, job: ExecJob) -> Outcome:
+    def _run(self, job: ExecJob, cancel: threading.Event) -> Outcome:
         work = self._work_root / job.job_id
         in_dir, out_dir = work / "in", work / "out"
         out_dir.mkdir(parents=True)
         try:
             for rel, blob_id in job.inputs.items():
                 self._blobs.materialize(blob_id, in_dir / rel)
-            outcome = self._run_process(job, in_dir, out_dir)
+            outcome = self._run_process(job, in_dir, out_dir, cancel)
             if outcome.state == SUCCEEDED:
                 outcome.results = [self._collect(out_dir, name) for name in outcome.results]  # type: ignore[arg-type]
             return outcome
@@ -255,13 +260,8 @@ class LocalProcessExecutor:
         proc.stdin.flush()
         return proc, Connection(read_fd, writable=False)
 
-    def _run_process(self, job: ExecJob, in_dir: Path, out_dir: Path) -> Outcome:
+    def _run_process(self, job: ExecJob, in_dir: Path, out_dir: Path, cancel: threading.Event) -> Outcome:
         assert self._listener is not None
-        cancel = threading.Event()
-        with self._lock:
-            self._running[job.job_id] = cancel
-            if job.job_id in self._cancelled:
-                cancel.set()
         proc, conn = self._spawn(job, in_dir, out_dir)
         outcome: Outcome | None = None
         peak = 0

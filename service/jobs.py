@@ -28,6 +28,7 @@ from service.store import (
     ACTIVE_STATES,
     CANCELLED,
     EXPIRED,
+    FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
@@ -215,8 +216,8 @@ class JobManager:
             self._feeds[record.job_id] = _Feed()
         try:
             self._executor.submit(self._exec_job(record))
-        except OnnxpruneError as e:
-            self._store.update(record.job_id, state=CANCELLED, error=str(e), error_type=type(e).__name__,
+        except OnnxpruneError as e:  # queue full or shutting down: the job never ran
+            self._store.update(record.job_id, state=FAILED, error=str(e), error_type=type(e).__name__,
                                finished=time.time())
             raise
         log_event(log, "job.submitted", job=record.job_id, tenant=tenant, kind=kind, model=model_rel,

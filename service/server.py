@@ -152,6 +152,8 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="onnxprune-rpc"),
         interceptors=[AuthInterceptor(auth)],
         options=[
+            # Without this a second server on the same port would silently share it (and the job store).
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", CHUNK_SIZE + (64 << 10)),
             ("grpc.max_send_message_length", 64 << 20),
         ],
@@ -166,8 +168,10 @@ def create_server(
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:
+        job_store.close()
         raise BadInputError(f"cannot listen on {address}: {e}", field="port") from e
     if port == 0:
+        job_store.close()
         raise BadInputError(f"cannot listen on {address}", field="port")
     log_event(log, "server.created", address=address, port=port, store=str(root), workers=config.workers,
               auth=auth.enabled, tls=credentials is not None, mtls=config.tls_client_ca is not None)

@@ -592,3 +592,23 @@ def test_stop_interrupts_jobs_past_the_grace_and_requeues_them(start_server: Ser
 
     record = SqliteJobStore(tmp_path / "s" / "jobs.sqlite").get(job.job_id)
     assert record is not None and record.state == "QUEUED" and "interrupted" in record.message
+
+
+def test_full_queue_gives_resource_exhausted(start_server: ServerFactory, tmp_path: Path) -> None:
+    _, target = start_server(task=slow_task, workers=1, queue_size=1)
+    model = tiny_model(tmp_path / "m.onnx")
+    with Client(target) as client:
+        running = client.submit(model, PruneSpec(calib_samples=100))
+        while client.get(running.job_id).state != "RUNNING":
+            time.sleep(0.05)
+        client.submit(model, PruneSpec(calib_samples=1))
+        with pytest.raises(ServiceError) as info:
+            client.submit(model, PruneSpec(calib_samples=1))
+        assert info.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in str(info.value)
+        client.cancel(running.job_id)
+
+
+def test_a_port_in_use_is_a_clear_error(start_server: ServerFactory, tmp_path: Path) -> None:
+    _, target = start_server()
+    with pytest.raises(BadInputError, match="cannot listen"):
+        start_server(store=tmp_path / "other", address=target)
