@@ -75,7 +75,8 @@ def onnx_model(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     return m
 
 
-def torch_step_time(w: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, steps: int, threads: int, lr: float) -> tuple[float, float]:
+def torch_stepper(w: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, threads: int, lr: float):  # noqa: ANN201
+    """A closure running one PyTorch training step and returning its loss."""
     import torch
     from torch import nn
 
@@ -99,28 +100,36 @@ def torch_step_time(w: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, step
     net.eval()  # frozen BN statistics, as in the exported graph
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    times, loss = [], 0.0
-    for _ in range(steps + 3):
-        t0 = time.perf_counter()
+
+    def step() -> float:
         opt.zero_grad(set_to_none=True)
         out = nn.functional.cross_entropy(net(xt), yt)
         out.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-        loss = out.item()
-    return statistics.median(times[3:]), loss
+        return out.item()
+
+    return step
 
 
-def ort_step_time(w: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, steps: int, threads: int, lr: float) -> tuple[float, float]:
+def ort_stepper(w: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, threads: int, lr: float):  # noqa: ANN201
+    """A closure running one step of the exported artifacts (IO binding) and returning its loss."""
     arts = export_artifacts(onnx_model(w), loss="ce", optimizer=OptimizerSpec("sgd", momentum=0.9),
                             shapes={"input": list(x.shape)})
     trainer = Trainer(arts, ["CPUExecutionProvider"], threads=threads)
-    times, loss = [], 0.0
-    for _ in range(steps + 3):
-        t0 = time.perf_counter()
-        loss = trainer.train_step({"input": x, "labels": y}, lr)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[3:]), loss
+    return lambda: trainer.train_step({"input": x, "labels": y}, lr)
+
+
+def interleaved(steppers: list, steps: int, warmup: int = 3) -> list[tuple[float, float]]:  # noqa: ANN001
+    """Median step time and last loss of each stepper, run alternately so machine load hits both alike."""
+    times: list[list[float]] = [[] for _ in steppers]
+    losses = [0.0] * len(steppers)
+    for i in range(steps + warmup):
+        for j, step in enumerate(steppers):
+            t0 = time.perf_counter()
+            losses[j] = step()
+            if i >= warmup:
+                times[j].append(time.perf_counter() - t0)
+    return [(statistics.median(t), loss) for t, loss in zip(times, losses)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     w = make_weights(0)
     x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
     y = rng.integers(0, CLASSES, args.batch).astype(np.int64)
-    t_ort, l_ort = ort_step_time(w, x, y, args.steps, args.threads, 0.01)
+    ort_step = ort_stepper(w, x, y, args.threads, 0.01)
     try:
-        t_torch, l_torch = torch_step_time(w, x, y, args.steps, args.threads, 0.01)
+        torch_step = torch_stepper(w, x, y, args.threads, 0.01)
     except ImportError:
+        ((t_ort, _),) = interleaved([ort_step], args.steps)
         print(f"onnxruntime CPU step: {t_ort * 1e3:.1f} ms (PyTorch not installed: pip install torch)")
         return 0
+    (t_ort, l_ort), (t_torch, l_torch) = interleaved([ort_step, torch_step], args.steps)
     print(f"batch {args.batch}x3x{args.size}x{args.size}, {args.threads} threads, median of {args.steps} steps")
     print(f"onnxruntime CPU step: {t_ort * 1e3:8.1f} ms   (last loss {l_ort:.4f})")
     print(f"PyTorch eager CPU step: {t_torch * 1e3:6.1f} ms   (last loss {l_torch:.4f})")

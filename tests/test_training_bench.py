@@ -19,10 +19,10 @@ def test_bench_step_matches_pytorch_loss() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     y = rng.integers(0, bench.CLASSES, 4).astype(np.int64)
-    t_ort, loss_ort = bench.ort_step_time(w, x, y, steps=2, threads=1, lr=0.01)
+    ((t_ort, loss_ort),) = bench.interleaved([bench.ort_stepper(w, x, y, threads=1, lr=0.01)], steps=2)
     assert t_ort > 0 and np.isfinite(loss_ort)
     if importlib.util.find_spec("torch") is None:
         pytest.skip("PyTorch not installed (benchmark extra)")
-    _, loss_torch = bench.torch_step_time(w, x, y, steps=2, threads=1, lr=0.01)
+    ((_, loss_torch),) = bench.interleaved([bench.torch_stepper(w, x, y, threads=1, lr=0.01)], steps=2)
     # same weights, same data, same SGD: after 5 identical steps the losses agree
     assert loss_ort == pytest.approx(loss_torch, rel=1e-3)
