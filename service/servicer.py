@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -17,14 +18,16 @@ from google.protobuf import timestamp_pb2
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune._proto.convert import spec_from_proto, spec_to_proto
-from onnxprune.errors import BadInputError
+from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.spec import PruneSpec
 from service.auth import Authenticator
 from service.errors import abort
 from service.jobs import JobManager
+from service.logs import log_event
 from service.store import JobRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 _STATES = {
     "QUEUED": pb.JOB_STATE_QUEUED,
@@ -36,9 +39,11 @@ _STATES = {
 }
 
 
-def _fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+def _fail(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if context.code() is not None:  # context.abort already ran; let its exception through
         raise exc
+    if isinstance(exc, OnnxpruneError):
+        log_event(log, "rpc.refused", method=method, error_type=type(exc).__name__, error=str(exc)[:300])
     abort(context, exc)
 
 
@@ -50,7 +55,7 @@ def _translated(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as e:  # noqa: BLE001 - every error becomes a status; to_status logs real bugs
-            _fail(context, e)
+            _fail(context, e, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -63,7 +68,7 @@ def _translated_stream(method: F) -> F:
         try:
             yield from method(self, request, context)
         except Exception as e:  # noqa: BLE001
-            _fail(context, e)
+            _fail(context, e, method.__name__)
 
     return wrapper  # type: ignore[return-value]
 

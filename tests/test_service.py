@@ -214,6 +214,10 @@ def test_bad_inputs_get_the_right_status_and_the_server_keeps_serving(
     assert status_of(lambda: submit_raw(s, {"m.onnx": "f" * 64}))[2] == "model.files"
     assert status_of(lambda: submit_raw(s, {"m.onnx": "not-a-hash"}))[2] == "blob_id"
     assert status_of(lambda: submit_raw(s, {"m.onnx": model_id}, spec=pb.JobSpec(calib="calib/none.npz")))[2] == "calib"
+    # the Analyze RPC runs the same model checks
+    code, _, field = status_of(lambda: s.Analyze(pb.AnalyzeRequest(
+        model=pb.ModelInput(model_path="m.onnx", files=[pb.InputFile(path="m.onnx", blob_id=evil_id)]))))
+    assert (code, field) == (grpc.StatusCode.INVALID_ARGUMENT, "model")
     # unknown job id, on every job RPC
     for call in (lambda: s.GetJob(pb.GetJobRequest(job_id="nope")),
                  lambda: s.CancelJob(pb.CancelJobRequest(job_id="nope")),
@@ -223,7 +227,8 @@ def test_bad_inputs_get_the_right_status_and_the_server_keeps_serving(
     assert_serving(target, tmp_path)
 
 
-def test_tokens_authenticate_and_isolate_tenants(start_server: ServerFactory, tmp_path: Path) -> None:
+def test_tokens_authenticate_and_isolate_tenants(start_server: ServerFactory, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     _, target = start_server(tokens={"tok-alice": "alice", "tok-bob": "bob"})
     s, _ = stub(target)
     model = tiny_model(tmp_path / "m.onnx")
@@ -254,6 +259,10 @@ def test_tokens_authenticate_and_isolate_tenants(start_server: ServerFactory, tm
         blob = hashlib.sha256(model.read_bytes()).hexdigest()
         s_bob = (("authorization", "Bearer tok-bob"),)
         assert status_of(lambda: submit_raw(s, {"m.onnx": blob}, metadata=s_bob))[2] == "model.files"
+    # the CLI takes the token from --token or $ONNXPRUNE_TOKEN; a wrong one exits 2
+    assert cli.main(["jobs", "list", "--server", target, "--token", "nope"]) == 2
+    monkeypatch.setenv("ONNXPRUNE_TOKEN", "tok-alice")
+    assert cli.main(["jobs", "list", "--server", target]) == 0
     assert_serving(target, tmp_path, token="tok-bob")
 
 
@@ -506,12 +515,14 @@ def test_remote_prune_gives_the_same_model_as_embedded(start_server: ServerFacto
     embedded = pipeline.prune(DIGITS, tmp_path / "embedded" / "pruned.onnx", spec)
     with Client(target) as client:
         progress: list[str] = []
+        logs: list[str] = []
         remote = client.prune(DIGITS, tmp_path / "remote" / "pruned.onnx", spec,
-                              progress=lambda p: progress.append(p.stage))
+                              progress=lambda p: progress.append(p.stage), on_log=logs.append)
     assert (tmp_path / "remote" / "pruned.onnx").read_bytes() == (tmp_path / "embedded" / "pruned.onnx").read_bytes()
     assert remote.report["pruned"] == embedded.report["pruned"]
     assert remote.report["groups"] == embedded.report["groups"]
     assert {"load", "cut", "verify", "done"} <= set(progress)
+    assert any("onnxprune.pipeline" in line for line in logs), logs
 
 
 def test_cli_remote_prune_analyze_and_jobs(start_server: ServerFactory, tmp_path: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,20 @@ _USER_ERRORS = (BadInputError, PlanError, UnsupportedOpError)
 
 
 def connect(args: argparse.Namespace) -> Client:
-    """A client for ``--server/--token/--tls-ca``."""
-    return Client(args.server, token=args.token, tls_ca=args.tls_ca)
+    """A client for ``--server/--token/--tls-ca``.
+
+    The token can also come from ``$ONNXPRUNE_TOKEN`` (keeps it out of the process list), and a client
+    certificate for mutual TLS from ``--tls-cert/--tls-key`` when the parser has them, else from
+    ``$ONNXPRUNE_TLS_CERT`` / ``$ONNXPRUNE_TLS_KEY``.
+    """
+    env = os.environ.get
+    return Client(
+        args.server,
+        token=args.token or env("ONNXPRUNE_TOKEN"),
+        tls_ca=args.tls_ca,
+        tls_cert=getattr(args, "tls_cert", None) or env("ONNXPRUNE_TLS_CERT"),
+        tls_key=getattr(args, "tls_key", None) or env("ONNXPRUNE_TLS_KEY"),
+    )
 
 
 def exit_code(e: OnnxpruneError) -> int:
