@@ -106,16 +106,30 @@ def rapidocr_model() -> Callable[[str], Path]:
 
 
 @functools.cache
-def cuda_available() -> bool:
-    """True only if onnxruntime can really create a session on the CUDA provider (not just list it)."""
+def cuda_probe() -> tuple[bool, str]:
+    """(usable, reason): can onnxruntime really create a CUDA session here (listing the provider is not enough)?
+
+    Uses ``onnxprune.runtime.probe_cuda`` (one definition of "usable" for the library and the tests), with a
+    local fallback so a broken import in the package under test does not take the whole suite down.
+    ``ONNXPRUNE_NO_GPU=1`` forces "no".
+    """
     if os.environ.get("ONNXPRUNE_NO_GPU"):
-        return False
+        return False, "ONNXPRUNE_NO_GPU is set"
+    try:
+        from onnxprune.runtime import probe_cuda
+    except ImportError:
+        return _local_cuda_probe()
+    info = probe_cuda()
+    return info.cuda_usable, info.reason or ""
+
+
+def _local_cuda_probe() -> tuple[bool, str]:
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return False
+            return False, "this onnxruntime build has no CUDA provider"
         graph = helper.make_graph(
             [helper.make_node("Relu", ["x"], ["y"])], "probe",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -125,9 +139,11 @@ def cuda_available() -> bool:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
-        return "CUDAExecutionProvider" in sess.get_providers()
-    except Exception:  # any failure to create the session means: no usable GPU
-        return False
+        if "CUDAExecutionProvider" in sess.get_providers():
+            return True, ""
+        return False, "onnxruntime could not load the CUDA provider"
+    except Exception as e:  # noqa: BLE001 - any failure to create the session means: no usable GPU
+        return False, f"creating a CUDA session failed: {e}"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -139,8 +155,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests unless a CUDA session can be created (checked once, only if such tests exist)."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items or cuda_available():
+    if not gpu_items:
         return
-    skip = pytest.mark.skip(reason="needs a usable CUDA execution provider (onnxruntime-gpu with CUDA 13 + cuDNN 9)")
+    usable, why = cuda_probe()
+    if usable:
+        return
+    skip = pytest.mark.skip(reason=f"needs a usable CUDA execution provider: {why}")
     for item in gpu_items:
         item.add_marker(skip)
