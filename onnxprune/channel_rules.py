@@ -7,11 +7,20 @@ cannot follow, always with a reason. An op without a rule blocks its inputs (the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.groups import Analyzer, ChannelMap, RuleRegistry
-from onnxprune.index_mapping import FIXED, ConcatMapping, RepeatMapping, SliceMapping
+from onnxprune.index_mapping import (
+    FIXED,
+    ConcatMapping,
+    GroupedMapping,
+    RepeatMapping,
+    SliceMapping,
+    SplitAxisMapping,
+)
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Elu", "Selu", "Celu",
@@ -26,6 +35,8 @@ REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 NO_CHANNELS = ("Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "EyeLike", "RandomNormalLike",
                "RandomUniformLike")
+RECURRENT = ("LSTM", "GRU", "RNN")
+CONTROL_FLOW = ("If", "Loop", "Scan")
 
 
 def default_registry() -> RuleRegistry:
@@ -54,6 +65,10 @@ def default_registry() -> RuleRegistry:
     reg.register("Pad")(pad)
     reg.register("LayerNormalization")(layer_norm)
     reg.register("Gather")(gather)
+    reg.register("Expand")(expand)
+    reg.register("Tile")(tile)
+    reg.register(*RECURRENT)(recurrent)
+    reg.register(*CONTROL_FLOW)(control_flow)
     return reg
 
 
@@ -104,21 +119,26 @@ def conv(az: Analyzer, node: gs.Node) -> None:
         ids = np.repeat(in_ids, cout // cin)
         az.fixup(node, "conv_group", [in_ids])
     else:
-        grouped_conv(az, node, xm, w_t, group)
-        return
+        if xm is not None:
+            az.site(w_t, 1, _even_per_group(az, node, xm.ids, group), node, "in")
+        ids = GroupedMapping(group).tile(az.new_ids(cout // group, node))
     az.site(w_t, 0, ids, node, "out")
     if b_t is not None:
         az.site(b_t, 0, ids, node, "param")
     az.set_map(node.outputs[0], ChannelMap(1, ids))
 
 
-def grouped_conv(az: Analyzer, node: gs.Node, xm: ChannelMap | None, w_t: gs.Tensor, group: int) -> None:
-    """Grouped (not depthwise) Conv: its output channels stay; its inputs are blocked (issue 3 extends)."""
-    reason = f"grouped Conv {node.name} (group={group}) is not pruned across groups"
-    if xm is not None:
-        az.block(xm.ids, reason)
-    ids = az.new_ids(int(az.const(w_t).shape[0]), node)
-    az.block(ids, reason)
+def _even_per_group(az: Analyzer, node: gs.Node, ids: np.ndarray, group: int) -> np.ndarray:
+    """Couple a grouped op's input blocks offset by offset; returns the ids of one block (all alike now).
+
+    Each group then loses the same number of channels at the same offsets, so the group count stays
+    and the weight's per-group input axis is sliced once for all groups.
+    """
+    blocks = GroupedMapping(group).blocks(ids)
+    first = blocks[0]
+    for other in blocks[1:]:
+        first = az.couple(first, other, f"{node.op} {node.name} (group={group}) ties its groups to unprunable channels")
+    return first
 
 
 def conv_transpose(az: Analyzer, node: gs.Node) -> None:
@@ -139,9 +159,12 @@ def conv_transpose(az: Analyzer, node: gs.Node) -> None:
         az.site(w_t, 0, ids, node, "out")
         az.fixup(node, "conv_group", [ids])
     else:
-        reason = f"grouped ConvTranspose {node.name} (group={group}) is not pruned"
-        az.block_inputs(node, reason)
-        return
+        if xm is not None:
+            block = _even_per_group(az, node, xm.ids, group)
+            az.site(w_t, 0, GroupedMapping(group).tile(block), node, "in")
+        per_group = az.new_ids(int(w.shape[1]), node)
+        az.site(w_t, 1, per_group, node, "out")
+        ids = GroupedMapping(group).tile(per_group)
     if b_t is not None:
         az.site(b_t, 0, ids, node, "param")
     az.set_map(node.outputs[0], ChannelMap(1, ids))
@@ -172,24 +195,93 @@ def gemm(az: Analyzer, node: gs.Node) -> None:
 
 
 def matmul(az: Analyzer, node: gs.Node) -> None:
+    """MatMul with a constant right operand is a producer (its columns) and a consumer (its rows).
+
+    A constant of rank > 2 (batched weights) is sliced on its last two axes. Two computed operands
+    (attention scores and context) are handled by :func:`batched_matmul`.
+    """
     a_t, b_t = node.inputs
     b = az.const(b_t)
-    if b is None or b.ndim != 2 or az.map(b_t) is not None:
-        az.block_inputs(node, f"MatMul {node.name} multiplies two computed tensors")
+    if b is None or az.map(b_t) is not None:
+        batched_matmul(az, node)
+        return
+    if b.ndim < 2:
+        az.block_inputs(node, f"MatMul {node.name} has a 1-D weight")
         return
     am, rank = az.map(a_t), az.rank(a_t)
     if am is not None and (rank is None or am.axis != rank - 1):
         az.block(am.ids, f"MatMul {node.name} reads features on another axis")
         am = None
     if am is not None:
-        az.site(b_t, 0, am.ids, node, "in")
-    ids = az.new_ids(int(b.shape[1]), node)
-    az.site(b_t, 1, ids, node, "out")
-    out_rank = az.rank(node.outputs[0]) or rank
+        az.site(b_t, b.ndim - 2, am.ids, node, "in")
+    ids = az.new_ids(int(b.shape[-1]), node)
+    az.site(b_t, b.ndim - 1, ids, node, "out")
+    out_rank = az.rank(node.outputs[0]) or (max(rank, b.ndim) if rank is not None else None)
     if out_rank is None:
         az.block(ids, f"MatMul {node.name} output rank unknown")
         return
     az.set_map(node.outputs[0], ChannelMap(out_rank - 1, ids))
+
+
+def batched_matmul(az: Analyzer, node: gs.Node) -> None:
+    """MatMul of two computed tensors [.., M, K] @ [.., K, N] (attention): channels may sit on a batch
+    axis (heads: coupled between the operands), on M or N (passed to the output), or on K on both
+    sides (contracted: coupled, the output carries none of them)."""
+    a_t, b_t = node.inputs
+    am, bm = az.map(a_t), az.map(b_t)
+    if am is None and bm is None:
+        return
+    ra, rb, ro = az.rank(a_t), az.rank(b_t), az.rank(node.outputs[0])
+    maps = [m for m in (am, bm) if m is not None]
+    if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
+        for m in maps:
+            az.block(m.ids, f"MatMul {node.name}: operand ranks unknown or 1-D")
+        return
+    out: dict[int, np.ndarray] = {}
+    contracted: list[ChannelMap] = []
+    for m, r, inner, outer, row_axis in ((am, ra, ra - 1, ra - 2, ro - 2), (bm, rb, rb - 2, rb - 1, ro - 1)):
+        if m is None:
+            continue
+        if m.axis == inner:
+            contracted.append(m)
+        elif m.axis == outer:
+            out[row_axis] = m.ids
+        else:
+            axis = ro - r + m.axis
+            out[axis] = az.couple(out[axis], m.ids, f"MatMul {node.name} couples heads with unprunable ones") \
+                if axis in out and len(out[axis]) == len(m.ids) else m.ids
+    if contracted:
+        if len(contracted) == 2 and len(am.ids) == len(bm.ids):
+            az.couple(am.ids, bm.ids, f"MatMul {node.name} contracts them with unprunable features")
+        else:
+            for m in contracted:
+                az.block(m.ids, f"MatMul {node.name} contracts them with a computed operand that has none")
+    if not _batch_dims_agree(az, node, out, ro):
+        return
+    if len(out) > 1:
+        for ids in out.values():
+            az.block(ids, f"MatMul {node.name} would carry channels on two axes")
+        return
+    if out:
+        axis, ids = next(iter(out.items()))
+        az.set_map(node.outputs[0], ChannelMap(axis, ids))
+
+
+def _batch_dims_agree(az: Analyzer, node: gs.Node, out: dict[int, np.ndarray], ro: int) -> bool:
+    """A batch-axis channel map needs the other operand to have it too, or to broadcast (size 1)."""
+    ok = True
+    for axis, ids in out.items():
+        if axis >= ro - 2:
+            continue
+        for t in node.inputs:
+            m, dims = az.map(t), az.shape(t)
+            local = axis - (ro - len(dims)) if dims is not None else -1
+            if m is not None and m.axis == local:
+                continue
+            if dims is None or (local >= 0 and dims[local] != 1):
+                az.block(ids, f"MatMul {node.name} pairs them with {t.name}, which has no prunable channels")
+                ok = False
+    return ok
 
 
 def batch_norm(az: Analyzer, node: gs.Node) -> None:
@@ -207,16 +299,34 @@ def batch_norm(az: Analyzer, node: gs.Node) -> None:
 
 
 def layer_norm(az: Analyzer, node: gs.Node) -> None:
-    """LayerNormalization over axes that do not hold the channels passes them through."""
+    """LayerNormalization: over axes without the channels it passes them through; over the channel axis
+    alone (a transformer's residual stream) it couples its scale and bias and passes them too. Removing
+    channels there changes the statistics, so that width is prunable but never exactly."""
     xm, rank = az.map(_first(node)), az.rank(_first(node))
     if xm is None:
         return
     axis = int(node.attrs.get("axis", -1))
     axis = axis + rank if rank is not None and axis < 0 else axis
-    if rank is None or xm.axis >= axis:
-        az.block(xm.ids, f"LayerNormalization {node.name} normalizes over the channel axis")
+    if rank is None:
+        az.block(xm.ids, f"LayerNormalization {node.name}: rank unknown")
         return
+    if xm.axis < axis:
+        az.set_map(node.outputs[0], xm)
+        return
+    if not (xm.axis == axis == rank - 1):
+        az.block(xm.ids, f"LayerNormalization {node.name} normalizes the channels together with other axes")
+        return
+    for t in node.inputs[1:3]:
+        if not Analyzer.present(t):
+            continue
+        if az.const(t) is None or az.const(t).size != len(xm.ids):
+            az.block(xm.ids, f"LayerNormalization {node.name} has computed or non-per-channel {t.name}")
+            return
+        az.site(t, az.const(t).ndim - 1, xm.ids, node, "param")
     az.set_map(node.outputs[0], xm)
+    for extra in node.outputs[1:]:
+        if extra.outputs:
+            az.block(xm.ids, f"LayerNormalization {node.name} mean/inv-std outputs are used")
 
 
 # --- channel-preserving ops ------------------------------------------------------------
@@ -293,11 +403,32 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
         dim = az.shape(t)[local]
         if dim == 1:
             continue
-        if dim == len(ids) and az.const(t) is not None:
-            az.site(t, local, ids, node, "param")
+        source = _param_source(az, t, local, node) if dim == len(ids) else None
+        if source is not None:
+            az.site(source[0], source[1], ids, source[2], "param")
         else:
             az.block(ids, f"{node.op} {node.name} combines them with {t.name}, which has no prunable channels")
     az.set_map(out, ChannelMap(axis, ids))
+
+
+def _param_source(az: Analyzer, t: gs.Tensor, axis: int, node: gs.Node) -> tuple[gs.Tensor, int, gs.Node] | None:
+    """The constant behind a per-channel operand: itself, or the data of an Expand/Cast/Identity
+    (a class token expanded to the batch). Returns (constant, its channel axis, the node reading it)."""
+    if az.const(t) is not None:
+        return t, axis, node
+    src = _producer(t)
+    rank = az.rank(t)
+    if src is None or rank is None or src.op not in ("Expand", "Cast", "Identity") or len(src.outputs[0].outputs) != 1:
+        return None
+    inner = src.inputs[0]
+    inner_rank = az.rank(inner)
+    if inner_rank is None or az.map(inner) is not None:
+        return None
+    local = axis - (rank - inner_rank)
+    dims = az.shape(inner)
+    if local < 0 or dims is None or dims[local] != az.shape(t)[axis]:
+        return None
+    return _param_source(az, inner, local, src)
 
 
 def reduce(az: Analyzer, node: gs.Node) -> None:
@@ -309,12 +440,35 @@ def reduce(az: Analyzer, node: gs.Node) -> None:
         az.block(xm.ids, f"{node.op} {node.name} reduces over unknown axes")
         return
     axes = sorted(a + rank if a < 0 else a for a in axes)
+    if axes == [xm.axis] and _is_norm_statistic(az, node):
+        return  # a LayerNorm/RMSNorm mean or variance: a per-token scalar, no channels
     if xm.axis in axes or not axes:
         az.block(xm.ids, f"{node.op} {node.name} reduces over the channel axis")
         return
     keep = int(node.attrs.get("keepdims", 1))
     axis = xm.axis if keep else xm.axis - sum(1 for a in axes if a < xm.axis)
     az.set_map(node.outputs[0], ChannelMap(axis, xm.ids))
+
+
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def _is_norm_statistic(az: Analyzer, node: gs.Node) -> bool:
+    """Whether a ReduceMean over the channel axis is the mean or variance of a decomposed LayerNorm
+    (``x - mean(x)``, ``mean((x - m)^2)``) or RMSNorm (``mean(x^2)``), with the dims kept."""
+    if node.op != "ReduceMean" or int(node.attrs.get("keepdims", 1)) != 1:
+        return False
+    x = node.inputs[0]
+    if any(c.op == "Sub" and c.inputs[0] is x and c.inputs[1] is node.outputs[0] for c in node.outputs[0].outputs):
+        return True
+    sq = _producer(x)
+    if sq is None:
+        return False
+    if sq.op == "Pow":
+        exponent = az.const(sq.inputs[1])
+        return exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0
+    return sq.op == "Mul" and sq.inputs[0] is sq.inputs[1]
 
 
 def softmax(az: Analyzer, node: gs.Node) -> None:
@@ -444,46 +598,161 @@ def slice_(az: Analyzer, node: gs.Node) -> None:
 
 
 def flatten(az: Analyzer, node: gs.Node) -> None:
+    """Flatten to 2-D: channels before ``axis`` land on output axis 0 (the opset-13 Softmax rewrite of
+    attention scores), channels after it on axis 1 (a CNN head); each owns a block of positions."""
     xm, dims = az.map(_first(node)), az.shape(_first(node))
     if xm is None:
         return
     axis = int(node.attrs.get("axis", 1))
     rank = len(dims) if dims is not None else None
     axis = axis + rank if rank is not None and axis < 0 else axis
-    if dims is None or xm.axis < axis or not _static(dims[axis:]):
-        az.block(xm.ids, f"Flatten {node.name} needs static shapes after the channel axis (pass --shape)")
+    if dims is None:
+        az.block(xm.ids, f"Flatten {node.name}: input shape unknown")
         return
-    inner = int(np.prod(dims[xm.axis + 1 :], dtype=np.int64))
-    outer = int(np.prod(dims[axis : xm.axis], dtype=np.int64))
+    lo, hi = (0, axis) if xm.axis < axis else (axis, len(dims))
+    if not _static(dims[lo:hi]):
+        az.block(xm.ids, f"Flatten {node.name} needs static shapes around the channel axis (pass --shape)")
+        return
+    inner = int(np.prod(dims[xm.axis + 1 : hi], dtype=np.int64))
+    outer = int(np.prod(dims[lo : xm.axis], dtype=np.int64))
     ids = np.tile(RepeatMapping(inner).apply(xm.ids), outer)
-    az.set_map(node.outputs[0], ChannelMap(1, ids))
+    az.set_map(node.outputs[0], ChannelMap(0 if xm.axis < axis else 1, ids))
 
 
 def reshape(az: Analyzer, node: gs.Node) -> None:
-    """Reshapes that keep the channel axis or merge it with the dims after it (flatten style)."""
+    """Reshapes that keep the channel axis, merge it with the dims after it (flatten style), or split it
+    into several axes (attention heads, channel shuffle: see :func:`_reshape_split`)."""
     xm, dims = az.map(_first(node)), az.shape(_first(node))
     if xm is None:
         return
-    target = az.const(node.inputs[1])
     out_dims = az.shape(node.outputs[0])
-    if target is None or dims is None or out_dims is None or not _static(dims) or not _static(out_dims):
-        az.block(xm.ids, f"Reshape {node.name} needs a constant target and static shapes (pass --shape)")
+    if dims is None or out_dims is None or not _static(dims) or not _static(out_dims):
+        az.block(xm.ids, f"Reshape {node.name} needs static shapes (pass --shape)")
         return
-    c = xm.axis
+    c, n = xm.axis, len(xm.ids)
     pre = int(np.prod(dims[:c], dtype=np.int64))
-    for o in range(len(out_dims)):
-        if int(np.prod(out_dims[:o], dtype=np.int64)) != pre:
-            continue
+    post = int(np.prod(dims[c + 1 :], dtype=np.int64))
+    starts = [o for o in range(len(out_dims)) if int(np.prod(out_dims[:o], dtype=np.int64)) == pre]
+    for o in starts:
         for j in range(c + 1, len(dims) + 1):
             inner = int(np.prod(dims[c + 1 : j], dtype=np.int64))
-            if out_dims[o] == len(xm.ids) * inner:
+            if out_dims[o] == n * inner:
                 ids = RepeatMapping(inner).apply(xm.ids)
-                value = int(target.reshape(-1)[o]) if o < target.size else -1
-                if value > 0:
-                    az.fixup(node, "reshape", [ids], index=o)
-                az.set_map(node.outputs[0], ChannelMap(o, ids))
+                if _shape_fixup(az, node, o, ids, same_axis=(o == c and inner == 1)):
+                    az.set_map(node.outputs[0], ChannelMap(o, ids))
                 return
-    az.block(xm.ids, f"Reshape {node.name} splits or reorders the channel axis")
+    for o in starts:
+        for e in range(o + 2, len(out_dims) + 1):
+            sizes = [int(d) for d in out_dims[o:e]]
+            if int(np.prod(sizes)) == n and int(np.prod(out_dims[e:], dtype=np.int64)) == post:
+                _reshape_split(az, node, xm, o, tuple(sizes))
+                return
+    az.block(xm.ids, f"Reshape {node.name} reorders the channel axis in a way the analysis does not follow")
+
+
+def _reshape_split(az: Analyzer, node: gs.Node, xm: ChannelMap, o: int, sizes: tuple[int, ...]) -> None:
+    """Split the channel axis into ``sizes`` (output axes ``o..``). The ids go on one new axis and are
+    coupled along the others: the head axis for attention ([3,] heads, head_dim: whole heads are
+    pruned), the inner axis for a channel shuffle (every shuffle group loses the same offsets)."""
+    mapping = SplitAxisMapping(sizes)
+    k = len(sizes) - 1 if _is_shuffle(node, o, len(sizes)) else len(sizes) - 2
+    ids = mapping.ids_on(xm.ids, k)
+    if ids is None:
+        cols = mapping.ties(xm.ids, k)
+        ids = cols[0]
+        for col in cols[1:]:
+            ids = az.couple(ids, col, f"Reshape {node.name} splits them into axes shared with unprunable channels")
+    if _shape_fixup(az, node, o + k, ids, same_axis=False):
+        az.set_map(node.outputs[0], ChannelMap(o + k, ids))
+
+
+def _is_shuffle(node: gs.Node, o: int, count: int) -> bool:
+    """A Reshape whose only consumer is a Transpose permuting just the new axes (ShuffleNet's shuffle)."""
+    users = node.outputs[0].outputs
+    if len(users) != 1 or users[0].op != "Transpose" or users[0].attrs.get("perm") is None:
+        return False
+    perm = list(users[0].attrs["perm"])
+    inside = range(o, o + count)
+    return all(perm[i] == i for i in range(len(perm)) if i not in inside) and any(perm[i] != i for i in inside)
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """Where one entry of a shape tensor comes from: a constant (``owner.inputs[input][position]``,
+    ``value``), or dim ``dim`` of a runtime tensor ``of`` (through ``Shape``)."""
+
+    owner: gs.Node
+    input: int
+    position: int
+    value: int
+    of: gs.Tensor | None = None
+    dim: int = -1
+
+
+def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, same_axis: bool) -> bool:
+    """Record the edit of a Reshape target's entry ``index`` (which counts ``ids``); block if impossible.
+
+    The entry may be a constant, or an element of a Concat of constants and runtime dims (Paddle,
+    TorchScript); 0 (copy) is fine where the input's own channel axis is copied, -1 always is, and a
+    runtime dim is fine when it reads a tensor whose axis carries exactly these channels.
+    """
+    src = _shape_source(az, node, 1, index)
+    if src is None:
+        az.block(ids, f"Reshape {node.name} gets its channel count from a shape computation the analysis cannot follow")
+        return False
+    if src.of is not None:
+        m = az.map(src.of)
+        if m is None or m.axis != src.dim or not np.array_equal(m.ids, ids):
+            az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
+            return False
+    elif src.value > 0:
+        az.fixup(src.owner, "shape_value", [ids], input=src.input, position=src.position)
+    elif src.value == 0 and not same_axis:
+        az.block(ids, f"Reshape {node.name} copies (0) a dim that the channels do not own")
+        return False
+    return True
+
+
+def _shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | None:
+    """Trace entry ``pos`` of the 1-D int tensor ``node.inputs[i]`` back through Concat, Cast, Identity,
+    Unsqueeze/Squeeze of scalars, Slice and Gather to a constant or to ``Shape`` of a tensor."""
+    if len(node.inputs) <= i:
+        return None
+    t = node.inputs[i]
+    value = az.const(t)
+    if value is not None:
+        flat = value.reshape(-1)
+        return ShapeEntry(node, i, pos, int(flat[pos])) if pos < flat.size else None
+    src = _producer(t)
+    if src is None:
+        return None
+    if src.op in ("Cast", "Identity") or (src.op in ("Unsqueeze", "Squeeze") and pos == 0):
+        return _shape_source(az, src, 0, pos)
+    if src.op == "Shape":
+        rank = az.rank(src.inputs[0])
+        start = int(src.attrs.get("start", 0))
+        start = start + rank if rank is not None and start < 0 else start
+        return ShapeEntry(src, 0, pos, -1, of=src.inputs[0], dim=start + pos)
+    if src.op == "Gather" and int(src.attrs.get("axis", 0)) == 0:
+        idx = az.const(src.inputs[1])
+        return None if idx is None or pos >= idx.size else _shape_source(az, src, 0, int(idx.reshape(-1)[pos]))
+    if src.op == "Slice":
+        starts, steps = az.const(_opt(src, 1)), az.const(_opt(src, 4))
+        if starts is None or starts.size != 1 or int(starts.reshape(-1)[0]) < 0:
+            return None
+        step = 1 if steps is None else int(steps.reshape(-1)[0])
+        return _shape_source(az, src, 0, int(starts.reshape(-1)[0]) + pos * step) if step > 0 else None
+    if src.op == "Concat":
+        offset = 0
+        for j, piece in enumerate(src.inputs):
+            dims = az.shape(piece)
+            if dims is None or len(dims) > 1 or (dims and not isinstance(dims[0], int)):
+                return None
+            size = dims[0] if dims else 1
+            if pos < offset + size:
+                return _shape_source(az, src, j, pos - offset)
+            offset += size
+    return None
 
 
 def transpose(az: Analyzer, node: gs.Node) -> None:
@@ -528,7 +797,19 @@ def unsqueeze(az: Analyzer, node: gs.Node) -> None:
 
 
 def gather(az: Analyzer, node: gs.Node) -> None:
+    """Gather passes channels that are not on the gathered axis; Gather from a constant float table
+    [V, D] on axis 0 is an embedding lookup, a producer of D channels."""
     xm, rank = az.map(_first(node)), az.rank(_first(node))
+    table = az.const(_first(node))
+    if (table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating) and table.shape[1] > 1
+            and int(node.attrs.get("axis", 0)) == 0 and az.map(node.inputs[1]) is None):
+        out_rank = az.rank(node.outputs[0])
+        if out_rank is None:
+            return
+        ids = az.new_ids(int(table.shape[1]), node)
+        az.site(_first(node), 1, ids, node, "out")
+        az.set_map(node.outputs[0], ChannelMap(out_rank - 1, ids))
+        return
     if az.map(node.inputs[1]) is not None:
         az.block(az.map(node.inputs[1]).ids, f"Gather {node.name} uses channel values as indices")
     if xm is None:
@@ -541,3 +822,36 @@ def gather(az: Analyzer, node: gs.Node) -> None:
         return
     out_axis = xm.axis if xm.axis < axis else xm.axis + idx_rank - 1
     az.set_map(node.outputs[0], ChannelMap(out_axis, xm.ids))
+
+
+def expand(az: Analyzer, node: gs.Node) -> None:
+    """Expand broadcasts other axes; the channel axis keeps its size (it may move right as rank grows)."""
+    xm, rank, out_rank = az.map(_first(node)), az.rank(_first(node)), az.rank(node.outputs[0])
+    if xm is None:
+        return
+    out_dims = az.shape(node.outputs[0])
+    if rank is None or out_rank is None or out_dims is None or out_dims[xm.axis + out_rank - rank] != len(xm.ids):
+        az.block(xm.ids, f"Expand {node.name}: output shape unknown")
+        return
+    az.set_map(node.outputs[0], ChannelMap(xm.axis + out_rank - rank, xm.ids))
+
+
+def tile(az: Analyzer, node: gs.Node) -> None:
+    xm = az.map(_first(node))
+    if xm is None:
+        return
+    repeats = az.const(_opt(node, 1))
+    if repeats is None or int(repeats.reshape(-1)[xm.axis]) != 1:
+        az.block(xm.ids, f"Tile {node.name} repeats the channel axis")
+        return
+    az.set_map(node.outputs[0], xm)
+
+
+def recurrent(az: Analyzer, node: gs.Node) -> None:
+    """LSTM/GRU/RNN pack every gate's hidden units into one weight: not pruned, their inputs blocked."""
+    az.block_inputs(node, f"{node.op} {node.name} not understood: recurrent layers are not pruned (gates pack the hidden units)")
+
+
+def control_flow(az: Analyzer, node: gs.Node) -> None:
+    """If/Loop/Scan bodies are not analyzed: every channel tensor they read (inputs or outer scope) stays."""
+    az.block_inputs(node, f"{node.op} {node.name} not understood: control-flow bodies are not analyzed")

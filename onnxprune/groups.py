@@ -285,9 +285,11 @@ def analyze_graph(
         from onnxprune.channel_rules import default_registry
 
         registry = default_registry()
-    az = Analyzer(graph, shapes, exclude)
+    az = Analyzer(graph, complete_shapes(graph, shapes), exclude)
     graph.toposort()
+    _name_nodes(graph)
     for node in graph.nodes:
+        _block_outer_scope(az, node)
         if az.excluded(node):
             az.block_inputs(node, f"node {node.name} excluded by --exclude")
             continue
@@ -302,6 +304,103 @@ def analyze_graph(
             az.block(m.ids, f"reaches graph output {out.name}")
     _check_sites(az)
     return _build_groups(az)
+
+
+SHAPE_PASSES = 8
+COMPLETE_SHAPES_MAX_BYTES = 1 << 30
+
+
+def _static_dims(dims: list[int | str] | None) -> bool:
+    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
+    """Fill shapes plain shape inference leaves unknown behind runtime shape arithmetic.
+
+    Exporters (Paddle, TorchScript) build Reshape targets from ``Shape`` → ``Slice``/``Gather`` →
+    ``Concat``; with the inputs fixed those are constants, but ONNX shape inference does not fold them.
+    On a copy, fold them (graphsurgeon's ``fold_shapes``) and re-infer until nothing changes; known
+    shapes are kept, only missing or symbolic ones are filled. The graph itself is not changed.
+    """
+    import onnx
+
+    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.name]
+    if all(_static_dims(shapes.get(t.name)) for t in variables):
+        return shapes
+    if sum(int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
+           if isinstance(t, gs.Constant)) > COMPLETE_SHAPES_MAX_BYTES:
+        return shapes
+    try:
+        copy = graph.copy()
+        for t in copy.inputs:
+            if _static_dims(shapes.get(t.name)):
+                t.shape = list(shapes[t.name])
+        model = gs.export_onnx(copy, do_type_check=False)
+        count = len(model.graph.node)
+        folded_dims: dict[str, list[int | str]] = {}
+        for _ in range(SHAPE_PASSES):
+            model = onnx.shape_inference.infer_shapes(model)
+            folded = gs.import_onnx(model)
+            folded.fold_constants(fold_shapes=True, error_ok=True)
+            folded_dims.update({name: list(t.shape) for name, t in folded.tensors().items()
+                                if isinstance(t, gs.Constant) and name})
+            folded.cleanup()
+            model = gs.export_onnx(folded, do_type_check=False)
+            if len(model.graph.node) == count:
+                break
+            count = len(model.graph.node)
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # shape completion is best effort: the analysis then blocks what it cannot see
+        log.warning("could not complete shapes by folding shape arithmetic: %s", e)
+        return shapes
+    result = dict(shapes)
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        if result.get(vi.name) is not None and _static_dims(result[vi.name]):
+            continue
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            if _static_dims(dims):
+                result[vi.name] = dims
+    for name, dims in folded_dims.items():  # shape arithmetic folded to constants: their lengths are known now
+        if not _static_dims(result.get(name)):
+            result[name] = dims
+    return result
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed nodes unique names: sites and fixups refer to nodes by name."""
+    taken = {n.name for n in graph.nodes if n.name}
+    for k, node in enumerate(graph.nodes):
+        if not node.name:
+            name = f"{node.op}_onnxprune_{k}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _subgraph_reads(node: gs.Node) -> set[str]:
+    """Names of tensors a node's subgraphs (If/Loop/Scan bodies, recursively) read from outside themselves."""
+    reads: set[str] = set()
+    for value in node.attrs.values():
+        graphs = value if isinstance(value, list) else [value]
+        for sub in graphs:
+            if not isinstance(sub, gs.Graph):
+                continue
+            made = {t.name for n in sub.nodes for t in n.outputs} | {t.name for t in sub.inputs}
+            for n in sub.nodes:
+                reads.update(t.name for t in n.inputs if t.name and t.name not in made)
+                reads.update(r for r in _subgraph_reads(n) if r not in made)
+            reads.update(t.name for t in sub.outputs if t.name not in made)
+    return reads
+
+
+def _block_outer_scope(az: Analyzer, node: gs.Node) -> None:
+    for name in _subgraph_reads(node):
+        m = az.maps.get(name)
+        if m is not None:
+            az.block(m.ids, f"{node.op} {node.name} reads {name} inside a subgraph")
 
 
 def _check_sites(az: Analyzer) -> None:

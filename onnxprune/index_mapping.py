@@ -50,22 +50,46 @@ class RepeatMapping:
 
 @dataclass(frozen=True)
 class SplitAxisMapping:
-    """Reshape splitting a channel axis of ``outer * inner`` into (outer, inner) keeps the ids on one of them.
+    """Reshape splitting a channel axis of ``prod(sizes)`` positions into several axes of ``sizes``.
 
-    Used for attention heads ([.., D] → [.., h, d]) and channel shuffle ([N, C] → [N, g, C/g]): ``keep``
-    says whether the ids live on the ``outer`` or ``inner`` axis. The ids must be constant along the other.
+    Used for attention heads ([.., D] → [.., h, d] or [.., 3, h, d]) and channel shuffle
+    ([N, C, ..] → [N, g, C/g, ..]). The output map can carry ids on one of the new axes only, so the
+    ids must be constant along the others: :meth:`ids_on` reads them when they are, and
+    :meth:`ties` lists the position sets that must be coupled to make them so.
     """
 
-    outer: int
-    inner: int
+    sizes: tuple[int, ...]
 
-    def outer_ids(self, ids: np.ndarray) -> np.ndarray | None:
-        grid = ids.reshape(self.outer, self.inner)
-        return grid[:, 0] if np.all(grid == grid[:, :1]) else None
+    def _grid(self, ids: np.ndarray, k: int) -> np.ndarray:
+        return np.moveaxis(ids.reshape(self.sizes), k, 0).reshape(self.sizes[k], -1)
 
-    def inner_ids(self, ids: np.ndarray) -> np.ndarray | None:
-        grid = ids.reshape(self.outer, self.inner)
-        return grid[0] if np.all(grid == grid[:1]) else None
+    def ids_on(self, ids: np.ndarray, k: int) -> np.ndarray | None:
+        """The ids along new axis ``k`` when they do not vary along the other new axes, else None."""
+        grid = self._grid(ids, k)
+        return grid[:, 0].copy() if np.all(grid == grid[:, :1]) else None
+
+    def ties(self, ids: np.ndarray, k: int) -> list[np.ndarray]:
+        """Columns to couple position by position (each ``sizes[k]`` long) so ids depend on axis ``k`` only."""
+        grid = self._grid(ids, k)
+        return [grid[:, j] for j in range(grid.shape[1])]
+
+
+@dataclass(frozen=True)
+class GroupedMapping:
+    """Grouped convolution with ``groups`` groups: channels come in equal consecutive blocks.
+
+    A plan stays valid only if every group loses the same number of channels at the same offsets, so
+    the blocks are coupled offset by offset (:meth:`blocks`) and a grouped producer's output ids repeat
+    once per group (:meth:`tile`).
+    """
+
+    groups: int
+
+    def blocks(self, ids: np.ndarray) -> list[np.ndarray]:
+        return [b for b in ids.reshape(self.groups, -1)]
+
+    def tile(self, ids: np.ndarray) -> np.ndarray:
+        return np.tile(ids, self.groups)
 
 
 @dataclass(frozen=True)

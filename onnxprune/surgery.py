@@ -24,13 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Edit:
-    """One change to apply: set ``node``'s attribute, or replace its input ``index`` with a new constant."""
+    """One change to apply: set ``node``'s attribute, or replace its input ``index`` with a new constant
+    (``array``, or the current constant with the flat entries in ``updates`` changed)."""
 
     node: str
     attr: str | None = None
     value: object = None
     input_index: int | None = None
     array: np.ndarray | None = None
+    updates: dict[int, int] | None = None
 
 
 @dataclass
@@ -92,6 +94,12 @@ def _slice(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) 
     return [Edit(node.name, input_index=1, array=starts), Edit(node.name, input_index=2, array=ends)]
 
 
+def _shape_value(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    """One entry of a shape constant (a Reshape target, or a piece of the Concat that builds one)."""
+    kept = int(keep(fix.ids[0]).sum())
+    return [Edit(node.name, input_index=fix.data["input"], updates={int(fix.data["position"]): kept})]
+
+
 def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
     sizes = np.array(node.inputs[3].values, dtype=np.int64).copy()
     sizes[fix.data["axis"]] = int(keep(fix.ids[0]).sum())
@@ -105,6 +113,7 @@ def default_fixups() -> FixupRegistry:
     reg.register("split", _split)
     reg.register("slice", _slice)
     reg.register("resize_sizes", _resize_sizes)
+    reg.register("shape_value", _shape_value)
     return reg
 
 
@@ -164,6 +173,7 @@ def cut_channels(
     for edit in edits:
         if edit.attr == "group" and int(edit.value) < 1:
             raise SurgeryError(f"the cut would leave Conv {edit.node} with no channels")
+    edits = _merge_updates(edits, nodes)
 
     before = sum(int(np.asarray(tensors[n].values).size) for n in new_values)
     for name, value in new_values.items():
@@ -184,6 +194,36 @@ def cut_channels(
     clear_inferred_shapes(graph)
     graph.cleanup()
     return CutSummary(tensors_sliced=len(new_values), edits=len(edits), params_removed=before - after)
+
+
+def _merge_updates(edits: list[Edit], nodes: dict[str, gs.Node]) -> list[Edit]:
+    """Turn entry updates into whole-array edits, one per (node, input); conflicting entries are an error.
+
+    Raises:
+        SurgeryError: two fixups want different values in one entry, or the input is not a constant.
+    """
+    merged: dict[tuple[str, int], dict[int, int]] = {}
+    plain: list[Edit] = []
+    for edit in edits:
+        if edit.updates is None:
+            plain.append(edit)
+            continue
+        entries = merged.setdefault((edit.node, int(edit.input_index)), {})
+        for pos, value in edit.updates.items():
+            if entries.get(pos, value) != value:
+                raise SurgeryError(f"{edit.node} input {edit.input_index} entry {pos} would be set to "
+                                   f"{entries[pos]} and {value}")
+            entries[pos] = value
+    for (name, index), entries in merged.items():
+        src = nodes[name].inputs[index]
+        if not isinstance(src, gs.Constant):
+            raise SurgeryError(f"{name} input {index} is no longer a constant")
+        array = np.array(src.values).copy()
+        flat = array.reshape(-1)
+        for pos, value in entries.items():
+            flat[pos] = value
+        plain.append(Edit(name, input_index=index, array=flat.reshape(array.shape)))
+    return plain
 
 
 def clear_inferred_shapes(graph: gs.Graph) -> None:
