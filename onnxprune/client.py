@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -33,6 +34,9 @@ from onnxprune._proto.convert import spec_from_proto, spec_to_proto
 from onnxprune.errors import BadInputError, CancelledError, OnnxpruneError
 from onnxprune.progress import Progress, ProgressFn
 from onnxprune.spec import PruneSpec
+
+if TYPE_CHECKING:
+    from onnxprune.pipeline import PruneResult
 
 CHUNK_SIZE = 1 << 20
 REPORT_NAME = "report.json"
@@ -123,7 +127,8 @@ def error_from_rpc(e: grpc.RpcError) -> OnnxpruneError:
     if code == "INVALID_ARGUMENT":
         field_name = None
         status = rpc_status.from_call(e) if isinstance(e, grpc.Call) else None
-        for detail in status.details if status else []:
+        details: list[Any] = list(status.details) if status else []
+        for detail in details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
@@ -271,13 +276,14 @@ class Client:
         """Upload the model (and calibration / training data named in ``spec``) and start a prune job."""
         spec = (spec or PruneSpec()).validate()
         inputs: list[pb.InputFile] = []
-        changes: dict[str, str] = {}
-        for key, prefix in (("calib", "calib"), ("train_data", "train_data")):
-            value = getattr(spec, key)
-            if value and not (key == "calib" and value == "random"):
-                changes[key], files = self._upload_data(value, prefix)
-                inputs.extend(files)
-        wire_spec = dataclasses.replace(spec, **changes) if changes else spec
+        calib, train_data = spec.calib, spec.train_data
+        if calib and calib != "random":
+            calib, files = self._upload_data(calib, "calib")
+            inputs.extend(files)
+        if train_data:
+            train_data, files = self._upload_data(train_data, "train_data")
+            inputs.extend(files)
+        wire_spec = dataclasses.replace(spec, calib=calib, train_data=train_data)
         request = pb.SubmitJobRequest(model=self.upload_model(model), spec=spec_to_proto(wire_spec), inputs=inputs,
                                       output_name=output_name or "")
         with self._calls():
@@ -288,7 +294,7 @@ class Client:
             return job_from_proto(self._stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self._metadata,
                                                     timeout=self._timeout).job)
 
-    def list(self, limit: int = 100) -> list[JobInfo]:
+    def list(self, limit: int = 100) -> builtins.list[JobInfo]:
         with self._calls():
             response = self._stub.ListJobs(pb.ListJobsRequest(limit=limit), metadata=self._metadata,
                                            timeout=self._timeout)
@@ -348,7 +354,7 @@ class Client:
         return dest
 
     def fetch(self, job_id: str, output: str | os.PathLike[str], *, report: str | os.PathLike[str] | None = None,
-              job: JobInfo | None = None) -> list[Path]:
+              job: JobInfo | None = None) -> builtins.list[Path]:
         """Download a succeeded job's results: the pruned model to ``output``, its external-data files beside
         it under their own names, and ``report.json`` to ``report`` (skipped when None)."""
         job = job or self.get(job_id)
@@ -376,7 +382,7 @@ class Client:
 
     def prune(self, model_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
               spec: PruneSpec | None = None, *, progress: ProgressFn | None = None,
-              on_log: Callable[[str], None] | None = None) -> Any:
+              on_log: Callable[[str], None] | None = None) -> PruneResult:
         """Like :func:`onnxprune.pipeline.prune`, run on the service; returns a ``PruneResult``.
 
         Raises:
@@ -390,7 +396,9 @@ class Client:
         self.fetch(job.job_id, output_path, job=job)
         return PruneResult(output_path=os.fspath(output_path), report=self.report(job.job_id))
 
-    def analyze(self, model_path: str | os.PathLike[str], shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    def analyze(
+        self, model_path: str | os.PathLike[str], shapes: dict[str, builtins.list[int]] | None = None
+    ) -> dict[str, Any]:
         """Like :func:`onnxprune.pipeline.analyze`, run on the service."""
         import json
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from onnxprune import errors as onnxprune_errors
 from onnxprune.errors import BadInputError, OnnxpruneError
@@ -231,8 +232,8 @@ class JobManager:
             raise NotFoundError(f"job {job_id[:100]!r} not found")
         return record
 
-    def list(self, tenant: str | None, limit: int) -> list[JobRecord]:
-        return [r for r in self._store.list(tenant, limit if limit > 0 else 100) if r.kind == PRUNE]
+    def list_jobs(self, tenant: str | None, limit: int) -> list[JobRecord]:
+        return [r for r in self._store.list_jobs(tenant, limit if limit > 0 else 100) if r.kind == PRUNE]
 
     def cancel(self, tenant: str | None, job_id: str) -> JobRecord:
         """Cancel a queued job at once or ask a running one to stop; finished jobs are returned unchanged."""
@@ -348,8 +349,10 @@ class JobManager:
             return
         for result in outcome.results:
             self._store.add_blob(result.sha256, result.size, None)
-        changes = dict(state=outcome.state, finished=now, error=outcome.error, error_type=outcome.error_type,
-                       error_field=outcome.error_field or "", results=outcome.results, report=outcome.report)
+        changes: dict[str, Any] = dict(
+            state=outcome.state, finished=now, error=outcome.error, error_type=outcome.error_type,
+            error_field=outcome.error_field or "", results=outcome.results, report=outcome.report,
+        )
         if outcome.state == SUCCEEDED:
             changes.update(stage="done", fraction=1.0, message="")
         self._store.update(job_id, **changes)

@@ -8,6 +8,7 @@ the queue (they run again, from the start, after a restart), and the gRPC server
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -193,26 +194,26 @@ def serve(host: str, port: int, store: str | Path, config: ServerConfig, *, task
     return 0
 
 
-def config_from_args(args: object) -> ServerConfig:
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Translate ``onnxprune serve`` arguments (see ``onnxprune.cli``) into a config.
 
     Raises:
         BadInputError: non-positive sizes or a bad token file.
     """
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours"):
-        value = get(name)
-        if value is not None and value <= 0:
+        value = getattr(args, name)
+        if value <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be > 0, got {value}", field=name)
+    optional_path = lambda value: Path(value) if value else None  # noqa: E731
     return ServerConfig(
-        workers=get("workers", 2),
-        tokens=load_tokens(Path(get("token_file"))) if get("token_file") else None,
-        tls_cert=Path(get("tls_cert")) if get("tls_cert") else None,
-        tls_key=Path(get("tls_key")) if get("tls_key") else None,
-        tls_client_ca=Path(get("tls_client_ca")) if get("tls_client_ca") else None,
-        retention_s=get("retention_hours", 168.0) * 3600.0,
-        quota_bytes=int(get("quota_gb", 50.0) * GB),
-        max_upload_bytes=int(get("max_upload_gb", 8.0) * GB),
+        workers=args.workers,
+        tokens=load_tokens(Path(args.token_file)) if args.token_file else None,
+        tls_cert=optional_path(args.tls_cert),
+        tls_key=optional_path(args.tls_key),
+        tls_client_ca=optional_path(args.tls_client_ca),
+        retention_s=args.retention_hours * 3600.0,
+        quota_bytes=int(args.quota_gb * GB),
+        max_upload_bytes=int(args.max_upload_gb * GB),
     )
 
 

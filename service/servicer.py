@@ -40,7 +40,7 @@ _STATES = {
 
 
 def _fail(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
-    if context.code() is not None:  # context.abort already ran; let its exception through
+    if context.code() is not None:  # type: ignore[attr-defined]  # context.abort already ran; let its exception through
         raise exc
     if isinstance(exc, OnnxpruneError):
         log_event(log, "rpc.refused", method=method, error_type=type(exc).__name__, error=str(exc)[:300])
@@ -169,7 +169,7 @@ class CompressorServicer(pb_grpc.CompressorServicer):
 
     @_translated
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> Any:
-        records = self._jobs.list(self._auth.tenant_of(context), request.limit or 100)
+        records = self._jobs.list_jobs(self._auth.tenant_of(context), request.limit or 100)
         return pb.ListJobsResponse(jobs=[self._job(r) for r in records])
 
     @_translated

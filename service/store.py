@@ -63,7 +63,7 @@ class JobStore(Protocol):
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None: ...
 
-    def list(self, tenant: str | None, limit: int) -> list[JobRecord]: ...
+    def list_jobs(self, tenant: str | None, limit: int) -> list[JobRecord]: ...
 
     def update(self, job_id: str, *, only_if: Iterable[str] | None = None, **changes: Any) -> bool: ...
 
@@ -150,7 +150,7 @@ class SqliteJobStore:
             return None
         return _decode(row)
 
-    def list(self, tenant: str | None, limit: int) -> list[JobRecord]:
+    def list_jobs(self, tenant: str | None, limit: int) -> list[JobRecord]:
         with self._lock:
             if tenant is None:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()

@@ -209,7 +209,7 @@ def test_job_store_isolates_tenants_and_compares_and_sets(tmp_path: Path) -> Non
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     store.create(_record("j1", tenant="a"))
     assert store.get("j1", "b") is None and store.get("j1", "a") is not None
-    assert store.list("b", 10) == [] and len(store.list("a", 10)) == 1
+    assert store.list_jobs("b", 10) == [] and len(store.list_jobs("a", 10)) == 1
     assert store.update("j1", only_if=[QUEUED], state=RUNNING)
     assert not store.update("j1", only_if=[QUEUED], state=RUNNING)
     store.add_blob("3" * 64, 10, "a")
