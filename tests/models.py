@@ -194,7 +194,9 @@ class _Graph:
         return self.gemm(flat, c, NUM_CLASSES, name=name)
 
     # -- finish -----------------------------------------------------------------------------------------------
-    def finish(self, output: str, input_shape: Sequence[int | str], doc: str = "") -> onnx.ModelProto:
+    def finish(
+        self, output: str, input_shape: Sequence[int | str], doc: str = "", input_type: int = TensorProto.FLOAT
+    ) -> onnx.ModelProto:
         """Rename ``output`` to ``output``, infer its shape, and return a checked model."""
         for node in self.nodes:
             node.output[:] = ["output" if o == output else o for o in node.output]
@@ -202,7 +204,7 @@ class _Graph:
         graph = helper.make_graph(
             self.nodes,
             self.name,
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+            [helper.make_tensor_value_info("input", input_type, list(input_shape))],
             [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
             self.initializers,
             doc_string=doc,
@@ -504,50 +506,143 @@ def build_symbolic_spatial(*, seed: int = 0, opset: int = 17) -> onnx.ModelProto
 # --------------------------------------------------------------------------------------------------------------
 # Issue 3: transformers, channel shuffle, grouped/transposed/1-d/3-d conv, batched MatMul, RNN, control flow
 # --------------------------------------------------------------------------------------------------------------
+class _Encoder:
+    """Pre-LN transformer encoder blocks written into a ``_Graph`` (shared by the transformer builders).
+
+    ``layernorm="op"`` uses LayerNormalization (opset 17+); ``"decomposed"`` the ReduceMean/Sub/Pow/Sqrt/Div form
+    of older exporters and tf2onnx. ``gelu="erf"`` is x*0.5*(1+Erf(x/sqrt2)); ``"tanh"`` the tanh approximation.
+    """
+
+    def __init__(self, g: _Graph, dim: int, heads: int, mlp: int, layernorm: str, gelu: str) -> None:
+        if dim % heads:
+            raise ValueError(f"{g.name}: dim {dim} not divisible by heads {heads}")
+        if layernorm not in ("op", "decomposed") or gelu not in ("erf", "tanh"):
+            raise ValueError(f"{g.name}: bad variant layernorm={layernorm!r} gelu={gelu!r}")
+        if layernorm == "op" and g.opset < 17:
+            raise ValueError(f"{g.name}: opset {g.opset} has no LayerNormalization (needs 17; or layernorm='decomposed')")
+        self.g, self.dim, self.heads, self.mlp = g, dim, heads, mlp
+        self.layernorm, self.gelu = layernorm, gelu
+        self.hd = dim // heads
+        self.split_shape = g.const("heads_shape", np.array([0, 0, heads, self.hd], np.int64))
+        self.merge_shape = g.const("merge_shape", np.array([0, 0, dim], np.int64))
+
+    def norm(self, x: str, name: str) -> str:
+        """LayerNorm over the last axis; the node named ``name`` is the one writing the normalized output."""
+        g = self.g
+        scale = g.const(f"{name}.weight", (1.0 + 0.1 * g.rng.standard_normal(self.dim)).astype(np.float32))
+        bias = g.const(f"{name}.bias", g.small([self.dim]))
+        if self.layernorm == "op":
+            return g.node("LayerNormalization", [x, scale, bias], name=name, axis=-1, epsilon=1e-5)
+        mean = g.reduce("ReduceMean", x, [-1], keepdims=1, name=f"{name}.mean")
+        d = g.node("Sub", [x, mean], name=f"{name}.sub")
+        var = g.reduce("ReduceMean", g.node("Pow", [d, g.const("two", np.float32(2.0))], name=f"{name}.pow"), [-1],
+                       keepdims=1, name=f"{name}.var")
+        std = g.node("Sqrt", [g.node("Add", [var, g.const("ln_eps", np.float32(1e-5))], name=f"{name}.add_eps")],
+                     name=f"{name}.sqrt")
+        y = g.node("Mul", [g.node("Div", [d, std], name=f"{name}.div"), scale], name=f"{name}.mul")
+        return g.node("Add", [y, bias], name=name)
+
+    def act(self, x: str, name: str) -> str:
+        g = self.g
+        if self.gelu == "erf":
+            return g.gelu(x, name=name)
+        cube = g.node("Mul", [g.node("Pow", [x, g.const("three", np.float32(3.0))]), g.const("gelu_c",
+                      np.float32(0.044715))])
+        inner = g.node("Mul", [g.node("Add", [x, cube]), g.const("sqrt_2_pi", np.float32(math.sqrt(2 / math.pi)))])
+        one_plus = g.node("Add", [g.node("Tanh", [inner]), g.const("one", np.float32(1.0))])
+        return g.node("Mul", [g.node("Mul", [x, g.const("half", np.float32(0.5))]), one_plus], name=name)
+
+    def block(self, x: str, p: str) -> str:
+        """One encoder block ``p``: attention sub-block then MLP sub-block, each with its residual Add."""
+        g, dim = self.g, self.dim
+        h = self.norm(x, f"{p}.ln1")
+        q, k, v = (g.linear(h, dim, dim, name=f"{p}.{n}") for n in "qkv")
+        q, k, v = (g.node("Reshape", [t, self.split_shape], name=f"{p}.{n}.split_heads") for t, n in
+                   zip((q, k, v), "qkv"))
+        q = g.node("Transpose", [q], name=f"{p}.q.transpose", perm=[0, 2, 1, 3])
+        k = g.node("Transpose", [k], name=f"{p}.k.transpose", perm=[0, 2, 3, 1])
+        v = g.node("Transpose", [v], name=f"{p}.v.transpose", perm=[0, 2, 1, 3])
+        s = g.node("MatMul", [q, k], name=f"{p}.scores")
+        s = g.node("Mul", [s, g.const("attn_scale", np.float32(1.0 / math.sqrt(self.hd)))], name=f"{p}.scale")
+        a = g.node("Softmax", [s], name=f"{p}.softmax", axis=-1)
+        c = g.node("MatMul", [a, v], name=f"{p}.context")
+        c = g.node("Transpose", [c], name=f"{p}.context.transpose", perm=[0, 2, 1, 3])
+        c = g.node("Reshape", [c, self.merge_shape], name=f"{p}.merge_heads")
+        x = g.node("Add", [x, g.linear(c, dim, dim, name=f"{p}.o")], name=f"{p}.attn.add")
+        h = self.norm(x, f"{p}.ln2")
+        h = self.act(g.linear(h, dim, self.mlp, name=f"{p}.fc1"), name=f"{p}.gelu")
+        return g.node("Add", [x, g.linear(h, self.mlp, dim, name=f"{p}.fc2")], name=f"{p}.mlp.add")
+
+
 def build_transformer_block(
-    *, seed: int = 0, opset: int = 17, tokens: int = 8, dim: int = 16, heads: int = 2, mlp: int = 32, blocks: int = 1
+    *, seed: int = 0, opset: int = 17, tokens: int = 8, dim: int = 16, heads: int = 2, mlp: int = 32, blocks: int = 1,
+    layernorm: str = "op", gelu: str = "erf",
 ) -> onnx.ModelProto:
     """Pre-LN transformer encoder classifier on tokens [N, tokens, dim] (PyTorch TorchScript-export style).
 
     Per block ``block{i}``: ``ln1`` LayerNormalization; ``q``/``k``/``v`` MatMul + Add bias; Reshape [0, 0, heads,
     head_dim] -> Transpose (q, v: [0,2,1,3]; k: [0,2,3,1]); ``scores`` MatMul * 1/sqrt(head_dim); Softmax;
     ``context`` MatMul; Transpose [0,2,1,3]; Reshape [0, 0, dim] (merge heads); ``o`` MatMul + Add; ``attn.add``
-    residual; ``ln2``; ``fc1`` MatMul(dim->mlp) + Add -> Erf-GELU -> ``fc2`` MatMul(mlp->dim) + Add; ``mlp.add``
-    residual. Then ``ln_f``, ReduceMean over tokens -> ``classifier`` Gemm(dim->10).
+    residual; ``ln2``; ``fc1`` MatMul(dim->mlp) + Add -> GELU ``gelu`` -> ``fc2`` MatMul(mlp->dim) + Add;
+    ``mlp.add`` residual. Then ``ln_f``, ReduceMean over tokens -> ``classifier`` Gemm(dim->10).
+    ``layernorm="decomposed"`` / ``gelu="tanh"`` give the other exporters' forms (see ``_Encoder``).
     """
-    if dim % heads:
-        raise ValueError(f"transformer_block: dim {dim} not divisible by heads {heads}")
-    g = _Graph("transformer_block", seed, opset, min_opset=17)  # LayerNormalization is opset 17
-    hd = dim // heads
-    split_shape = g.const("heads_shape", np.array([0, 0, heads, hd], np.int64))
-    merge_shape = g.const("merge_shape", np.array([0, 0, dim], np.int64))
-
-    def layer_norm(x: str, name: str) -> str:
-        scale = (1.0 + 0.1 * g.rng.standard_normal(dim)).astype(np.float32)
-        return g.node("LayerNormalization", [x, g.const(f"{name}.weight", scale), g.const(f"{name}.bias",
-                      g.small([dim]))], name=name, axis=-1, epsilon=1e-5)
-
+    g = _Graph("transformer_block", seed, opset)
+    enc = _Encoder(g, dim, heads, mlp, layernorm, gelu)
     x = "input"
     for i in range(blocks):
-        p = f"block{i}"
-        h = layer_norm(x, f"{p}.ln1")
-        q, k, v = (g.linear(h, dim, dim, name=f"{p}.{n}") for n in "qkv")
-        q, k, v = (g.node("Reshape", [t, split_shape], name=f"{p}.{n}.split_heads") for t, n in zip((q, k, v), "qkv"))
-        q = g.node("Transpose", [q], name=f"{p}.q.transpose", perm=[0, 2, 1, 3])
-        k = g.node("Transpose", [k], name=f"{p}.k.transpose", perm=[0, 2, 3, 1])
-        v = g.node("Transpose", [v], name=f"{p}.v.transpose", perm=[0, 2, 1, 3])
-        s = g.node("MatMul", [q, k], name=f"{p}.scores")
-        s = g.node("Mul", [s, g.const("attn_scale", np.float32(1.0 / math.sqrt(hd)))], name=f"{p}.scale")
-        a = g.node("Softmax", [s], name=f"{p}.softmax", axis=-1)
-        c = g.node("MatMul", [a, v], name=f"{p}.context")
-        c = g.node("Transpose", [c], name=f"{p}.context.transpose", perm=[0, 2, 1, 3])
-        c = g.node("Reshape", [c, merge_shape], name=f"{p}.merge_heads")
-        x = g.node("Add", [x, g.linear(c, dim, dim, name=f"{p}.o")], name=f"{p}.attn.add")
-        h = layer_norm(x, f"{p}.ln2")
-        h = g.gelu(g.linear(h, dim, mlp, name=f"{p}.fc1"), name=f"{p}.gelu")
-        x = g.node("Add", [x, g.linear(h, mlp, dim, name=f"{p}.fc2")], name=f"{p}.mlp.add")
-    x = g.reduce("ReduceMean", layer_norm(x, "ln_f"), [1], keepdims=0, name="pool")
+        x = enc.block(x, f"block{i}")
+    x = g.reduce("ReduceMean", enc.norm(x, "ln_f"), [1], keepdims=0, name="pool")
     return g.finish(g.gemm(x, dim, NUM_CLASSES, name="classifier"), ["N", tokens, dim])
+
+
+def build_vit(
+    *, seed: int = 0, opset: int = 17, dim: int = 16, heads: int = 2, mlp: int = 32, blocks: int = 2,
+    layernorm: str = "op", gelu: str = "erf",
+) -> onnx.ModelProto:
+    """Tiny ViT on images [N, 3, 8, 8]: the embedding width couples patch embedding, class token, positional
+    embedding, every block's residual stream and LayerNorm, and the classifier.
+
+    ``patch_embed`` Conv(3->dim, 4x4, stride 4) -> ``patch_flatten`` Reshape [0, dim, -1] -> ``patch_transpose``
+    [0,2,1] -> [N, 4, dim]; class token: ``cls.expand`` Expand(cls_token [1,1,dim], Concat(Shape(x)[0:1], [1, 1]))
+    -> ``cls.concat`` along tokens -> ``pos.add`` pos_embed [1, 5, dim]; ``blocks`` encoder blocks ``block{i}``
+    (as in ``build_transformer_block``); ``ln_f``; ``cls.gather`` Gather index 0 on axis 1 -> ``classifier``.
+    """
+    g = _Graph("vit", seed, opset)
+    enc = _Encoder(g, dim, heads, mlp, layernorm, gelu)
+    x = g.conv("input", 3, dim, 4, name="patch_embed", stride=4, pad=0)
+    x = g.node("Reshape", [x, g.const("patch_shape", np.array([0, dim, -1], np.int64))], name="patch_flatten")
+    x = g.node("Transpose", [x], name="patch_transpose", perm=[0, 2, 1])  # [N, 4, dim]
+    batch = g.node("Slice", [g.node("Shape", [x], name="cls.shape"), g.const("zero", np.array([0], np.int64)),
+                             g.const("one_i", np.array([1], np.int64))], name="cls.batch")
+    shape = g.node("Concat", [batch, g.const("cls.ones", np.array([1, 1], np.int64))], name="cls.expand_shape", axis=0)
+    cls = g.node("Expand", [g.const("cls_token", g.small([1, 1, dim], 0.02)), shape], name="cls.expand")
+    x = g.node("Concat", [cls, x], name="cls.concat", axis=1)
+    x = g.node("Add", [x, g.const("pos_embed", g.small([1, 5, dim], 0.02))], name="pos.add")
+    for i in range(blocks):
+        x = enc.block(x, f"block{i}")
+    x = g.node("Gather", [enc.norm(x, "ln_f"), g.const("cls_index", np.array(0, np.int64))], name="cls.gather", axis=1)
+    return g.finish(g.gemm(x, dim, NUM_CLASSES, name="classifier"), ["N", 3, 8, 8])
+
+
+VOCAB = 32
+
+
+def build_text_transformer(
+    *, seed: int = 0, opset: int = 17, tokens: int = 8, dim: int = 16, heads: int = 2, mlp: int = 32, blocks: int = 1,
+    layernorm: str = "op", gelu: str = "erf",
+) -> onnx.ModelProto:
+    """Text classifier: int64 token ids ``input`` [N, tokens] in [0, VOCAB) -> ``embed`` Gather on a [VOCAB, dim]
+    table -> ``pos.add`` positional embedding [1, tokens, dim] -> encoder blocks -> ``ln_f`` -> ReduceMean over
+    tokens -> ``classifier``. The one zoo model whose input is not float (``random_inputs`` draws ids for it)."""
+    g = _Graph("text_transformer", seed, opset)
+    enc = _Encoder(g, dim, heads, mlp, layernorm, gelu)
+    x = g.node("Gather", [g.const("embed.weight", g.small([VOCAB, dim], 1.0)), "input"], name="embed", axis=0)
+    x = g.node("Add", [x, g.const("pos_embed", g.small([1, tokens, dim], 0.1))], name="pos.add")
+    for i in range(blocks):
+        x = enc.block(x, f"block{i}")
+    x = g.reduce("ReduceMean", enc.norm(x, "ln_f"), [1], keepdims=0, name="pool")
+    return g.finish(g.gemm(x, dim, NUM_CLASSES, name="classifier"), ["N", tokens], input_type=TensorProto.INT64)
 
 
 def build_shufflenet(*, seed: int = 0, opset: int = 17, split: str = "split", units: int = 2) -> onnx.ModelProto:
@@ -705,6 +800,10 @@ VARIANTS: dict[str, Callable[[], onnx.ModelProto]] = {
     "lstm[gru]": lambda: build_lstm(cell="gru"),
     "lstm[rnn]": lambda: build_lstm(cell="rnn"),
     "transformer_block[blocks=2,opset18]": lambda: build_transformer_block(blocks=2, opset=18),
+    "transformer_block[decomposed,tanh,opset13]": lambda: build_transformer_block(
+        layernorm="decomposed", gelu="tanh", opset=13),
+    "vit[decomposed,opset18]": lambda: build_vit(layernorm="decomposed", opset=18),
+    "text_transformer[tanh]": lambda: build_text_transformer(gelu="tanh"),
     "resnet_bottleneck[blocks=3]": lambda: build_resnet_bottleneck(blocks=3),
     "vgg[opset13]": lambda: build_vgg(opset=13),
     "mobilenetv2[opset21]": lambda: build_mobilenetv2(opset=21),
@@ -738,9 +837,13 @@ def input_shape(model: onnx.ModelProto, batch: int = 2, dims: Mapping[str, int] 
 def random_inputs(
     model: onnx.ModelProto, batch: int = 2, seed: int = 0, dims: Mapping[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """Standard-normal feeds for the model's ``input`` (the only graph input of every zoo model)."""
+    """Standard-normal feeds for the model's ``input`` (the only graph input of every zoo model); token ids in
+    [0, VOCAB) for an int64 input (``text_transformer``)."""
     rng = np.random.default_rng(seed)
-    return {"input": rng.standard_normal(input_shape(model, batch, dims)).astype(np.float32)}
+    shape = input_shape(model, batch, dims)
+    if model.graph.input[0].type.tensor_type.elem_type == TensorProto.INT64:
+        return {"input": rng.integers(0, VOCAB, shape, dtype=np.int64)}
+    return {"input": rng.standard_normal(shape).astype(np.float32)}
 
 
 def run(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], threads: int = 1) -> dict[str, Any]:

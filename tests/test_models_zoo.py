@@ -22,6 +22,8 @@ def test_builds_checks_and_runs(name: str) -> None:
     assert [i.name for i in model.graph.input] == ["input"]
     assert [o.name for o in model.graph.output] == ["output"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert model.graph.input[0].type.tensor_type.elem_type == (
+        onnx.TensorProto.INT64 if name.startswith("text_transformer") else onnx.TensorProto.FLOAT)
     assert all(n.name for n in model.graph.node), "every node is named"
     assert len({n.name for n in model.graph.node}) == len(model.graph.node), "node names are unique"
     assert {t.data_type for t in model.graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
@@ -32,7 +34,7 @@ def test_builds_checks_and_runs(name: str) -> None:
     assert out.std() > 1e-3, "outputs vary across the batch / features (weights are not degenerate)"
 
 
-MIN_OPSET = {"activations": 14, "transformer_block": 17}
+MIN_OPSET = {"activations": 14, "transformer_block": 17, "vit": 17, "text_transformer": 17}
 
 
 @pytest.mark.parametrize("opset", [13, 18, 21])
