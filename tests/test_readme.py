@@ -1,4 +1,4 @@
-"""The README's two set-up commands stay true: CI runs the test command verbatim, and the prune command works."""
+"""The READMEs stay true: CI runs the test command verbatim, the prune command works, the example model is as stated."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.data import digits_split
+from tests.data import digits_split, write_npz
 from tests.models import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +88,42 @@ def test_readme_prune_command_runs(tmp_path: Path) -> None:
     _, _, x_test, _ = digits_split()
     logits = run(pruned, {"input": x_test[:16]}, threads=2)["logits"]
     assert logits.shape == (16, 10) and np.isfinite(logits).all()
+
+
+def test_example_model_matches_examples_readme(digits_model_path: Path, digits: tuple[np.ndarray, ...]) -> None:
+    """examples/README.md states the example's held-out accuracy and format; keep the claim and the file in step."""
+    stated = re.search(r"held-out accuracy\*\* \| \*\*([\d.]+) %", (REPO_ROOT / "examples" / "README.md").read_text())
+    assert stated, "examples/README.md states the held-out accuracy"
+    model = onnx.load(str(digits_model_path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version <= 10 and model.opset_import[0].version == 17
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 6, "BN kept, not fused"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param, "dynamic batch"
+    assert digits_model_path.stat().st_size < 1_000_000
+
+    _, _, x_test, y_test = digits
+    logits = run(model, {"input": x_test}, threads=2)["logits"]
+    accuracy = float((logits.argmax(1) == y_test).mean())
+    assert accuracy >= 0.97
+    assert round(100 * accuracy, 2) == float(stated.group(1))
+
+
+def test_digits_split_is_fixed_and_stratified(digits: tuple[np.ndarray, ...]) -> None:
+    x_train, y_train, x_test, y_test = digits
+    assert x_train.shape == (1347, 1, 8, 8) and x_test.shape == (450, 1, 8, 8)
+    assert x_train.dtype == np.float32 and 0.0 <= x_train.min() and x_train.max() <= 1.0
+    train_frac = np.bincount(y_train, minlength=10) / len(y_train)
+    test_frac = np.bincount(y_test, minlength=10) / len(y_test)
+    assert np.abs(train_frac - test_frac).max() < 0.01
+    again = digits_split(seed=0)
+    assert np.array_equal(again[2], x_test) and np.array_equal(again[3], y_test)
+
+
+def test_write_npz_is_the_data_format(tmp_path: Path) -> None:
+    x, y = np.zeros((3, 1, 8, 8), np.float32), np.arange(3)
+    path = write_npz(tmp_path / "d.npz", x, y)
+    with np.load(path) as data:
+        assert sorted(data.files) == ["input", "labels"]
+        assert data["input"].shape == (3, 1, 8, 8) and data["labels"].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="batch"):
+        write_npz(tmp_path / "bad.npz", x, y[:2])
