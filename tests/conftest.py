@@ -19,7 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.data import RAPIDOCR_INSTALL, digits_split, light_model_dir, light_model_names, rapidocr_model_dir  # noqa: E402
+from tests.data import (  # noqa: E402
+    RAPIDOCR_INSTALL,
+    digits_split,
+    light_model_dir,
+    light_model_names,
+    rapidocr_model_dir,
+)
 
 
 

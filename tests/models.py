@@ -6,11 +6,13 @@ Flatten->Gemm, head Reshape/Transpose, ...) needs a model that is tiny, determin
 
 Conventions shared by every ``build_<name>(*, seed=0, opset=17, **kw) -> onnx.ModelProto``:
 
-* one graph input ``input`` with a symbolic batch dim ``N`` (e.g. ``["N", 3, 8, 8]``), one output ``output``;
-* float32 weights as initializers (He-normal scale), BatchNormalization with non-trivial gamma/beta/mean/var;
+* one graph input ``input`` with a symbolic batch dim ``N`` (e.g. ``["N", 3, 8, 8]``; float32 except the int64
+  token ids of ``text_transformer``), one output ``output``;
+* float32 weights as initializers (He-normal scale; ``paddle_constants`` deliberately uses Constant nodes),
+  BatchNormalization with non-trivial gamma/beta/mean/var;
 * every node named: producers get readable names (``conv1``, ``block1.conv2``, ``fc2``); the BN after a conv
   is ``<conv>.bn``; the bias Add after a MatMul is ``<matmul>.add``; other nodes are ``<op>_<k>`` (``relu_3``);
-  tensors are ``<node>_out`` and weights ``<node>.weight``/``.bias`` (BN: ``.weight/.bias/.running_mean/.running_var``);
+  tensors are ``<node>_out``; weights ``<node>.weight``/``.bias`` (BN adds ``.running_mean``/``.running_var``);
 * IR version 8 (or the minimum the opset needs), so onnxruntime 1.31 (IR <= 13) loads it;
 * passes ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime; no value_info is stored
   except the graph output's shape, so pruning code never meets stale intermediate shapes.
@@ -135,7 +137,15 @@ class _Graph:
         return self.node("BatchNormalization", ins, name=name, epsilon=1e-5)
 
     def conv_bn_act(
-        self, x: str, cin: int, cout: int, k: int | Sequence[int] = 3, *, name: str, act: str | None = "Relu", **conv_kw: Any
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int | Sequence[int] = 3,
+        *,
+        name: str,
+        act: str | None = "Relu",
+        **conv_kw: Any,
     ) -> str:
         """Conv (no bias, as exporters emit it before BN) + BN + activation."""
         y = self.bn(self.conv(x, cin, cout, k, name=f"{name}", bias=False, **conv_kw), cout, name=f"{name}.bn")
@@ -519,7 +529,9 @@ class _Encoder:
         if layernorm not in ("op", "decomposed") or gelu not in ("erf", "tanh"):
             raise ValueError(f"{g.name}: bad variant layernorm={layernorm!r} gelu={gelu!r}")
         if layernorm == "op" and g.opset < 17:
-            raise ValueError(f"{g.name}: opset {g.opset} has no LayerNormalization (needs 17; or layernorm='decomposed')")
+            raise ValueError(
+                f"{g.name}: opset {g.opset} has no LayerNormalization (needs 17; or layernorm='decomposed')"
+            )
         self.g, self.dim, self.heads, self.mlp = g, dim, heads, mlp
         self.layernorm, self.gelu = layernorm, gelu
         self.hd = dim // heads
@@ -866,14 +878,15 @@ def run(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], t
 def randomize_light_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     """Replace the ``ConstantOfShape`` stand-in weights of an onnx ``light_*.onnx`` model by realistic random ones.
 
-    Why: those models fill every weight with the same value (0.02), so all channels tie on any importance score and
-    the outputs are constant (ResNet-50's softmax is exactly 1/1000 everywhere) -- fidelity checks would pass
-    vacuously. Each constant is drawn by its role: He-normal for Conv/Gemm weights, gamma ~ 1, var ~ U(0.5, 1.5) and
-    small beta/mean/bias for BatchNormalization and biases (gamma ~ 0.35 on a BN that feeds a residual Add/Sum,
-    so activations in deep ResNets do not grow by orders of magnitude), ~1 for per-channel ``Mul`` scales (seen through
-    ``Unsqueeze``), small for ``Add`` shifts; finally the classifier before the Softmax is scaled so the logits
-    have std 2 on a random input (neither uniform nor one-hot probabilities). The result keeps the model's IR version and opset, and its IR-3 style
-    (every initializer also listed as a graph input); the ``*__SHAPE`` helper inputs that become unused are dropped.
+    Why: those models fill every weight with the same value (0.02), so all channels tie on any importance score
+    and the outputs are constant (ResNet-50's softmax is exactly 1/1000 everywhere) -- fidelity checks would pass
+    vacuously. Each constant is drawn by its role: He-normal for Conv/Gemm weights; gamma ~ 1, var ~ U(0.5, 1.5)
+    and small beta/mean for BatchNormalization (gamma ~ 0.35 on a BN feeding a residual Add/Sum, so activations
+    in deep ResNets do not grow by orders of magnitude); small biases; ~1 for per-channel ``Mul`` scales (seen
+    through ``Unsqueeze``); small ``Add`` shifts. Finally the classifier before the Softmax is scaled so the
+    logits have std 2 on a random input (probabilities neither uniform nor one-hot). The result keeps the
+    model's IR version, opset and IR-3 style (every initializer also listed as a graph input); the ``*__SHAPE``
+    helper inputs that become unused are dropped.
 
     Raises:
         ValueError: if the model has no ConstantOfShape weights to replace.

@@ -72,7 +72,8 @@ def test_readme_prune_command_runs(tmp_path: Path) -> None:
         [sys.executable, "-m", "onnxprune.cli", *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    tail = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{tail}"
 
     original = onnx.load(argv[2])
     pruned = onnx.load(str(tmp_path / argv[argv.index("-o") + 1]))
