@@ -196,11 +196,33 @@ def check_model(
                 buf.release()
 
 
-def _check(buf: memoryview, model_path: str, files: Mapping[str, int], max_tensor_bytes: int) -> list[TensorInfo]:
+def scan_tensors(path: Path) -> list[TensorInfo]:
+    """What every tensor of the model file at ``path`` declares (dims, type, external data), read through an
+    mmap without materialising any tensor data; the client uses it to find the external-data files to upload.
+
+    Raises:
+        BadInputError: the file is empty, truncated or not an ONNX model.
+    """
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            raise BadInputError("model file is empty", field="model")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                return _scan(buf)
+            finally:
+                buf.release()
+
+
+def _scan(buf: memoryview) -> list[TensorInfo]:
     top = {number for number, _, _, _ in _fields(buf, 0, len(buf))}
     if 7 not in top or 1 not in top:
         raise BadInputError("not an ONNX model: no ir_version or graph", field="model")
-    tensors = list(_walk(buf, "model", 0, len(buf), 0))
+    return list(_walk(buf, "model", 0, len(buf), 0))
+
+
+def _check(buf: memoryview, model_path: str, files: Mapping[str, int], max_tensor_bytes: int) -> list[TensorInfo]:
+    tensors = _scan(buf)
     for t in tensors:
         if any(d < 0 for d in t.dims):
             raise BadInputError(f"tensor {t.name!r} declares negative dimensions {t.dims}", field="model")

@@ -246,3 +246,14 @@ def test_token_file_and_constant_time_lookup(tmp_path: Path) -> None:
     path.write_text("a b c\n")
     with pytest.raises(BadInputError, match="expected"):
         load_tokens(path)
+
+
+def test_client_finds_external_data_and_refuses_to_upload_escaping_paths(tmp_path: Path) -> None:
+    from onnxprune.client import _external_locations
+
+    path, _ = _external_model(tmp_path)
+    assert _external_locations(path) == ["m.data"]
+    (tmp_path / "evil").mkdir()
+    evil, _ = _external_model(tmp_path / "evil", "../../etc/passwd")
+    with pytest.raises(BadInputError, match="outside the model's folder"):
+        _external_locations(evil)
