@@ -17,8 +17,10 @@ Conventions shared by every ``build_<name>(*, seed=0, opset=17, **kw) -> onnx.Mo
 * passes ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime; no value_info is stored
   except the graph output's shape, so pruning code never meets stale intermediate shapes.
 
-``zero_channels`` sets a producer's output channels to exactly zero, for the exactness tests: pruning channels
-that contribute nothing must leave the outputs unchanged.
+``zero_channels`` sets a producer's output channels to exactly zero (``zero_head`` a whole attention head), for
+the exactness tests: pruning channels that contribute nothing must leave the outputs unchanged.
+``randomize_light_weights`` gives the onnx wheel's light models distinct weights. ``BUILDERS`` / ``VARIANTS``
+list every model for parametrized tests; ``random_inputs`` and ``run`` feed and run one on onnxruntime's CPU.
 
 Example:
     >>> from tests.models import build_vgg, random_inputs, run
@@ -1096,3 +1098,24 @@ def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int
         tensors.edit(bn.input[2], zero_rows, "BatchNormalization bias")
         tensors.edit(bn.input[3], zero_rows, "BatchNormalization mean")
     return model
+
+
+def zero_head(model: onnx.ModelProto, block: str, head: int, heads: int) -> onnx.ModelProto:
+    """Return a copy of a transformer zoo model in which attention head ``head`` of ``block`` contributes nothing.
+
+    Zeroing the head's V projection columns (weights and bias) makes its context exactly 0, so the output
+    projection sees nothing from it whatever its attention weights are; removing the head (its Q/K/V columns, its
+    output-projection rows, and ``heads`` in the Reshape constants) must then leave the outputs unchanged.
+
+    Example:
+        >>> m = zero_head(build_transformer_block(), "block0", head=1, heads=2)
+    """
+    v = next((n for n in model.graph.node if n.name == f"{block}.v"), None)
+    if v is None:
+        raise ValueError(f"zero_head: no V projection named {block}.v")
+    w = next(t for t in model.graph.initializer if t.name == v.input[1])
+    dim = w.dims[-1]
+    if dim % heads or not 0 <= head < heads:
+        raise ValueError(f"zero_head: head {head} of {heads} does not fit V width {dim}")
+    hd = dim // heads
+    return zero_channels(model, f"{block}.v", range(head * hd, (head + 1) * hd))

@@ -163,3 +163,34 @@ def test_rapidocr_models_are_found_without_importing_the_package(
     path = rapidocr_model(name)
     assert path.suffix == ".onnx" and path.stat().st_size > 100_000
     assert "rapidocr_onnxruntime" not in sys.modules, "importing it would import cv2 (not installed)"
+
+
+def test_zeroed_head_is_removable_exactly() -> None:
+    """Premise of the head-pruning exactness test: removing a head whose V is zeroed changes nothing."""
+    from onnx import numpy_helper
+
+    from tests.models import build_transformer_block, zero_head
+
+    zeroed = zero_head(build_transformer_block(heads=2, dim=16), "block0", head=0, heads=2)
+    keep = np.arange(8, 16)  # head 1's dims
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(zeroed)
+    for t in pruned.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if t.name in ("block0.q.weight", "block0.k.weight", "block0.v.weight"):
+            a = a[:, keep]
+        elif t.name in ("block0.q.bias", "block0.k.bias", "block0.v.bias"):
+            a = a[keep]
+        elif t.name == "block0.o.weight":
+            a = a[keep, :]
+        elif t.name == "heads_shape":
+            a = np.array([0, 0, 1, 8], np.int64)
+        elif t.name == "merge_shape":
+            a = np.array([0, 0, 8], np.int64)
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), t.name))
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = random_inputs(zeroed, batch=3)
+    np.testing.assert_allclose(run(pruned, feeds)["output"], run(zeroed, feeds)["output"], atol=1e-5)
+    assert np.abs(run(zeroed, feeds)["output"] - run(build_transformer_block(), feeds)["output"]).max() > 1e-3
