@@ -1035,8 +1035,8 @@ class _Tensors:
         return users[0] if len(users) == 1 and users[0].op_type == op else None
 
 
-def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int]) -> onnx.ModelProto:
-    """Return a copy of ``model`` whose producer ``node_name`` outputs exactly 0 on ``channels``.
+def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int] | None = None) -> onnx.ModelProto:
+    """Return a copy of ``model`` whose producer ``node_name`` outputs exactly 0 on ``channels`` (None: all).
 
     Supported producers: Conv (weight rows, bias), ConvTranspose with group 1 (weight columns, bias), Gemm (B rows
     or columns per ``transB``, bias C when per-feature) and MatMul (last weight axis) followed by a bias Add.
@@ -1044,15 +1044,19 @@ def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int
     zeroed too, so the channel is still exactly 0 after BN (and after any activation with f(0) = 0, like ReLU).
     Pruning such channels must leave the model's outputs unchanged (to float rounding), which is what the
     exactness tests assert; channels coupled by a residual Add must be zeroed in every producer of the group.
+    Zeroing *every* channel of a residual branch's last producer (``block1.conv3``, ``block1.project``,
+    ``block0.fc2``...) turns the block into ``y = x``: removing that block (depth pruning) must change nothing.
 
     Raises:
-        ValueError: unknown node, unsupported op, or a weight that is not a constant.
+        ValueError: unknown node, unsupported op, a channel out of range, or a weight that is not a constant.
 
     Example:
         >>> m = zero_channels(build_vgg(), "conv3", [0, 5])
     """
     model = copy.deepcopy(model)
-    idx = np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
+    idx: np.ndarray | slice = (
+        slice(None) if channels is None else np.asarray(sorted(set(int(c) for c in channels)), dtype=np.int64)
+    )
     tensors = _Tensors(model)
     node = next((n for n in model.graph.node if n.name == node_name), None)
     if node is None:
@@ -1060,11 +1064,21 @@ def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     out = node.output[0]
 
+    def check(size: int) -> None:
+        if isinstance(idx, np.ndarray) and idx.size and not (0 <= idx[0] and idx[-1] < size):
+            raise ValueError(f"zero_channels: channels {idx.tolist()} out of range for {node_name!r} ({size} channels)")
+
     def zero_rows(a: np.ndarray) -> None:
+        check(a.shape[0])
         a[idx] = 0
 
     def zero_cols(a: np.ndarray) -> None:
+        check(a.shape[-1])
         a[..., idx] = 0
+
+    def zero_axis1(a: np.ndarray) -> None:
+        check(a.shape[1])
+        a[:, idx] = 0
 
     if node.op_type == "Conv":
         tensors.edit(node.input[1], zero_rows, "Conv weight")
@@ -1073,7 +1087,7 @@ def zero_channels(model: onnx.ModelProto, node_name: str, channels: Sequence[int
     elif node.op_type == "ConvTranspose":
         if attrs.get("group", 1) != 1:
             raise ValueError(f"zero_channels: ConvTranspose {node_name!r} with group > 1 is not supported")
-        tensors.edit(node.input[1], lambda a: a.__setitem__((slice(None), idx), 0), "ConvTranspose weight")
+        tensors.edit(node.input[1], zero_axis1, "ConvTranspose weight")
         if len(node.input) > 2 and node.input[2]:
             tensors.edit(node.input[2], zero_rows, "ConvTranspose bias")
     elif node.op_type == "Gemm":

@@ -107,6 +107,8 @@ def test_zero_channels_does_not_mutate_input_and_rejects_unknown() -> None:
         zero_channels(model, "nope", [0])
     with pytest.raises(ValueError, match="not a supported producer"):
         zero_channels(model, "pool", [0])
+    with pytest.raises(ValueError, match="out of range"):
+        zero_channels(model, "conv3", [16])
 
 
 def test_zeroed_flatten_gemm_channels_are_removable_exactly() -> None:
@@ -194,3 +196,20 @@ def test_zeroed_head_is_removable_exactly() -> None:
     feeds = random_inputs(zeroed, batch=3)
     np.testing.assert_allclose(run(pruned, feeds)["output"], run(zeroed, feeds)["output"], atol=1e-5)
     assert np.abs(run(zeroed, feeds)["output"] - run(build_transformer_block(), feeds)["output"]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "last", "add", "skip"),
+    [
+        ("resnet_bottleneck", "block2.conv3", "block2.add_out", "relu_3_out"),
+        ("mobilenetv2", "block2.project", "block2.add_out", "block1.add_out"),
+        ("transformer_block", "block0.fc2", "block0.mlp.add_out", "block0.attn.add_out"),
+    ],
+)
+def test_zeroed_residual_branch_makes_block_identity(name: str, last: str, add: str, skip: str) -> None:
+    """Premise of the depth-pruning exactness test: with its branch zeroed, a block's Add output equals its input."""
+    model = zero_channels(build(name), last)  # all channels
+    for probe in (add, skip):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(probe, onnx.TensorProto.FLOAT, None))
+    out = run(model, random_inputs(model, batch=2))
+    np.testing.assert_array_equal(out[add], out[skip])
