@@ -51,6 +51,8 @@ class BlobStore(Protocol):
 
     def usage(self) -> int: ...
 
+    def list_ids(self) -> list[str]: ...
+
 
 def check_blob_id(blob_id: str) -> str:
     """Blob ids reach file paths; only accept the exact sha256 hex form.
@@ -226,3 +228,6 @@ class DirBlobStore:
     def usage(self) -> int:
         with self._lock:
             return self._used + self._reserved
+
+    def list_ids(self) -> list[str]:
+        return [p.name for p in self._blob_files()]

@@ -146,6 +146,11 @@ class JobManager:
         failed, queued = self._store.recover("server stopped while the job was running; submit it again")
         for job_id in failed:
             log_event(log, "job.failed", job=job_id, reason="server restarted while running")
+        known = self._store.known_blobs()
+        for blob_id in self._blobs.list_ids():
+            if blob_id not in known:  # stored just before a crash, never recorded: let retention remove it
+                self._store.add_blob(blob_id, self._blobs.size(blob_id) or 0, None)
+                log_event(log, "blob.adopted", blob=blob_id)
         self._executor.start(self)
         for record in queued:
             self._feeds[record.job_id] = _Feed()

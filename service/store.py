@@ -79,6 +79,8 @@ class JobStore(Protocol):
 
     def forget_blob(self, blob_id: str) -> None: ...
 
+    def known_blobs(self) -> set[str]: ...
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -250,6 +252,10 @@ class SqliteJobStore:
                 (created_before, EXPIRED),
             ).fetchall()
         return [r["blob_id"] for r in rows]
+
+    def known_blobs(self) -> set[str]:
+        with self._lock:
+            return {r["blob_id"] for r in self._db.execute("SELECT blob_id FROM blobs")}
 
     def forget_blob(self, blob_id: str) -> None:
         with self._lock:

@@ -456,6 +456,10 @@ def test_twenty_concurrent_clients_on_two_workers(start_server: ServerFactory, t
 
 
 def test_retention_expires_results_and_frees_blobs(start_server: ServerFactory, tmp_path: Path) -> None:
+    stray = os.urandom(100)  # a blob written just before a crash, never recorded in the job store
+    stray_id = hashlib.sha256(stray).hexdigest()
+    (tmp_path / "store" / "blobs" / stray_id[:2]).mkdir(parents=True)
+    (tmp_path / "store" / "blobs" / stray_id[:2] / stray_id).write_bytes(stray)
     server, target = start_server(retention_s=60.0)
     with Client(target) as client:
         job = client.submit(tiny_model(tmp_path / "m.onnx"), PruneSpec())
@@ -463,7 +467,8 @@ def test_retention_expires_results_and_frees_blobs(start_server: ServerFactory, 
         assert job.expires is not None and 55 < job.expires - job.finished < 65
         assert server.manager.sweep() == (0, 0)
         expired, deleted = server.manager.sweep(now=time.time() + 120)
-        assert expired == 1 and deleted == 2  # the upload (= the copied model: same content), the report
+        # the upload (= the copied model: same content), the report, the stray blob
+        assert expired == 1 and deleted == 3
         assert client.get(job.job_id).state == "EXPIRED"
         with pytest.raises(ServiceError) as info:
             client.download(job.job_id, "report.json", tmp_path / "r.json")
