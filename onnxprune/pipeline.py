@@ -78,9 +78,27 @@ def stage_load(state: PruneState) -> None:
     state.notes.extend(state.loaded.notes)
 
 
+def stage_depth(state: PruneState) -> None:
+    """``--depth K``: remove the K least important residual blocks; width pruning then works on the rest."""
+    if state.spec.depth <= 0:
+        return
+    from onnxprune import depth
+
+    spec = state.spec
+    result = depth.prune_depth(
+        state.model, spec.depth, model_io.static_shapes(state.model, spec.shapes), calib=spec.calib,
+        samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, device=spec.device, seed=spec.seed,
+    )
+    state.extras["depth_model"] = result.model
+    state.extras["depth"] = result.to_dict()
+    state.notes.append("removed residual blocks " + ", ".join(f"{b.add} ({b.kind}, {b.importance:.3g})"
+                                                              for b in result.removed))
+
+
 def stage_analyze(state: PruneState) -> None:
-    state.shapes = model_io.static_shapes(state.model, state.spec.shapes)
-    state.graph = gs.import_onnx(state.model)
+    working = state.extras.get("depth_model", state.model)
+    state.shapes = model_io.static_shapes(working, state.spec.shapes)
+    state.graph = gs.import_onnx(working)
     state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude)
     if state.spec.granularity == "channel" and state.spec.depth == 0 and state.spec.ratio > 0:
         if not any(g.prunable for g in state.analysis.groups):
@@ -172,12 +190,14 @@ def stage_report(state: PruneState) -> None:
     groups = [group_to_dict(g, state.plan.kept(g)) for g in state.analysis.groups]
     state.report = reporting.build_report(
         original, pruned, groups, state.fidelity, state.spec.criterion, state.device,
-        extra={"notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings},
+        extra={"depth": state.extras.get("depth"),
+               "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings},
     )
 
 
 STAGES: list[tuple[str, Stage]] = [
     ("load", stage_load),
+    ("depth", stage_depth),
     ("analyze", stage_analyze),
     ("score", stage_score),
     ("plan", stage_plan),
@@ -246,8 +266,16 @@ def analyze(
     assert state.analysis is not None
     result = state.analysis.to_dict()
     result["model"] = os.path.basename(state.model_path)
+    result["removable_blocks"] = _removable_blocks(state)
     result["notes"] = state.notes + result["notes"]
     return result
+
+
+def _removable_blocks(state: PruneState) -> list[dict[str, Any]]:
+    """The residual blocks ``--depth`` could remove (importance is measured only when pruning)."""
+    from onnxprune import depth
+
+    return [b.to_dict() for b in depth.find_residual_blocks(gs.import_onnx(state.model), state.shapes)]
 
 
 run = prune
