@@ -107,6 +107,38 @@ def stage_analyze(state: PruneState) -> None:
             raise PlanError(f"the model has no prunable channel groups{detail}")
 
 
+def _device(state: PruneState) -> Any:
+    """The job's resolved device (``runtime.DeviceChoice``), probed once and shared by every stage."""
+    from onnxprune import runtime
+
+    if "device_choice" not in state.extras:
+        state.extras["device_choice"] = runtime.select_device(state.spec.device)
+    state.device = state.extras["device_choice"].name
+    return state.extras["device_choice"]
+
+
+def stage_calibrate(state: PruneState) -> None:
+    """Open calibration data when the criterion or ``--reconstruct`` needs it; gather the criterion's statistics."""
+    from onnxprune import calibration
+
+    assert state.graph is not None and state.analysis is not None
+    spec = state.spec
+    scoring = spec.ratio > 0 or _uses_budget(spec)
+    needs = default_criteria().needs.get(spec.criterion, set()) if scoring else set()
+    if not needs and not spec.reconstruct:
+        return
+    source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
+    state.extras["calib_source"], state.extras["calib_what"] = source, what
+    if needs:
+        stats = calibration.calibrate(
+            state.model, state.graph, state.analysis, source, needs=needs, device=_device(state), seed=spec.seed,
+            description=what, progress=lambda f, m: state.reporter("calibrate", f, m),
+        )
+        state.extras["calibration"] = stats
+        state.notes.extend(stats.notes)
+        state.notes.append(f"calibrated on {what} with onnxruntime on {stats.device}")
+
+
 def stage_score(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None
     if state.spec.ratio == 0 and not _uses_budget(state.spec):
@@ -131,6 +163,24 @@ def stage_cut(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None and state.plan is not None
     summary = cut_channels(state.graph, state.analysis, state.plan.removed_classes(state.analysis))
     log.info("cut %d channels: %d tensors sliced, %d edits", state.plan.total_removed, summary.tensors_sliced, summary.edits)
+    state.pruned = export_graph(state.graph, state.model)
+
+
+def stage_reconstruct(state: PruneState) -> None:
+    """``--reconstruct``: refit the layers after the cut by least squares on the calibration data."""
+    if not state.spec.reconstruct or state.plan is None or not state.plan.total_removed:
+        return
+    from onnxprune import reconstruct as refit
+
+    assert state.graph is not None and state.analysis is not None
+    result = refit.reconstruct(
+        state.model, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
+        state.extras["calib_source"], device=_device(state), seed=state.spec.seed,
+        progress=lambda f, m: state.reporter("reconstruct", f, m),
+    )
+    state.notes.extend(result.notes)
+    state.notes.append(f"reconstructed {len(result.layers)} layers on {state.extras['calib_what']}")
+    state.extras["reconstruct"] = {n: {"error_before": b, "error_after": a} for n, (b, a) in result.layers.items()}
     state.pruned = export_graph(state.graph, state.model)
 
 
@@ -159,13 +209,16 @@ def stage_verify(state: PruneState) -> None:
 
     assert state.pruned is not None
     spec = state.spec
-    choice = runtime.select_device(spec.device)
-    state.device = choice.name
+    choice = _device(state)
+    if spec.calib:
+        _verify_on_calibration(state, choice)
+        return
     try:
         feeds = runtime.random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
     except BadInputError as e:
         state.notes.append(f"fidelity not measured: {e}")
         return
+    state.extras["fidelity_data"] = f"random inputs ({spec.fidelity_samples} samples)"
     with runtime.make_session(state.model, choice) as ref, runtime.make_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
@@ -175,6 +228,30 @@ def stage_verify(state: PruneState) -> None:
         if a[name].shape != b[name].shape:
             raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
     state.fidelity = reporting.fidelity([a[n] for n in names], [b[n] for n in names])
+
+
+def _verify_on_calibration(state: PruneState, choice: Any) -> None:
+    """Fidelity of the first output over the ``--calib`` data (up to ``--calib-samples``), batch by batch."""
+    from onnxprune import calibration, runtime
+
+    assert state.pruned is not None
+    spec = state.spec
+    if "calib_source" not in state.extras:
+        source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
+        state.extras["calib_source"], state.extras["calib_what"] = source, what
+    refs, cands = [], []
+    with runtime.make_session(state.model, choice) as ref, runtime.make_session(state.pruned, choice) as cand:
+        names = ref.output_names
+        if cand.output_names != names:
+            raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
+        for feeds in state.extras["calib_source"].batches(64):
+            a, b = ref.run(feeds, names[:1])[names[0]], cand.run(feeds, names[:1])[names[0]]
+            if a.shape != b.shape:
+                raise InvariantError(f"output {names[0]} changed shape from {a.shape} to {b.shape}")
+            refs.append(a)
+            cands.append(b)
+    state.fidelity = reporting.fidelity(refs, cands)
+    state.extras["fidelity_data"] = f"calibration data {state.extras['calib_what']}"
 
 
 def stage_save(state: PruneState) -> None:
@@ -191,7 +268,9 @@ def stage_report(state: PruneState) -> None:
     state.report = reporting.build_report(
         original, pruned, groups, state.fidelity, state.spec.criterion, state.device,
         extra={"depth": state.extras.get("depth"),
-               "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings},
+               "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings,
+               "fidelity_data": state.extras.get("fidelity_data"),
+               "reconstruct": state.extras.get("reconstruct")},
     )
 
 
@@ -199,9 +278,11 @@ STAGES: list[tuple[str, Stage]] = [
     ("load", stage_load),
     ("depth", stage_depth),
     ("analyze", stage_analyze),
+    ("calibrate", stage_calibrate),
     ("score", stage_score),
     ("plan", stage_plan),
     ("cut", stage_cut),
+    ("reconstruct", stage_reconstruct),
     ("verify", stage_verify),
     ("save", stage_save),
     ("report", stage_report),

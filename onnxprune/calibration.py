@@ -1,0 +1,495 @@
+"""Calibration: run the model on real (or random) inputs and keep only running statistics.
+
+Data-driven criteria need to know what the model does, not just its weights: APoZ needs the share
+of zeros after each ReLU, ``activation`` the mean |x| the next layer sees, ``regression`` (LASSO, He et
+al. 2017) and ``--reconstruct`` the second moments of the next layer's inputs at sampled output
+positions. All of these are *sums*, so calibration streams batches through onnxruntime (intermediate
+tensors added as outputs in a copy of the model, see :func:`onnxprune.runtime.iter_capture`) and folds
+each batch into fixed-size accumulators before reading the next one.
+
+Memory bound (independent of the number of samples):
+
+* per captured activation tensor with ``P`` positions on its channel axis: 3 float64 arrays of ``P``
+  (sum, |x| sum, zero count) → ``24·P`` bytes;
+* per linear consumer (Conv via im2col patches, Gemm, MatMul) reading ``K`` input features
+  (Conv: ``Cin·kh·kw``): one float64 Gram matrix ``K×K`` → ``8·K²`` bytes; consumers with
+  ``K > max_features`` are skipped (noted), so this term is at most ``8·max_features²`` each;
+* transient, per batch: the captured tensors of one batch plus ``batch_size·positions`` patch rows of
+  ``K`` float64 each.
+
+:meth:`CalibrationStats.nbytes` reports the accumulators' size and :func:`memory_bound` the formula's
+value; tests check that the first does not grow with the sample count and stays under the second.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxprune.data import DataSource, model_inputs, open_data
+from onnxprune.errors import BadInputError
+from onnxprune.groups import Analysis, PruningGroup, Site
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = "activations"
+"""``needs`` token: per-channel activation statistics (zero counts, mean |x|)."""
+FEATURES = "features"
+"""``needs`` token: Gram matrices of the consumers' input features (regression)."""
+
+RELU_LIKE = ("Relu", "Clip")
+"""Ops whose output is exactly zero on a whole half-line (Clip only with min 0): where APoZ means something."""
+
+ProgressCallback = Callable[[float, str], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear consumers read as rows @ matrix
+
+
+@dataclass(frozen=True)
+class LinearView:
+    """A consumer layer seen as ``rows @ matrix (+ bias)``, so one solver serves Conv, Gemm and MatMul.
+
+    Conv rows are im2col patches at sampled output positions (features ordered ``(cin, kh, kw)``, as
+    the weight's rows flatten); Gemm rows are the input rows; MatMul rows are the last axis' vectors.
+    """
+
+    node: str
+    op: str
+    input: str
+    weight: str
+    bias: str | None = None
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] | str = (0, 0, 0, 0)
+    trans_b: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    @property
+    def can_bias(self) -> bool:
+        """Whether a bias can be set or added without new nodes (MatMul has none)."""
+        return self.op in ("Conv", "Gemm")
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The weight as a float64 ``K × Cout`` matrix (Gemm's alpha folded in)."""
+        w = np.asarray(w, dtype=np.float64)
+        if self.op == "Conv":
+            return w.reshape(w.shape[0], -1).T
+        if self.op == "Gemm":
+            return self.alpha * (w.T if self.trans_b else w)
+        return w
+
+    def weight_from(self, m: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`: a ``K × Cout`` matrix back in the stored layout and dtype."""
+        if self.op == "Conv":
+            out = m.T.reshape(m.shape[1], -1, *self.kernel)
+        elif self.op == "Gemm":
+            out = (m.T if self.trans_b else m) / self.alpha
+        else:
+            out = m
+        return np.ascontiguousarray(out.astype(like.dtype))
+
+    def per_channel(self) -> int:
+        """Features per input channel (kh·kw for Conv, 1 otherwise)."""
+        return self.kernel[0] * self.kernel[1] if self.op == "Conv" else 1
+
+    def positions(self, shape: tuple[int, ...], per_sample: int, rng: np.random.Generator) -> np.ndarray:
+        """Sampled output positions ``(R, 3)`` as (sample, i, j); all of them when few. Depends only on the shape."""
+        n = shape[0]
+        if self.op == "Conv":
+            ho, wo = self._out_hw(shape[2], shape[3])
+        elif self.op == "MatMul":
+            ho, wo = int(np.prod(shape[1:-1], dtype=np.int64)), 1
+        else:
+            ho, wo = 1, 1
+        total = ho * wo
+        if total <= per_sample:
+            flat = np.tile(np.arange(total), n)
+            sample = np.repeat(np.arange(n), total)
+        else:
+            flat = rng.integers(0, total, size=n * per_sample)
+            sample = np.repeat(np.arange(n), per_sample)
+        return np.stack([sample, flat // wo, flat % wo], axis=1)
+
+    def rows(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Feature rows ``(R, K)`` float64 at ``pos`` (from :meth:`positions` on the same shape)."""
+        if self.op == "Gemm":
+            return np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)[pos[:, 0]]
+        if self.op == "MatMul":
+            flat = np.asarray(x).reshape(x.shape[0], -1, x.shape[-1])
+            return flat[pos[:, 0], pos[:, 1]].astype(np.float64)
+        (pt, pl, pb, pr) = self._pads(x.shape[2], x.shape[3])
+        xp = np.pad(np.asarray(x), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        kh, kw = self.kernel
+        hh = pos[:, 1, None] * self.strides[0] + np.arange(kh) * self.dilations[0]
+        ww = pos[:, 2, None] * self.strides[1] + np.arange(kw) * self.dilations[1]
+        c = np.arange(x.shape[1])
+        patches = xp[pos[:, 0, None, None, None], c[None, :, None, None], hh[:, None, :, None], ww[:, None, None, :]]
+        return patches.reshape(len(pos), -1).astype(np.float64)
+
+    def _pads(self, h: int, w: int) -> tuple[int, int, int, int]:
+        if not isinstance(self.pads, str):
+            return self.pads
+        if self.pads == "VALID":
+            return (0, 0, 0, 0)
+        out = []
+        for size, k, s, d in zip((h, w), self.kernel, self.strides, self.dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            out.append((small, big) if self.pads == "SAME_UPPER" else (big, small))
+        return (out[0][0], out[1][0], out[0][1], out[1][1])
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        pt, pl, pb, pr = self._pads(h, w)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def linear_view(node: gs.Node) -> LinearView | str:
+    """Describe ``node`` as a :class:`LinearView`, or return why it cannot be (a reason for the report)."""
+    inputs = node.inputs
+    if len(inputs) < 2 or not isinstance(inputs[1], gs.Constant) or isinstance(inputs[0], gs.Constant):
+        return f"{node.op} {node.name} has no constant weight"
+    bias = inputs[2] if len(inputs) > 2 and isinstance(inputs[2], gs.Constant) else None
+    if len(inputs) > 2 and inputs[2].name and bias is None:
+        return f"{node.op} {node.name} adds a computed bias"
+    w = inputs[1]
+    if node.op == "Conv":
+        if len(w.shape) != 4:
+            return f"Conv {node.name} is not 2-D"
+        if int(node.attrs.get("group", 1)) != 1:
+            return f"Conv {node.name} is grouped"
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        p = list(node.attrs.get("pads", [0, 0, 0, 0]))
+        pads: tuple[int, int, int, int] | str = auto_pad if auto_pad != "NOTSET" else (p[0], p[1], p[2], p[3])
+        return LinearView(
+            node.name, "Conv", inputs[0].name, w.name, bias.name if bias is not None else None,
+            kernel=(int(w.shape[2]), int(w.shape[3])),
+            strides=tuple(int(s) for s in node.attrs.get("strides", [1, 1])),  # type: ignore[arg-type]
+            dilations=tuple(int(d) for d in node.attrs.get("dilations", [1, 1])),  # type: ignore[arg-type]
+            pads=pads,
+        )
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return f"Gemm {node.name} transposes its input"
+        if bias is not None and np.asarray(bias.values).size not in (1, int(w.shape[0 if node.attrs.get("transB", 0) else 1])):
+            return f"Gemm {node.name} has a 2-D bias"
+        return LinearView(
+            node.name, "Gemm", inputs[0].name, w.name, bias.name if bias is not None else None,
+            trans_b=bool(node.attrs.get("transB", 0)),
+            alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)),
+        )
+    if node.op == "MatMul":
+        if len(w.shape) != 2:
+            return f"MatMul {node.name} has a {len(w.shape)}-D weight"
+        return LinearView(node.name, "MatMul", inputs[0].name, w.name)
+    return f"{node.op} {node.name} is not a Conv, Gemm or MatMul"
+
+
+# ----------------------------------------------------------------------------------------------
+# Accumulators
+
+
+@dataclass
+class TensorStats:
+    """Running per-position statistics of one tensor along its channel axis (float64 sums)."""
+
+    axis: int
+    size: int
+    count: int = 0
+    sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    abs_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        if not len(self.sum):
+            self.sum, self.abs_sum, self.zeros = np.zeros(self.size), np.zeros(self.size), np.zeros(self.size)
+
+    def update(self, x: np.ndarray) -> None:
+        if x.shape[self.axis] != self.size:
+            raise BadInputError(f"a captured tensor has {x.shape[self.axis]} channels on axis {self.axis}, "
+                                f"the analysis expected {self.size}", field="calib")
+        flat = np.moveaxis(np.asarray(x), self.axis, 0).reshape(self.size, -1)
+        self.count += flat.shape[1]
+        self.sum += flat.sum(axis=1, dtype=np.float64)
+        self.abs_sum += np.abs(flat).sum(axis=1, dtype=np.float64)
+        self.zeros += (flat == 0).sum(axis=1)
+
+    @property
+    def zero_fraction(self) -> np.ndarray:
+        return self.zeros / max(self.count, 1)
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.sum.nbytes + self.abs_sum.nbytes + self.zeros.nbytes)
+
+
+@dataclass
+class FeatureGram:
+    """``Σ rowsᵀ rows`` over sampled rows of one consumer's input features (float64)."""
+
+    view: LinearView
+    gram: np.ndarray
+    rows: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.gram.nbytes)
+
+
+@dataclass
+class CalibrationStats:
+    """What calibration kept: per-tensor activation statistics and per-consumer feature Grams."""
+
+    samples: int
+    source: str
+    device: str
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    grams: dict[str, FeatureGram] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulators (the part of memory that could grow with the model, never with the data)."""
+        return sum(t.nbytes for t in self.tensors.values()) + sum(g.nbytes for g in self.grams.values())
+
+
+def memory_bound(tensor_sizes: Iterable[int], feature_counts: Iterable[int]) -> int:
+    """The module docstring's bound on accumulator bytes: ``Σ 24·P + Σ 8·K²``."""
+    return sum(24 * p for p in tensor_sizes) + sum(8 * k * k for k in feature_counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# What to capture
+
+
+def _touches(analysis: Analysis, group: PruningGroup, ids: np.ndarray) -> bool:
+    return bool(set(group.classes.tolist()).intersection(analysis.classes_of(ids).tolist()))
+
+
+def relu_like(node: gs.Node) -> bool:
+    """Relu, or Clip with a constant lower bound of 0 (ReLU6 and friends)."""
+    if node.op == "Relu":
+        return True
+    if node.op != "Clip":
+        return False
+    if "min" in node.attrs:
+        return float(node.attrs["min"]) == 0.0
+    low = node.inputs[1] if len(node.inputs) > 1 else None
+    return isinstance(low, gs.Constant) and float(np.asarray(low.values).reshape(-1)[0]) == 0.0
+
+
+def activation_tensors(graph: gs.Graph, analysis: Analysis, group: PruningGroup) -> list[str]:
+    """Outputs of ReLU-like nodes that carry ``group``'s channels (where APoZ is measured)."""
+    out = []
+    for node in graph.nodes:
+        if relu_like(node) and node.outputs and node.outputs[0].name in analysis.maps:
+            name = node.outputs[0].name
+            if _touches(analysis, group, analysis.maps[name].ids):
+                out.append(name)
+    return out
+
+
+def consumer_sites(analysis: Analysis, group: PruningGroup | None = None) -> list[Site]:
+    """``in`` sites (consumer input columns) of ``group``, or of every prunable group."""
+    groups = [group] if group is not None else [g for g in analysis.groups if g.prunable]
+    classes = set(np.concatenate([g.classes for g in groups]).tolist()) if groups else set()
+    return [s for s in analysis.sites if s.role == "in" and classes.intersection(analysis.classes_of(s.ids).tolist())]
+
+
+def consumer_inputs(graph: gs.Graph, analysis: Analysis, group: PruningGroup) -> list[str]:
+    """Input tensors of the layers that read ``group``'s channels (what ``activation`` measures)."""
+    nodes = {n.name: n for n in graph.nodes}
+    names = []
+    for site in consumer_sites(analysis, group):
+        node = nodes.get(site.node)
+        if node is not None and node.inputs and node.inputs[0].name in analysis.maps and node.inputs[0].name not in names:
+            names.append(node.inputs[0].name)
+    return names
+
+
+@dataclass
+class CapturePlan:
+    """Tensors to collect statistics for and consumers to accumulate Grams for."""
+
+    tensors: dict[str, int] = field(default_factory=dict)
+    views: dict[str, LinearView] = field(default_factory=dict)
+    features: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def capture_names(self) -> list[str]:
+        names = list(self.tensors)
+        for v in self.views.values():
+            if v.input not in names:
+                names.append(v.input)
+        return names
+
+    def bound(self) -> int:
+        """The accumulators' size by the module docstring's formula."""
+        return memory_bound(self.tensors.values(), self.features.values())
+
+
+def plan_capture(graph: gs.Graph, analysis: Analysis, needs: set[str], max_features: int = 2304) -> CapturePlan:
+    """Decide what to capture for ``needs`` (``activations`` and/or ``features``) over prunable groups."""
+    plan = CapturePlan()
+    groups = [g for g in analysis.groups if g.prunable]
+    if ACTIVATIONS in needs:
+        for g in groups:
+            for name in activation_tensors(graph, analysis, g) + consumer_inputs(graph, analysis, g):
+                plan.tensors.setdefault(name, len(analysis.maps[name].ids))
+    if FEATURES in needs:
+        nodes = {n.name: n for n in graph.nodes}
+        for site in consumer_sites(analysis):
+            node = nodes.get(site.node)
+            if node is None or site.node in plan.views:
+                continue
+            view = linear_view(node)
+            if isinstance(view, str):
+                plan.notes.append(f"calibration: {view}; its inputs are not sampled")
+                continue
+            k = len(site.ids) * view.per_channel()
+            if k > max_features:
+                plan.notes.append(f"calibration: {node.op} {node.name} reads {k} features (> {max_features}); not sampled")
+                continue
+            plan.views[site.node] = view
+            plan.features[site.node] = k
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def open_calibration(model: onnx.ModelProto, calib: str | None, samples: int, shapes: dict[str, list[int]],
+                     seed: int = 0) -> tuple[DataSource, str]:
+    """The calibration stream (``calib`` or random inputs) and a description for the report.
+
+    Raises:
+        BadInputError: the data cannot be opened.
+    """
+    source = open_data(calib or "random", model_inputs(model), limit=samples, shapes=shapes, seed=seed)
+    what = f"random inputs ({source.count()} samples)" if source.is_random else f"{calib} ({source.count()} samples)"
+    return source, what
+
+
+def _progress_bar(total: int, enabled: bool | None) -> object | None:
+    """A tqdm bar on stderr, only when stderr is a terminal (never in services or logs)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="calibrate", unit="sample", file=sys.stderr, leave=False)
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    graph: gs.Graph,
+    analysis: Analysis,
+    source: DataSource,
+    *,
+    needs: set[str],
+    device: object = "auto",
+    batch_size: int = 32,
+    positions: int = 16,
+    max_features: int = 2304,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    bar: bool | None = None,
+    description: str = "",
+) -> CalibrationStats:
+    """Stream ``source`` through ``model`` and accumulate the statistics ``needs`` asks for.
+
+    Args:
+        model: the original model (with weights); a copy gets the extra outputs.
+        graph: the same model imported by graphsurgeon (read-only here).
+        analysis: its dependency analysis (which tensors carry which channels).
+        source: the batches (see :func:`open_calibration`).
+        needs: ``{"activations", "features"}`` or a subset.
+        device: ``auto|cuda|cpu`` or a resolved :class:`onnxprune.runtime.DeviceChoice`.
+        batch_size: samples per onnxruntime run (memory per batch scales with it).
+        positions: output positions sampled per sample for Conv/MatMul rows (He et al. use 10).
+        max_features: consumers with more input features are skipped (bounds the Gram at 8·K² bytes).
+        seed: position sampling seed.
+        progress: called with (fraction done, message) after every batch; it may raise to cancel.
+        bar: show a tqdm bar on stderr; ``None``: only when stderr is a terminal.
+
+    Returns:
+        The accumulated statistics.
+
+    Raises:
+        BadInputError: the data does not fit the model or the device is not usable.
+
+    Example:
+        >>> src, what = open_calibration(model, "calib.npz", 256, {})
+        >>> stats = calibrate(model, graph, analysis, src, needs={"activations"}, device="cpu")
+        >>> stats.tensors["relu_0_out"].zero_fraction
+    """
+    from onnxprune import runtime
+
+    choice = runtime.select_device(device) if isinstance(device, str) else device
+    plan = plan_capture(graph, analysis, needs, max_features)
+    stats = CalibrationStats(0, description, choice.name, notes=list(plan.notes))
+    stats.tensors = {name: TensorStats(analysis.maps[name].axis, size) for name, size in plan.tensors.items()}
+    stats.grams = {node: FeatureGram(v, np.zeros((plan.features[node],) * 2)) for node, v in plan.views.items()}
+    names = plan.capture_names
+    if not names:
+        return stats
+    total = source.count()
+    progress_bar = _progress_bar(total, bar)
+    rng = np.random.default_rng(seed)
+    try:
+        for captured in runtime.iter_capture(model, names, source.batches(batch_size), choice):
+            for name, ts in stats.tensors.items():
+                ts.update(captured[name])
+            for fg in stats.grams.values():
+                x = captured[fg.view.input]
+                rows = fg.view.rows(x, fg.view.positions(x.shape, positions, rng))
+                fg.gram += rows.T @ rows
+                fg.rows += len(rows)
+            n = len(next(iter(captured.values())))
+            stats.samples += n
+            if progress_bar is not None:
+                progress_bar.update(n)  # type: ignore[attr-defined]
+            if progress is not None:
+                progress(stats.samples / max(total, 1), f"calibrated {stats.samples}/{total} samples")
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()  # type: ignore[attr-defined]
+    log.info("calibration: %d samples on %s, %d tensors, %d consumers, %d bytes of statistics",
+             stats.samples, choice.name, len(stats.tensors), len(stats.grams), stats.nbytes)
+    return stats
+
+
+def channel_values(analysis: Analysis, group: PruningGroup, ids: np.ndarray, values: np.ndarray,
+                   weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Average per-position ``values`` into the group's channels (weighted by ``weights``, default 1).
+
+    Returns (per-channel mean, mask of channels the positions touch).
+    """
+    index = analysis.group_channel_index(group)
+    weights = np.ones(len(values)) if weights is None else weights
+    sums, norm = np.zeros(group.size), np.zeros(group.size)
+    for pos, cls in enumerate(analysis.classes_of(ids).tolist()):
+        ch = index.get(cls)
+        if ch is not None:
+            sums[ch] += values[pos] * weights[pos]
+            norm[ch] += weights[pos]
+    touched = norm > 0
+    return np.divide(sums, norm, out=np.zeros(group.size), where=touched), touched
