@@ -7,7 +7,7 @@ same held-out accuracy this script reports.
 
 PyTorch is only a one-off tool here; it is NOT a dependency of onnxprune. To reproduce::
 
-    python3 -m pip install torch==2.13.0          # CPU wheel; a separate venv is fine
+    python3 -m pip install torch==2.13.0          # CPU wheel; or in a venv made with --system-site-packages
     python3 examples/train_digits_cnn.py          # writes examples/digits_cnn.onnx
 
 The ONNX is exported with the TorchScript exporter (``dynamo=False``), opset 17, with
