@@ -52,9 +52,12 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 def select_trainable(model: onnx.ModelProto) -> list[str]:
     """Float initializers of rank ≥ 1 used as weights; BN running statistics never are."""
     inits = {t.name: t for t in model.graph.initializer}
+    # exporters sometimes put an Identity between a weight and its consumer
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
     chosen: dict[str, None] = {}
     for node in model.graph.node:
         for pos, name in enumerate(node.input):
+            name = alias.get(name, name)
             t = inits.get(name)
             if t is None or t.data_type not in FLOAT_TYPES or len(t.dims) < 1:
                 continue
@@ -88,7 +91,8 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     return out
 
 
-def _params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Copy of ``model`` with initializers ``names`` turned into graph inputs (eval/training graphs feed them)."""
     wanted = set(names)
     keep = [t for t in model.graph.initializer if t.name not in wanted]
     moved = {t.name: t for t in model.graph.initializer if t.name in wanted}
@@ -97,7 +101,7 @@ def _params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Mode
     out.CopyFrom(model)
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
-    for name in names:
+    for name in dict.fromkeys(names):
         if name not in existing:
             t = moved[name]
             out.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
@@ -144,7 +148,7 @@ def build_gradient_model(
     init_names = set(inits)
     batch_inputs = tuple(i.name for i in base.graph.input if i.name not in init_names)
     lg = add_loss(base, loss)
-    result = build_gradients(_params_to_inputs(lg.model, names), lg.loss, names)
+    result = build_gradients(params_to_inputs(lg.model, names), lg.loss, names)
     if result.missing:  # put the unreachable ones back as constants
         graph = result.model.graph
         keep_inputs = [i for i in graph.input if i.name not in set(result.missing)]
@@ -251,7 +255,7 @@ def export_artifacts(
     _cap_ir(train)
     onnx.checker.check_model(train)
 
-    evaluation = _params_to_inputs(upgrade_opset(fix_input_shapes(model, shapes)), list(gm.params))
+    evaluation = params_to_inputs(upgrade_opset(fix_input_shapes(model, shapes)), list(gm.params))
     _cap_ir(evaluation)
     checkpoint: dict[str, np.ndarray] = dict(gm.params)
     for s in states:

@@ -14,24 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxprune.training.artifacts import params_to_inputs
 from onnxprune.training.autodiff import build_gradients, collect_tensor_info, upgrade_opset
-
-
-def params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Copy of ``model`` with initializers ``names`` turned into graph inputs (values dropped)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep, moved = [], []
-    wanted = set(names)
-    for init in out.graph.initializer:
-        (moved if init.name in wanted else keep).append(init)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep)
-    existing = {i.name for i in out.graph.input}
-    for init in moved:
-        if init.name not in existing:
-            out.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return out
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:

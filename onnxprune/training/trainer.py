@@ -20,7 +20,13 @@ import onnx
 from onnx import helper
 
 from onnxprune.errors import BadInputError
-from onnxprune.training.artifacts import TrainingArtifacts, _params_to_inputs, apply_checkpoint, export_artifacts
+from onnxprune.training.artifacts import (
+    STEP_KEY,
+    TrainingArtifacts,
+    apply_checkpoint,
+    export_artifacts,
+    params_to_inputs,
+)
 from onnxprune.training.autodiff import upgrade_opset
 from onnxprune.training.data import TrainData
 from onnxprune.training.losses import LossSpec
@@ -131,6 +137,12 @@ class _DeviceState:
         cur = self.sets[self.current]
         return {n: cur[n].numpy().copy() for n in names}
 
+    def write(self, values: dict[str, np.ndarray]) -> None:
+        """Overwrite the current values (e.g. restore the best parameters before a final evaluation)."""
+        cur = self.sets[self.current]
+        for name, value in values.items():
+            cur[name].update_inplace(np.ascontiguousarray(value))
+
 
 class Trainer:
     """Runs training artifacts on onnxruntime; one instance per fine-tuning run (not shared)."""
@@ -146,7 +158,7 @@ class Trainer:
         self.carried = carried
         self.new_of = {p["name"]: p["output"] for p in self.manifest["params"] + self.manifest["state"]}
         self.state = _DeviceState({k: arts.checkpoint[k] for k in carried}, self.device)
-        self.step = int(arts.checkpoint.get("__step__", 0))
+        self.step = int(arts.checkpoint.get(STEP_KEY, 0))
         self.binding = self.session.io_binding()
         ort = _ort()
         self.loss_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)
@@ -330,7 +342,7 @@ def finetune(
     log.info("fine-tuning %d params for %d steps on %s (batch %d, %s, %s)", len(trainer.params), total,
              trainer.provider, batch, kind, config.optimizer)
     terms = arts.manifest["loss"]["terms"]
-    eval_model = _params_to_inputs(upgrade_opset(model), trainer.params)
+    eval_model = params_to_inputs(upgrade_opset(model), trainer.params)
     evaluator = _Evaluator(eval_model, trainer, config.threads) if held is not None else None
     loss_inputs = arts.manifest["inputs"]
     history: list[dict[str, float]] = []
@@ -380,11 +392,7 @@ def finetune(
     recent = [h["loss"] for h in history if "loss" in h][-max(1, min(20, per_epoch)):]
     final["train_loss"] = float(np.mean(recent)) if recent else float("nan")
     if evaluator is not None and held is not None:
-        state = trainer.state
-        keep = state.current
-        ort = _ort()
-        state.sets[keep] = {**state.sets[keep], **{k: ort.OrtValue.ortvalue_from_numpy(v, state.device, 0)
-                                                     for k, v in params.items()}}
+        trainer.state.write(params)
         final.update(metrics(evaluator.predict(held, batch), held, loss_spec, terms))
     if reporter is not None:
         reporter("finetune", 1.0, "done")
