@@ -141,7 +141,7 @@ def stage_calibrate(state: PruneState) -> None:
 
 def stage_score(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None
-    if state.spec.ratio == 0 and not _uses_budget(state.spec):
+    if (state.spec.ratio == 0 and not _uses_budget(state.spec)) or state.spec.granularity != "channel":
         return
     ctx = ScoringContext(state.graph, state.analysis, seed=state.spec.seed, extras=state.extras)
     state.scores = score_groups(ctx, state.spec.criterion, default_criteria())
@@ -155,14 +155,65 @@ def _uses_budget(spec: PruneSpec) -> bool:
 def stage_plan(state: PruneState) -> None:
     assert state.analysis is not None
     spec = state.spec
+    if spec.granularity != "channel":
+        state.plan = planning.Plan()  # fine-grained: weights are zeroed in stage_cut, no channel goes
+        return
+    if _uses_budget(spec):
+        state.plan = _budget_plan(state)
+        return
     choose = planning.global_ranking if spec.global_ranking else planning.uniform
     state.plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
 
 
+def _budget_plan(state: PruneState) -> planning.Plan:
+    """``--target-macs/params/latency``: global ranking, or the calibrated greedy allocation with ``--calib``."""
+    from onnxprune import sensitivity
+
+    assert state.graph is not None and state.analysis is not None
+    spec = state.spec
+    cost = planning.CostModel(state.graph, state.analysis, reporting.model_stats(state.model, spec.shapes or None))
+    targets = {k: v for k, v in (("macs", spec.target_macs), ("params", spec.target_params)) if v is not None}
+    order = planning.global_order(state.analysis, state.scores)
+    if spec.calib:
+        metric, target = next(iter(targets.items())) if targets else ("macs", spec.target_latency or 1.0)
+        evaluate = sensitivity.evaluator_for(state.model, spec.calib, spec.calib_samples, spec.shapes,
+                                             spec.device, spec.seed)
+        order = sensitivity.budget_order(state.model, state.analysis, state.scores, cost, metric, target, evaluate,
+                                         round_to=spec.round_to)
+    if spec.target_latency is not None:
+        measure = sensitivity.latency_measure(state.model, state.analysis, spec.device, spec.shapes or None)
+        result = planning.fit_latency(state.analysis, state.scores, cost, order, spec.target_latency, measure,
+                                      spec.round_to)
+    else:
+        result = planning.fit_budget(state.analysis, state.scores, cost, order, targets, spec.round_to)
+    state.extras["budget"] = result.to_dict()
+    state.notes.append("budget " + ", ".join(f"{k} {v:.4f} (target {result.targets.get(k)})"
+                                             for k, v in result.achieved.items() if k in result.targets)
+                       + f" by {result.strategy} allocation")
+    return result.plan
+
+
 def stage_cut(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None and state.plan is not None
+    if state.spec.granularity != "channel":
+        _sparsify(state)
+        return
     summary = cut_channels(state.graph, state.analysis, state.plan.removed_classes(state.analysis))
     log.info("cut %d channels: %d tensors sliced, %d edits", state.plan.total_removed, summary.tensors_sliced, summary.edits)
+    state.pruned = export_graph(state.graph, state.model)
+
+
+def _sparsify(state: PruneState) -> None:
+    """``--granularity element|N:M``: zero weights in place (shapes unchanged) and record the sparsity per layer."""
+    from onnxprune import sparsity
+
+    assert state.graph is not None
+    spec = state.spec
+    amount = spec.sparsity if spec.sparsity is not None else (spec.ratio if spec.granularity == "element" else None)
+    result = sparsity.sparsify(state.graph, spec.granularity, amount,
+                               scope="global" if spec.global_ranking else "layer", exclude=spec.exclude)
+    state.notes.extend(result.notes)
+    state.extras["sparsity"] = result.to_dict()
     state.pruned = export_graph(state.graph, state.model)
 
 
@@ -265,13 +316,29 @@ def stage_report(state: PruneState) -> None:
     original = reporting.model_stats(state.model, shapes)
     pruned = reporting.model_stats(state.pruned, shapes)
     groups = [group_to_dict(g, state.plan.kept(g)) for g in state.analysis.groups]
+    latency = _bench(state) if state.spec.bench else None
     state.report = reporting.build_report(
-        original, pruned, groups, state.fidelity, state.spec.criterion, state.device,
-        extra={"depth": state.extras.get("depth"),
+        original, pruned, groups, state.fidelity, state.spec.criterion, state.device, latency=latency,
+        extra={"budget": state.extras.get("budget"), "sparsity": state.extras.get("sparsity"),
+               "latency_speedup": state.extras.get("latency_speedup"),
+               "depth": state.extras.get("depth"),
                "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings,
                "fidelity_data": state.extras.get("fidelity_data"),
                "reconstruct": state.extras.get("reconstruct")},
     )
+
+
+def _bench(state: PruneState) -> dict[str, Any]:
+    """``--bench``: original and pruned latency (ms, batch 1) measured interleaved in one run."""
+    from onnxprune import bench
+
+    assert state.pruned is not None
+    result = bench.compare(state.model, state.pruned, device=state.spec.device, batch=1, runs=50,
+                           shapes=state.spec.shapes or None, seed=state.spec.seed)
+    state.extras["latency_speedup"] = round(result.speedup, 4)
+    pick = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s", "provider")
+    return {"original": {k.removesuffix("_ms"): getattr(result.a, k) for k in pick},
+            "pruned": {k.removesuffix("_ms"): getattr(result.b, k) for k in pick}}
 
 
 STAGES: list[tuple[str, Stage]] = [

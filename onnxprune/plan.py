@@ -9,11 +9,19 @@ their mean, so groups with more unimportant channels lose more. Both keep at lea
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
+from onnxprune.errors import PlanError
 from onnxprune.groups import Analysis, PruningGroup
+from onnxprune.report import ModelStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,3 +106,466 @@ def global_ranking(analysis: Analysis, scores: dict[int, np.ndarray], ratio: flo
         if n:
             plan.removed[gid] = lowest(by_id[gid], scores[gid], n)
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets: what a candidate plan costs, and the least pruning that meets a target
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Params and MACs (per sample) of a model after a candidate plan."""
+
+    params: int
+    macs: int | None
+
+
+class CostModel:
+    """Params and MACs of a candidate plan without cutting the model.
+
+    Cutting ResNet-50 takes seconds, and a budget search looks at dozens of plans, so the cost of a
+    plan is computed from the analysis instead: every weight tensor with sliced axes loses
+    ``numel × Π kept/len`` elements, and a Conv/ConvTranspose/Gemm/MatMul node's MACs scale like its
+    weight's size (spatial sizes do not change when channels go). Nodes without a constant weight
+    (attention MatMuls) scale with the channel maps of their output and contracted input axis. The
+    totals start from :func:`onnxprune.report.model_stats` of the original, so they use the report's
+    conventions, and tests compare them with the stats of really cut models.
+
+    Example:
+        >>> cost = CostModel(graph, analysis, report.model_stats(model))
+        >>> cost.fraction(plan, "macs")
+        0.49
+    """
+
+    _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+    def __init__(self, graph: gs.Graph, analysis: Analysis, stats: ModelStats) -> None:
+        self.base = Cost(stats.params, stats.macs)
+        self.macs_unknown_reason = stats.macs_unknown_reason
+        self._offsets: dict[int, int] = {}
+        total = 0
+        for g in analysis.groups:
+            self._offsets[g.id] = total
+            total += g.size
+        self._sentinel = total
+        flat_of = {int(c): self._offsets[g.id] + i for g in analysis.groups for i, c in enumerate(g.classes)}
+        self._analysis = analysis
+        self._flat_of = flat_of
+        self._axes: list[np.ndarray] = []
+        self._axis_key: dict[tuple[str, int | str], int] = {}
+        tensors = graph.tensors()
+        site_axes: dict[str, list[int]] = {}
+        for site in analysis.sites:
+            ref = self._axis(("site", f"{site.tensor}\x00{site.axis}"), site.ids)
+            axes = site_axes.setdefault(site.tensor, [])
+            if ref not in axes:
+                axes.append(ref)
+        # weight tensors: (numel, axis refs)
+        self._tensors: list[tuple[int, list[int]]] = []
+        for name, refs in site_axes.items():
+            t = tensors.get(name)
+            if isinstance(t, gs.Constant) and np.issubdtype(np.dtype(t.dtype), np.floating):
+                self._tensors.append((int(np.prod(t.shape, dtype=np.int64)), refs))
+        # MAC nodes: (base MACs, axis refs)
+        self._nodes: list[tuple[int, list[int]]] = []
+        layer_macs = {layer.node: layer.macs for layer in stats.layers}
+        for node in graph.nodes:
+            base = layer_macs.get(node.name)
+            if node.op not in self._MAC_OPS or not base:
+                continue
+            refs = self._node_refs(node, site_axes)
+            if refs:
+                self._nodes.append((int(base), refs))
+        self._lengths = np.array([len(a) for a in self._axes], dtype=np.int64)
+        if self._axes:
+            cat = np.concatenate(self._axes)
+            self._cat = np.where(cat >= 0, cat, self._sentinel)
+            self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)
+        else:
+            self._cat = np.zeros(0, dtype=np.int64)
+            self._starts = np.zeros(0, dtype=np.int64)
+
+    def _axis(self, key: tuple[str, int | str], ids: np.ndarray) -> int:
+        ref = self._axis_key.get(key)
+        if ref is None:
+            classes = self._analysis.classes_of(np.asarray(ids))
+            flat = np.array([self._flat_of.get(int(c), -1) for c in classes.tolist()], dtype=np.int64)
+            ref = len(self._axes)
+            self._axes.append(flat)
+            self._axis_key[key] = ref
+        return ref
+
+    def _node_refs(self, node: gs.Node, site_axes: dict[str, list[int]]) -> list[int]:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if isinstance(weight, gs.Constant):
+            return list(site_axes.get(weight.name, []))
+        refs: list[int] = []
+        maps = self._analysis.maps
+        out = maps.get(node.outputs[0].name) if node.outputs else None
+        if out is not None:
+            refs.append(self._axis(("map", node.outputs[0].name), out.ids))
+        a = maps.get(node.inputs[0].name) if node.inputs else None
+        if a is not None:
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            contracted = a.axis == 1 if node.op in ("Conv", "ConvTranspose") else rank is not None and a.axis == rank - 1
+            if contracted:
+                ref = self._axis(("map", node.inputs[0].name), a.ids)
+                same = out is not None and np.array_equal(self._axes[ref], self._axes[refs[0]])
+                if not same:
+                    refs.append(ref)
+        return refs
+
+    def kept_fractions(self, plan: Plan) -> np.ndarray:
+        """Kept share of every tracked axis under ``plan``."""
+        if not self._axes:
+            return np.zeros(0)
+        removed = np.zeros(self._sentinel + 1, dtype=np.int64)
+        for gid, idx in plan.removed.items():
+            if len(idx):
+                removed[self._offsets[gid] + np.asarray(idx, dtype=np.int64)] = 1
+        gone = np.add.reduceat(removed[self._cat], self._starts)
+        return (self._lengths - gone) / self._lengths
+
+    def evaluate(self, plan: Plan) -> Cost:
+        """Params and MACs after ``plan`` (MACs None when the original's are unknown)."""
+        frac = self.kept_fractions(plan)
+        params = self.base.params
+        for numel, refs in self._tensors:
+            params -= numel - int(round(numel * float(np.prod(frac[refs]))))
+        macs = self.base.macs
+        if macs is not None:
+            for base, refs in self._nodes:
+                macs -= base - int(round(base * float(np.prod(frac[refs]))))
+        return Cost(params, macs)
+
+    def fraction(self, plan: Plan, metric: str) -> float:
+        """``metric`` ("macs" or "params") after ``plan`` as a fraction of the original.
+
+        Raises:
+            PlanError: MACs are unknown (symbolic dims without ``--shape``).
+        """
+        cost = self.evaluate(plan)
+        if metric == "params":
+            return cost.params / self.base.params if self.base.params else 1.0
+        if cost.macs is None or not self.base.macs:
+            raise PlanError(f"--target-macs needs the model's MACs, which are unknown: {self.macs_unknown_reason}")
+        return cost.macs / self.base.macs
+
+
+@dataclass(frozen=True)
+class RemovalOrder:
+    """The order in which channels go: ``groups[k]`` loses its next channel at step ``k``.
+
+    A prefix of the order is a plan, so one binary search over the prefix length finds the least
+    pruning that meets a budget, for any allocation rule (uniform, global ranking, sensitivity).
+    ``strategy`` names the rule for the report.
+    """
+
+    groups: np.ndarray
+    strategy: str
+
+    def counts(self, n: int) -> dict[int, int]:
+        ids, counts = np.unique(self.groups[: max(n, 0)], return_counts=True)
+        return {int(g): int(c) for g, c in zip(ids, counts)}
+
+    def __len__(self) -> int:
+        return int(len(self.groups))
+
+
+def _cap(group: PruningGroup, max_ratio: float) -> int:
+    return max(0, min(group.prunable, group.size - 1, int(np.floor(max_ratio * group.size + 1e-9))))
+
+
+def _order(entries: list[tuple[float, float, int]], strategy: str) -> RemovalOrder:
+    entries.sort()
+    return RemovalOrder(np.array([gid for _, _, gid in entries], dtype=np.int64), strategy)
+
+
+def uniform_order(analysis: Analysis, scores: dict[int, np.ndarray], max_ratio: float = 0.9) -> RemovalOrder:
+    """Every group loses the same share: the k-th channel of a group of n goes at key (k+1)/n."""
+    entries = [((k + 1) / g.size, 0.0, g.id) for g in analysis.groups if g.id in scores for k in range(_cap(g, max_ratio))]
+    return _order(entries, "uniform")
+
+
+def global_order(analysis: Analysis, scores: dict[int, np.ndarray], max_ratio: float = 0.9) -> RemovalOrder:
+    """Channels by their group-normalised score (as :func:`global_ranking`); ties go uniformly.
+
+    Ties matter: on models whose weights are all alike (the onnx wheel's light models) every score
+    is 1, and ranking by group id would strip whole groups first.
+    """
+    entries = []
+    for g in analysis.groups:
+        if g.id not in scores:
+            continue
+        norm = np.sort(normalized(scores[g.id], g.blocked)[~g.blocked])
+        entries.extend((float(norm[k]), (k + 1) / g.size, g.id) for k in range(_cap(g, max_ratio)))
+    return _order(entries, "global")
+
+
+def sensitivity_order(
+    analysis: Analysis,
+    scores: dict[int, np.ndarray],
+    curves: dict[int, tuple[np.ndarray, np.ndarray]],
+    cost: CostModel,
+    metric: str = "macs",
+    max_ratio: float = 0.9,
+) -> RemovalOrder:
+    """Channels in order of loss per unit of cost saved, from per-group sensitivity curves.
+
+    ``curves[gid] = (ratios, loss)``: the loss (e.g. accuracy drop) of pruning that group alone at
+    each ratio. The loss is interpolated per channel and made non-decreasing; a channel's priority is
+    its loss increment divided by what one channel of its group saves (MACs or params), kept
+    non-decreasing within a group so that the order respects each group's own sequence. This is the
+    greedy solution of "least total loss for the budget" when losses add up, and it prunes groups that
+    are cheap to lose and expensive to keep first. Groups without a curve are not pruned.
+    """
+    full = cost.fraction(Plan(), metric)
+    entries: list[tuple[float, float, int]] = []
+    for g in analysis.groups:
+        if g.id not in scores or g.id not in curves:
+            continue
+        cap = _cap(g, max_ratio)
+        if cap == 0:
+            continue
+        half = max(1, cap // 2)
+        saved = (full - cost.fraction(Plan({g.id: lowest(g, scores[g.id], half)}), metric)) / half
+        ratios, loss = (np.asarray(v, dtype=np.float64) for v in curves[g.id])
+        keep = np.argsort(ratios, kind="stable")
+        ratios = np.concatenate([[0.0], ratios[keep]])
+        loss = np.maximum.accumulate(np.maximum(np.concatenate([[0.0], loss[keep]]), 0.0))
+        at = np.interp(np.arange(cap + 1) / g.size, ratios, loss)
+        step = np.maximum.accumulate(np.diff(at) / max(saved, 1e-30))
+        entries.extend((float(step[k]), (k + 1) / g.size, g.id) for k in range(cap))
+    return _order(entries, "sensitivity")
+
+
+def plan_from_counts(
+    analysis: Analysis, scores: dict[int, np.ndarray], counts: dict[int, int], round_to: int = 1
+) -> Plan:
+    """The plan removing about ``counts[gid]`` lowest-scoring channels per group (``round_to`` honoured)."""
+    plan = Plan()
+    for g in analysis.groups:
+        wanted = counts.get(g.id, 0)
+        if wanted and g.id in scores:
+            n = feasible_removal(g, wanted, round_to)
+            if n:
+                plan.removed[g.id] = lowest(g, scores[g.id], n)
+    return plan
+
+
+@dataclass
+class BudgetResult:
+    """The plan a budget search chose, and how close it landed (fractions of the original)."""
+
+    plan: Plan
+    strategy: str
+    targets: dict[str, float]
+    achieved: dict[str, float]
+    steps: int
+    candidates: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "strategy": self.strategy,
+            "targets": dict(self.targets),
+            "achieved": {k: round(v, 6) for k, v in self.achieved.items()},
+            "channels_removed": self.plan.total_removed,
+            "groups_pruned": sum(1 for v in self.plan.removed.values() if len(v)),
+            "search_steps": self.steps,
+            "candidates": list(self.candidates),
+        }
+
+
+def fit_budget(
+    analysis: Analysis,
+    scores: dict[int, np.ndarray],
+    cost: CostModel,
+    order: RemovalOrder,
+    targets: dict[str, float],
+    round_to: int = 1,
+) -> BudgetResult:
+    """The shortest prefix of ``order`` whose plan meets every target (``{"macs": 0.5, "params": 0.3}``).
+
+    Costs only fall as the prefix grows (``feasible_removal`` is monotone), so a binary search finds
+    the prefix where one more channel would be needed: the result never exceeds a target and sits
+    at most one step (one channel, or ``round_to`` channels of one group) below it.
+
+    Raises:
+        PlanError: even the whole order (every group down to its cap) misses a target.
+
+    Example:
+        >>> fit_budget(analysis, scores, cost, global_order(analysis, scores), {"macs": 0.5}).achieved
+        {'macs': 0.4993}
+    """
+    steps = 0
+
+    def at(n: int) -> tuple[Plan, dict[str, float]]:
+        nonlocal steps
+        steps += 1
+        plan = plan_from_counts(analysis, scores, order.counts(n), round_to)
+        return plan, {m: cost.fraction(plan, m) for m in targets}
+
+    def ok(fr: dict[str, float]) -> bool:
+        return all(fr[m] <= t + 1e-12 for m, t in targets.items())
+
+    plan, fr = at(0)
+    if ok(fr):
+        return BudgetResult(plan, order.strategy, dict(targets), fr, steps)
+    best_plan, best = at(len(order))
+    if not ok(best):
+        missed = ", ".join(f"{m} {best[m]:.3f} (asked {t})" for m, t in targets.items() if best[m] > t)
+        raise PlanError(
+            f"the budget cannot be met: pruning every group as far as allowed still leaves {missed} of the "
+            "original; blocked channels (see `onnxprune analyze`) and the per-group cap keep the rest"
+        )
+    lo, hi = 0, len(order)  # lo misses the targets, hi meets them
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        plan, fr = at(mid)
+        if ok(fr):
+            hi, best_plan, best = mid, plan, fr
+        else:
+            lo = mid
+    return BudgetResult(best_plan, order.strategy, dict(targets), best, steps)
+
+
+def fit_latency(
+    analysis: Analysis,
+    scores: dict[int, np.ndarray],
+    cost: CostModel,
+    order: RemovalOrder,
+    target: float,
+    measure: Callable[[Plan], float],
+    round_to: int = 1,
+    *,
+    max_candidates: int = 6,
+    time_budget_s: float = 120.0,
+    tolerance: float = 0.03,
+) -> BudgetResult:
+    """Least pruning whose *measured* latency is at most ``target`` of the original's.
+
+    Latency is noisy and costs a cut plus a benchmark per candidate, so this is a short secant search
+    on the MACs fraction (latency is roughly proportional to it): each candidate is the MACs-budget plan
+    for the current guess, ``measure(plan)`` returns its latency as a fraction of the original's, and
+    the guess moves by ``target / measured``, kept between the best known feasible and infeasible
+    guesses. It stops within ``tolerance`` below the target, after ``max_candidates`` or after
+    ``time_budget_s``, and returns the feasible candidate with the least pruning.
+
+    Raises:
+        PlanError: no candidate measured at or below the target.
+    """
+    start = time.perf_counter()
+    guess, feasible, infeasible = target, 0.0, 1.0
+    tried: list[dict[str, float]] = []
+    best: tuple[BudgetResult, float] | None = None
+    steps = 0
+    for _ in range(max_candidates):
+        budget = fit_budget(analysis, scores, cost, order, {"macs": guess}, round_to)
+        steps += budget.steps
+        ratio = float(measure(budget.plan))
+        tried.append({"macs": round(budget.achieved["macs"], 6), "latency": round(ratio, 4)})
+        log.info("latency search: MACs %.3f -> latency %.3f (target %.3f)", budget.achieved["macs"], ratio, target)
+        if ratio <= target:
+            feasible = max(feasible, guess)
+            if best is None or ratio > best[1]:
+                best = (budget, ratio)
+            if target - ratio <= tolerance:
+                break
+        else:
+            infeasible = min(infeasible, guess)
+        nxt = guess * target / max(ratio, 1e-9)
+        lo, hi = feasible, infeasible
+        if not lo < nxt < hi:
+            nxt = (lo + hi) / 2 if lo > 0 else min(hi, guess) * 0.8
+        if abs(nxt - guess) < 1e-3 or time.perf_counter() - start > time_budget_s:
+            break
+        guess = nxt
+    if best is None:
+        lowest_seen = min(t["latency"] for t in tried)
+        raise PlanError(
+            f"--target-latency {target} not reached: the fastest of {len(tried)} candidates ran at "
+            f"{lowest_seen:.3f} of the original latency; ask for less, or check with `onnxprune bench`"
+        )
+    chosen, ratio = best
+    achieved = dict(chosen.achieved)
+    achieved["latency"] = ratio
+    achieved["params"] = cost.fraction(chosen.plan, "params")
+    return BudgetResult(chosen.plan, order.strategy, {"latency": target}, achieved, steps, tried)
+
+
+def greedy_order(
+    analysis: Analysis,
+    scores: dict[int, np.ndarray],
+    cost: CostModel,
+    metric: str,
+    target: float,
+    loss: Callable[[Plan], float],
+    *,
+    step: float = 0.05,
+    round_to: int = 1,
+    max_ratio: float = 0.9,
+    max_evaluations: int = 400,
+    time_budget_s: float = 300.0,
+) -> RemovalOrder:
+    """An order found by re-measuring every group's sensitivity in the already-pruned model.
+
+    One-shot sensitivity curves assume losses add up; they do not (pruning two coupled layers hurts
+    more than the sum), so this follows NetAdapt: from the current plan, each group proposes the
+    smallest removal that saves ``step`` of the original ``metric`` (or reaches ``target``), ``loss``
+    measures each proposal on calibration data, and the least harmful one is taken; repeat until the
+    target is met. About ``groups × (1 - target) / step`` evaluations; once ``max_evaluations`` or
+    ``time_budget_s`` run out, the rest follows the global ranking. The order then continues with every
+    remaining channel (global ranking), so :func:`fit_budget` can land on the exact target.
+    """
+    start = time.perf_counter()
+    groups = {g.id: g for g in analysis.groups if g.id in scores}
+    caps = {gid: _cap(g, max_ratio) for gid, g in groups.items()}
+    counts = {gid: 0 for gid in groups}
+    seq: list[int] = []
+    evaluations = 0
+
+    def frac(c: dict[int, int]) -> float:
+        return cost.fraction(plan_from_counts(analysis, scores, c, round_to), metric)
+
+    current = frac(counts)
+    while current > target + 1e-12:
+        if evaluations >= max_evaluations or time.perf_counter() - start > time_budget_s:
+            log.info("greedy allocation stopped after %d evaluations; the rest follows the global ranking", evaluations)
+            break
+        goal = max(target, current - step)
+        best: tuple[float, int, int, float] | None = None
+        for gid in groups:
+            if counts[gid] >= caps[gid]:
+                continue
+            trial = dict(counts)
+            lo, hi = counts[gid], caps[gid]
+            while hi - lo > 1:
+                trial[gid] = (lo + hi) // 2
+                if frac(trial) <= goal:
+                    hi = trial[gid]
+                else:
+                    lo = trial[gid]
+            trial[gid] = hi
+            saved = current - frac(trial)
+            if saved <= 0:
+                continue
+            value = float(loss(plan_from_counts(analysis, scores, trial, round_to)))
+            evaluations += 1
+            # Compare per unit saved only when a group hits its cap short of the step.
+            key = value if saved >= 0.999 * (current - goal) else value * (current - goal) / saved
+            if best is None or key < best[0]:
+                best = (key, gid, hi, current - saved)
+        if best is None:
+            break
+        _, gid, n, current = best
+        seq.extend([gid] * (n - counts[gid]))
+        counts[gid] = n
+    rest = global_order(analysis, scores, max_ratio)
+    taken = dict(counts)
+    for gid in rest.groups.tolist():
+        if taken.get(gid, 0) > 0:
+            taken[gid] -= 1
+        else:
+            seq.append(gid)
+    log.info("greedy allocation: %d evaluations", evaluations)
+    return RemovalOrder(np.array(seq, dtype=np.int64), "sensitivity-greedy")
