@@ -27,6 +27,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -35,6 +36,9 @@ import onnx_graphsurgeon as gs
 from onnxprune.data import DataSource, model_inputs, open_data
 from onnxprune.errors import BadInputError
 from onnxprune.groups import Analysis, PruningGroup, Site
+
+if TYPE_CHECKING:
+    from onnxprune.runtime import DeviceChoice
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +391,7 @@ def open_calibration(model: onnx.ModelProto, calib: str | None, samples: int, sh
     return source, what
 
 
-def _progress_bar(total: int, enabled: bool | None) -> object | None:
+def _progress_bar(total: int, enabled: bool | None) -> Any:
     """A tqdm bar on stderr, only when stderr is a terminal (never in services or logs)."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -405,7 +409,7 @@ def calibrate(
     source: DataSource,
     *,
     needs: set[str],
-    device: object = "auto",
+    device: str | DeviceChoice = "auto",
     batch_size: int = 32,
     positions: int = 16,
     max_features: int = 2304,
@@ -466,12 +470,12 @@ def calibrate(
             n = len(next(iter(captured.values())))
             stats.samples += n
             if progress_bar is not None:
-                progress_bar.update(n)  # type: ignore[attr-defined]
+                progress_bar.update(n)
             if progress is not None:
                 progress(stats.samples / max(total, 1), f"calibrated {stats.samples}/{total} samples")
     finally:
         if progress_bar is not None:
-            progress_bar.close()  # type: ignore[attr-defined]
+            progress_bar.close()
     log.info("calibration: %d samples on %s, %d tensors, %d consumers, %d bytes of statistics",
              stats.samples, choice.name, len(stats.tensors), len(stats.grams), stats.nbytes)
     return stats

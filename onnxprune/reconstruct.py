@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -30,6 +31,9 @@ from onnxprune.calibration import LinearView, ProgressCallback, linear_view
 from onnxprune.data import DataSource
 from onnxprune.groups import Analysis, Site
 from onnxprune.index_mapping import keep_positions
+
+if TYPE_CHECKING:
+    from onnxprune.runtime import DeviceChoice
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class LayerFit:
 
 @dataclass
 class ReconstructResult:
-    """Which layers were refit and the relative output error on the sample before → after."""
+    """Per refit layer, ``(before, after)``: the relative squared output error ‖Ŷ − Y‖²/‖Y‖² on the sampled rows."""
 
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -185,7 +189,7 @@ def reconstruct(
     removed_classes: np.ndarray,
     source: DataSource,
     *,
-    device: object = "auto",
+    device: str | DeviceChoice = "auto",
     batch_size: int = 32,
     positions: int = 16,
     ridge: float = RIDGE,
@@ -230,6 +234,7 @@ def reconstruct(
     if not fits:
         return result
     plan = waves(graph, fits)
+    log.info("reconstruct: refitting %d layers in %d waves on %s", len(fits), len(plan), choice.name)
     for k, wave in enumerate(plan):
         nodes = {n.name: n for n in graph.nodes}
         names = sorted({f.original.input for f in wave})
@@ -257,7 +262,7 @@ def reconstruct(
             else:
                 _write(graph, node, f.pruned, sol[: w_s.shape[0]], sol[-1] if b_s is not None else None)
             result.layers[f.node] = (before, after)
-            log.info("reconstruct %s: relative error %.4g -> %.4g on %d rows", f.node, before, after, f.rows)
+            log.debug("reconstruct %s: relative squared error %.4g -> %.4g on %d rows", f.node, before, after, f.rows)
         if progress is not None:
             progress((k + 1) / len(plan), f"refit {sum(len(w) for w in plan[: k + 1])}/{len(fits)} layers")
     return result

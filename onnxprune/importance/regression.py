@@ -25,6 +25,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from onnxprune.calibration import FEATURES, FeatureGram
 from onnxprune.groups import PruningGroup, Site
@@ -40,7 +41,7 @@ def contribution_gram(ctx: ScoringContext, group: PruningGroup, fg: FeatureGram,
     """``C`` (group.size × group.size) for one consumer, normalised to ``1ᵀC1 = 1``; None when it carries nothing."""
     g = fg.gram
     k = g.shape[0]
-    w = fg.view.matrix(ctx.weights(site))
+    w = fg.view.matrix(ctx.weights(site)) * _bn_scale(ctx, fg.view.node)
     scale = float(np.trace(g)) / k if k else 0.0
     if scale <= 0:
         return None
@@ -55,6 +56,19 @@ def contribution_gram(ctx: ScoringContext, group: PruningGroup, fg: FeatureGram,
     c = e.T @ (g * (b @ b.T)) @ e
     energy = float(c.sum())
     return c / energy if energy > 0 else None
+
+
+def _bn_scale(ctx: ScoringContext, node_name: str) -> np.ndarray | float:
+    """γ/σ of a BatchNormalization that alone reads the consumer's output: the scale its output errors get."""
+    node = next((n for n in ctx.graph.nodes if n.name == node_name), None)
+    users = node.outputs[0].outputs if node is not None else []
+    if len(users) != 1 or users[0].op != "BatchNormalization":
+        return 1.0
+    bn = users[0]
+    if not all(isinstance(t, gs.Constant) for t in (bn.inputs[1], bn.inputs[4])):
+        return 1.0
+    gamma, var = (np.asarray(bn.inputs[i].values, dtype=np.float64) for i in (1, 4))
+    return gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
 
 
 def lasso_scores(c: np.ndarray) -> np.ndarray:
