@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,12 +130,14 @@ def normalize(loaded: LoadedModel) -> None:
             raise BadInputError(f"could not convert opset {opset} to {MIN_OPSET}: {e}", field="model") from e
     # Constant folding runs onnxruntime, which reads IR <= 13: cap it as save_model does.
     model.ir_version = readable_ir_version(model)
+    loaded.model = model
+    if not _needs_folding(model):
+        return  # nothing to fold: skip the graphsurgeon round trip (it copies every weight)
     graph = gs.import_onnx(model)
-    if any(n.op in ("Constant", "ConstantOfShape", "Identity") or _all_const(n) for n in graph.nodes):
-        try:
-            graph.fold_constants(error_ok=False).cleanup()
-        except Exception as e:
-            log.warning("constant folding failed (%s); weights behind computed nodes will not be pruned", e)
+    try:
+        graph.fold_constants(error_ok=False).cleanup()
+    except Exception as e:
+        log.warning("constant folding failed (%s); weights behind computed nodes will not be pruned", e)
     _bypass_identities(graph)
     graph.cleanup()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -145,6 +146,18 @@ def normalize(loaded: LoadedModel) -> None:
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     loaded.model = out
+
+
+def _needs_folding(model: onnx.ModelProto) -> bool:
+    """Whether any node computes from constants only (Constant, ConstantOfShape, Identity of a weight...)."""
+    known = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            return True
+        inputs = [i for i in node.input if i]
+        if inputs and all(i in known for i in inputs):
+            return True
+    return False
 
 
 def _all_const(node: gs.Node) -> bool:
@@ -166,11 +179,7 @@ def _bypass_identities(graph: gs.Graph) -> None:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
 
 
 def readable_ir_version(model: onnx.ModelProto) -> int:
@@ -206,26 +215,59 @@ def is_large(model: onnx.ModelProto) -> bool:
     return initializer_bytes(model) > EXTERNAL_THRESHOLD
 
 
+WEIGHTLESS_MIN_BYTES = 1 << 20
+"""Float initializers at least this large become typed inputs in :func:`weightless` copies."""
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large float initializers are typed graph inputs instead: same shapes, no weight bytes.
+
+    Shape inference and the checker see the same graph, but nothing near 2 GB is copied or serialised.
+    Small and integer initializers stay, so Reshape targets and similar constants still propagate.
+    """
+    graph = model.graph
+    big = [t for t in graph.initializer
+           if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                              onnx.TensorProto.BFLOAT16) and _tensor_bytes(t) >= WEIGHTLESS_MIN_BYTES]
+    if not big:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    names = {t.name for t in big}
+    kept = [t for t in graph.initializer if t.name not in names]
+    saved = list(graph.initializer)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    try:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+    finally:
+        del graph.initializer[:]
+        graph.initializer.extend(saved)
+    declared = {i.name for i in copy.graph.input}
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in big if t.name not in declared)
+    return copy
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that also works above 2 GB (through a temporary file)."""
+    """Shape inference; above 2 GB it runs on a :func:`weightless` copy and fills ``model``'s value_info."""
     if not is_large(model):
         return shape_inference.infer_shapes(model, data_prop=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-        save_model(model, src)
-        shape_inference.infer_shapes_path(src, dst, data_prop=True)
-        return onnx.load(dst)
+    inferred = shape_inference.infer_shapes(weightless(model), data_prop=True)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape checking, through a file above 2 GB."""
-    if not is_large(model):
-        onnx.checker.check_model(model, full_check=True)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "m.onnx")
-        save_model(model, src)
-        onnx.checker.check_model(src, full_check=True)
+    """``onnx.checker`` with full shape checking; above 2 GB on a :func:`weightless` copy (same graph)."""
+    onnx.checker.check_model(weightless(model) if is_large(model) else model, full_check=True)
 
 
 def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 1) -> onnx.ModelProto:
@@ -235,8 +277,7 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | No
         BadInputError: ``shapes`` names an input the model does not have, or its rank is wrong.
     """
     shapes = dict(shapes or {})
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model) if not is_large(model) else _shallow_copy(model, copy)
+    copy = weightless(model)
     inputs = {i.name: i for i in copy.graph.input}
     for name in shapes:
         if name not in inputs:
@@ -258,21 +299,6 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | No
             dims[0].Clear()
             dims[0].dim_value = batch
     return copy
-
-
-def _shallow_copy(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:
-    """Copy everything but the initializers' bytes (shared by reference is not possible; keep them out)."""
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        copy.CopyFrom(model)
-    finally:
-        graph.initializer.extend(saved)
-    for t in saved:
-        stub = copy.graph.initializer.add()
-        stub.name, stub.data_type = t.name, t.data_type
-        stub.dims.extend(t.dims)
 
 
 def static_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> dict[str, list[int | str]]:

@@ -20,8 +20,10 @@ def lp_scores(ctx: ScoringContext, group: PruningGroup, p: int) -> np.ndarray:
     total = np.zeros(group.size)
     count = np.zeros(group.size)
     for site in group_sites(ctx, group, WEIGHT_ROLES):
-        w = np.moveaxis(ctx.weights(site).astype(np.float64), site.axis, 0).reshape(len(site.ids), -1)
-        powered = np.sum(np.abs(w) ** p, axis=1)
+        w = np.moveaxis(ctx.weights(site), site.axis, 0).reshape(len(site.ids), -1)
+        # float32 rows, float64 sums: no full-size float64 copy of large weights.
+        powered = (np.einsum("ij,ij->i", w, w, dtype=np.float64) if p == 2
+                   else np.abs(w).sum(axis=1, dtype=np.float64))
         sums, touched = per_channel(ctx, group, site, powered)
         norms = sums ** (1.0 / p)
         mean = norms[touched].mean() if touched.any() else 0.0
