@@ -26,6 +26,8 @@ def _add_server_args(p: argparse.ArgumentParser, required: bool = False) -> None
     p.add_argument("--server", metavar="HOST:PORT", required=required, help="run on a remote onnxprune service")
     p.add_argument("--token", help="bearer token for the service")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the service's TLS certificate")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="client key for mutual TLS")
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-hours", type=float, default=168.0)
     p.add_argument("--quota-gb", type=float, default=50.0)
     p.add_argument("--max-upload-gb", type=float, default=8.0)
+    p.add_argument("--max-tensor-gb", type=float, help="largest declared tensor accepted (default: --max-upload-gb)")
+    p.add_argument("--queue-size", type=int, default=256, help="jobs waiting beyond the workers")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running jobs get on SIGTERM")
 
     p = sub.add_parser("jobs", help="list, show, cancel or fetch jobs on a service")
     p.add_argument("action", choices=("list", "show", "cancel", "fetch"))

@@ -200,7 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     Raises:
         BadInputError: non-positive sizes or a bad token file.
     """
-    for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours"):
+    for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours", "queue_size", "shutdown_grace"):
         value = getattr(args, name)
         if value <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be > 0, got {value}", field=name)
@@ -214,6 +214,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         retention_s=args.retention_hours * 3600.0,
         quota_bytes=int(args.quota_gb * GB),
         max_upload_bytes=int(args.max_upload_gb * GB),
+        max_tensor_bytes=int(args.max_tensor_gb * GB) if args.max_tensor_gb else None,
+        queue_size=args.queue_size,
+        shutdown_grace_s=args.shutdown_grace,
     )
 
 
