@@ -160,3 +160,18 @@ def test_select_trainable_skips_bn_stats_and_scalar_constants() -> None:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert select_trainable(m) == ["w", "s", "bb"]
+
+
+def test_constant_node_weights_are_trained_and_written_back() -> None:
+    from tests.models import build, random_inputs, run
+
+    model = build("paddle_constants")
+    arts = export_artifacts(model, loss="distill", shapes={"input": [2, 3, 8, 8]})
+    names = {p["name"] for p in arts.manifest["params"]}
+    # Constant-node weights become initializers named after the node output
+    assert {"conv1.weight.const_out", "bn1.scale.const_out", "conv2.weight", "fc.weight.const_out"} <= names
+    assert not {"bn1.mean.const_out", "bn1.var.const_out"} & names
+    scaled = {k: v * 0.5 for k, v in arts.checkpoint.items() if k in names}
+    tuned = apply_checkpoint(model, scaled)
+    feeds = random_inputs(model)
+    assert not np.allclose(run(tuned, feeds)["output"], run(model, feeds)["output"])

@@ -49,6 +49,33 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` with float ``Constant`` nodes of rank ≥ 1 turned into initializers.
+
+    Some exporters (Paddle, older TorchScript) keep weights in Constant nodes; training and
+    :func:`apply_checkpoint` address weights as initializers by name.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep: list[onnx.NodeProto] = []
+    moved: list[onnx.TensorProto] = []
+    for node in out.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and value.data_type in FLOAT_TYPES and len(value.dims) >= 1):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            moved.append(tensor)
+        else:
+            keep.append(node)
+    if moved:
+        del out.graph.node[:]
+        out.graph.node.extend(keep)
+        out.graph.initializer.extend(moved)
+    return out
+
+
 def select_trainable(model: onnx.ModelProto) -> list[str]:
     """Float initializers of rank ≥ 1 used as weights; BN running statistics never are."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -139,7 +166,7 @@ def build_gradient_model(
         BadInputError: a named trainable tensor is not a float initializer.
         UnsupportedOpError: an op on the differentiated path has no VJP rule.
     """
-    base = upgrade_opset(fix_input_shapes(model, shapes))
+    base = upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes))
     inits = {t.name: t for t in base.graph.initializer}
     names = list(trainable) if trainable is not None else select_trainable(base)
     for n in names:
@@ -255,7 +282,9 @@ def export_artifacts(
     _cap_ir(train)
     onnx.checker.check_model(train)
 
-    evaluation = params_to_inputs(upgrade_opset(fix_input_shapes(model, shapes)), list(gm.params))
+    evaluation = params_to_inputs(
+        upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes)), list(gm.params)
+    )
     _cap_ir(evaluation)
     checkpoint: dict[str, np.ndarray] = dict(gm.params)
     for s in states:
@@ -318,8 +347,7 @@ def apply_checkpoint(
         values = load_checkpoint(p / "checkpoint.npz" if p.is_dir() else p)
     else:
         values = checkpoint
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = constants_to_initializers(model)
     replaced = 0
     for i, init in enumerate(out.graph.initializer):
         if init.name not in values:

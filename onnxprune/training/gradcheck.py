@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.training.artifacts import params_to_inputs
+from onnxprune.training.artifacts import constants_to_initializers, params_to_inputs
 from onnxprune.training.autodiff import build_gradients, collect_tensor_info, upgrade_opset
 
 
@@ -184,7 +184,7 @@ def check_gradients(
     Errors are max |a-b| / max(|b|), per tensor, maximum over tensors.
     """
     rng = np.random.default_rng(seed)
-    model = upgrade_opset(model)
+    model = upgrade_opset(constants_to_initializers(model))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     feeds = dict(feeds)
     for w in wrt:

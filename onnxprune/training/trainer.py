@@ -24,6 +24,7 @@ from onnxprune.training.artifacts import (
     STEP_KEY,
     TrainingArtifacts,
     apply_checkpoint,
+    constants_to_initializers,
     export_artifacts,
     params_to_inputs,
 )
@@ -320,6 +321,7 @@ def finetune(
     from onnxprune.runtime import select_device
 
     config = (config or FinetuneConfig()).validate()
+    model = constants_to_initializers(model)
     _check_inputs(model, data)
     choice = device if not isinstance(device, str) else select_device(device)
     kind = config.loss if config.loss != "auto" else ("ce" if data.labels is not None else "distill")
