@@ -213,6 +213,8 @@ def _sparsify(state: PruneState) -> None:
     result = sparsity.sparsify(state.graph, spec.granularity, amount,
                                scope="global" if spec.global_ranking else "layer", exclude=spec.exclude)
     state.notes.extend(result.notes)
+    if _uses_budget(spec):
+        state.notes.append("--target-macs/params/latency apply to channel pruning; zeroed weights keep MACs and shapes")
     state.extras["sparsity"] = result.to_dict()
     state.pruned = export_graph(state.graph, state.model)
 

@@ -5,6 +5,12 @@ every group; ``global_ranking`` ranks all channels together after normalising ea
 their mean, so groups with more unimportant channels lose more. Both keep at least one channel (or
 ``round_to``) per group, never touch blocked channels, and keep channel counts multiples of
 ``round_to`` when asked.
+
+Budgets (``--target-macs/params/latency``): a :class:`RemovalOrder` says in which order channels go
+(uniform, global ranking, one-shot sensitivity curves, or a greedy search that re-measures sensitivity
+in the pruned model); every prefix of it is a plan, and :class:`CostModel` prices a plan without
+cutting, so :func:`fit_budget` binary-searches the shortest prefix that meets the budget. Latency
+cannot be priced, so :func:`fit_latency` measures a few candidates through a callback.
 """
 
 from __future__ import annotations
@@ -207,7 +213,8 @@ class CostModel:
         a = maps.get(node.inputs[0].name) if node.inputs else None
         if a is not None:
             rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-            contracted = a.axis == 1 if node.op in ("Conv", "ConvTranspose") else rank is not None and a.axis == rank - 1
+            conv = node.op in ("Conv", "ConvTranspose")
+            contracted = a.axis == 1 if conv else rank is not None and a.axis == rank - 1
             if contracted:
                 ref = self._axis(("map", node.inputs[0].name), a.ids)
                 same = out is not None and np.array_equal(self._axes[ref], self._axes[refs[0]])
@@ -283,7 +290,8 @@ def _order(entries: list[tuple[float, float, int]], strategy: str) -> RemovalOrd
 
 def uniform_order(analysis: Analysis, scores: dict[int, np.ndarray], max_ratio: float = 0.9) -> RemovalOrder:
     """Every group loses the same share: the k-th channel of a group of n goes at key (k+1)/n."""
-    entries = [((k + 1) / g.size, 0.0, g.id) for g in analysis.groups if g.id in scores for k in range(_cap(g, max_ratio))]
+    entries = [((k + 1) / g.size, 0.0, g.id)
+               for g in analysis.groups if g.id in scores for k in range(_cap(g, max_ratio))]
     return _order(entries, "uniform")
 
 

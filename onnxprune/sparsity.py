@@ -207,7 +207,8 @@ def sparsify(
         if sparsity is not None and abs(sparsity - (pattern.sparsity or 0.0)) > 1e-9:
             report.notes.append(f"--sparsity {sparsity} ignored: {pattern} fixes the sparsity at {pattern.sparsity:g}")
         if scope == "global":
-            report.notes.append(f"{pattern} keeps {pattern.n} of every {pattern.m} weights; a global threshold does not apply")
+            report.notes.append(f"{pattern} keeps {pattern.n} of every {pattern.m} weights; "
+                                "a global threshold does not apply")
             report.scope = "layer"
     tensors = graph.tensors()
     targets = find_targets(graph, exclude)
@@ -221,7 +222,8 @@ def sparsify(
     for t, v, mask in zip(targets, values, masks):
         new = np.where(mask, v, np.zeros((), dtype=v.dtype)).astype(v.dtype)
         tensors[t.tensor].values = np.ascontiguousarray(new)
-        report.layers.append(LayerSparsity(t.node, t.op, t.tensor, int(new.size), int(new.size - np.count_nonzero(new))))
+        zeros = int(new.size - np.count_nonzero(new))
+        report.layers.append(LayerSparsity(t.node, t.op, t.tensor, int(new.size), zeros))
     if not targets:
         report.notes.append("no Conv/ConvTranspose/Gemm/MatMul with a constant float weight to sparsify")
     return report

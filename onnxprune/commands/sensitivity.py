@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import onnx_graphsurgeon as gs
 
@@ -23,8 +24,17 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, model_io.static_shapes(model, shapes))
-    ctx = ScoringContext(graph, analysis)
-    scores = score_groups(ctx, args.criterion, default_criteria())
+    criteria = default_criteria()
+    extras: dict[str, Any] = {}
+    needs = criteria.needs.get(args.criterion, set())
+    if needs:  # activation-based criteria score from the same calibration data
+        from onnxprune import calibration
+
+        source, what = calibration.open_calibration(model, args.calib, args.calib_samples, shapes)
+        extras["calibration"] = calibration.calibrate(model, graph, analysis, source, needs=needs, device=args.device,
+                                                      description=what)
+    ctx = ScoringContext(graph, analysis, extras=extras)
+    scores = score_groups(ctx, args.criterion, criteria)
     if not scores:
         raise PlanError("the model has no prunable channel groups (see `onnxprune analyze`)")
     cost = planning.CostModel(graph, analysis, reporting.model_stats(model, shapes or None))
@@ -39,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     written = [p for p in (args.output, args.plot) if p]
     if written:
         print("wrote " + " and ".join(written))
-    elif not args.output:
+    else:
         print(json.dumps({"curves": result.curves, "baseline": result.baseline}))
     return 0
 
