@@ -403,7 +403,7 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
         dim = az.shape(t)[local]
         if dim == 1:
             continue
-        source = _param_source(az, t, local, node) if dim == len(ids) else None
+        source = _param_source(az, t, local, node, ids) if dim == len(ids) else None
         if source is not None:
             az.site(source[0], source[1], ids, source[2], "param")
         else:
@@ -411,9 +411,12 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
     az.set_map(out, ChannelMap(axis, ids))
 
 
-def _param_source(az: Analyzer, t: gs.Tensor, axis: int, node: gs.Node) -> tuple[gs.Tensor, int, gs.Node] | None:
-    """The constant behind a per-channel operand: itself, or the data of an Expand/Cast/Identity
-    (a class token expanded to the batch). Returns (constant, its channel axis, the node reading it)."""
+def _param_source(
+    az: Analyzer, t: gs.Tensor, axis: int, node: gs.Node, ids: np.ndarray
+) -> tuple[gs.Tensor, int, gs.Node] | None:
+    """The constant behind a per-channel operand: itself, or the data of an Expand/Cast/Identity (a class
+    token expanded to the batch). Returns (constant, its channel axis, the node reading it); an Expand
+    whose target shape names the channel count gets a fixup for it."""
     if az.const(t) is not None:
         return t, axis, node
     src = _producer(t)
@@ -421,14 +424,25 @@ def _param_source(az: Analyzer, t: gs.Tensor, axis: int, node: gs.Node) -> tuple
     if src is None or rank is None or src.op not in ("Expand", "Cast", "Identity") or len(src.outputs[0].outputs) != 1:
         return None
     inner = src.inputs[0]
-    inner_rank = az.rank(inner)
-    if inner_rank is None or az.map(inner) is not None:
+    inner_rank, dims = az.rank(inner), az.shape(inner)
+    if inner_rank is None or dims is None or az.map(inner) is not None:
         return None
     local = axis - (rank - inner_rank)
-    dims = az.shape(inner)
-    if local < 0 or dims is None or dims[local] != az.shape(t)[axis]:
+    if local < 0 or dims[local] != az.shape(t)[axis]:
         return None
-    return _param_source(az, inner, local, src)
+    entry = None
+    if src.op == "Expand":
+        target = az.shape(src.inputs[1])
+        if target is None or not isinstance(target[0], int):
+            return None
+        pos = axis - (rank - target[0])
+        entry = _shape_source(az, src, 1, pos) if pos >= 0 else None
+        if pos >= 0 and (entry is None or entry.of is not None):
+            return None
+    found = _param_source(az, inner, local, src, ids)
+    if found is not None and entry is not None and entry.value > 1:
+        az.fixup(entry.owner, "shape_value", [ids], input=entry.input, position=entry.position)
+    return found
 
 
 def reduce(az: Analyzer, node: gs.Node) -> None:
