@@ -139,6 +139,30 @@ def build_text(*, seed: int = 0, vocab: int = 50, tokens: int = 6, dim: int = 16
     return _finish(g, out, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", tokens])])
 
 
+def build_split_qkv(*, seed: int = 0, dim: int = 16, heads: int = 4, tokens: int = 5) -> onnx.ModelProto:
+    """Dynamo-export style attention on [N, tokens, dim] (opset 18): fused QKV cut by Split, Reshape targets
+    with -1, Div by sqrt(d), an additive mask; the residual stream starts at the graph input."""
+    g = _Graph("split_qkv", seed, 18)
+    hd = dim // heads
+    h = g.node("LayerNormalization", ["input", g.const("ln.weight", np.ones(dim, np.float32)),
+                                      g.const("ln.bias", g.small([dim]))], name="ln", axis=-1)
+    parts = g.node("Split", [g.linear(h, dim, 3 * dim, name="qkv"), g.const("sizes", np.array([dim] * 3, np.int64))],
+                   name="qkv.split", n_out=3, axis=-1)
+    target = g.const("split_target", np.array([0, -1, heads, hd], np.int64))
+    q, k, v = (g.node("Transpose", [g.node("Reshape", [t, target])], perm=[0, 2, 1, 3]) for t in parts)
+    s = g.node("Div", [g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                       g.const("sqrt_d", np.float32(math.sqrt(hd)))])
+    mask = np.where(np.arange(tokens) < tokens - 1, 0.0, -1e4).astype(np.float32).reshape(1, 1, 1, tokens)
+    s = g.node("Add", [s, g.const("mask", mask)])
+    c = g.node("MatMul", [g.node("Softmax", [s], axis=-1), v])
+    c = g.node("Reshape", [g.node("Transpose", [c], perm=[0, 2, 1, 3]), g.const("merge", np.array([0, -1, dim],
+                                                                                                   np.int64))])
+    x = g.node("Add", ["input", g.linear(c, dim, dim, name="o")], name="attn.add")
+    x = g.reduce("ReduceMean", x, [1], keepdims=0, name="pool")
+    out = g.gemm(x, dim, NUM_CLASSES, name="classifier")
+    return _finish(g, out, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", tokens, dim])])
+
+
 def _feeds(model: onnx.ModelProto, batch: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     if model.graph.input[0].name == "ids":
         return {"ids": np.random.default_rng(seed).integers(0, 50, (batch, 6)).astype(np.int64)}
@@ -149,6 +173,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "transformer_block": lambda: build_transformer_block(blocks=2, heads=4),
     "vit": build_vit,
     "text": build_text,
+    "split_qkv": build_split_qkv,
 }
 
 
@@ -193,6 +218,12 @@ def _head_group(a) -> PruningGroup:
 def _is_width(g: PruningGroup) -> bool:
     """Heads and MLP hidden units: the groups whose removal is exact."""
     return any(p.endswith((".q", ".fc1")) or p in ("qkv", "fc1") for p in g.producers)
+
+
+def test_split_qkv_heads_are_coupled_across_the_split() -> None:
+    _, a = _analysis(build_split_qkv())
+    heads = _group_of(a, "qkv")
+    assert heads.size == 4 and heads.prunable == 4 and "o" in heads.members
 
 
 # --- analysis -----------------------------------------------------------------------------------------
