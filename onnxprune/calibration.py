@@ -79,6 +79,11 @@ class LinearView:
     beta: float = 1.0
 
     @property
+    def channel_axis(self) -> int:
+        """The input axis holding the features (the rest index samples and positions)."""
+        return -1 if self.op == "MatMul" else 1
+
+    @property
     def can_bias(self) -> bool:
         """Whether a bias can be set or added without new nodes (MatMul has none)."""
         return self.op in ("Conv", "Gemm")

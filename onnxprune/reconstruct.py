@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.calibration import LinearView, ProgressCallback, linear_view
 from onnxprune.data import DataSource
+from onnxprune.errors import InvariantError
 from onnxprune.groups import Analysis, Site
 from onnxprune.index_mapping import keep_positions
 
@@ -130,8 +131,10 @@ def _bias(graph_nodes: dict[str, gs.Node], view: LinearView, n_out: int) -> np.n
 
 def _accumulate(fit: LayerFit, w_o: np.ndarray, b_o: np.ndarray, x_o: np.ndarray, x_p: np.ndarray,
                 positions: int, rng: np.random.Generator) -> None:
-    if x_o.shape[0] != x_p.shape[0] or x_o.shape[2:] != x_p.shape[2:]:
-        raise ValueError(f"{fit.node}: original input {x_o.shape} and pruned input {x_p.shape} do not line up")
+    axis = fit.original.channel_axis % x_o.ndim
+    if x_o.ndim != x_p.ndim or np.delete(x_o.shape, axis).tolist() != np.delete(x_p.shape, axis).tolist():
+        raise InvariantError(f"reconstruct {fit.node}: original input {x_o.shape} and pruned input {x_p.shape} "
+                             "differ off the channel axis")
     pos = fit.original.positions(x_o.shape, positions, rng)
     target = (fit.original.rows(x_o, pos) @ w_o + b_o)[:, fit.keep_out]
     a = fit.pruned.rows(x_p, pos)

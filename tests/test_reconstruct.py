@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,11 +17,20 @@ from onnxprune.calibration import open_calibration
 from onnxprune.groups import analyze_graph
 from onnxprune.importance import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
-from onnxprune.pipeline import export_graph
+from onnxprune.pipeline import export_graph, prune
 from onnxprune.plan import Plan, uniform
 from onnxprune.reconstruct import ReconstructResult, plan_fits, reconstruct, waves
+from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels
-from tests.models import build_mlp, build_mlp_matmul, build_vgg, random_inputs, run, zero_channels
+from tests.models import (
+    build_mlp,
+    build_mlp_matmul,
+    build_transformer_block,
+    build_vgg,
+    random_inputs,
+    run,
+    zero_channels,
+)
 from tests.test_criteria import scaled_copy
 
 
@@ -130,3 +140,17 @@ def test_waves_refit_upstream_first() -> None:
     fits = plan_fits(original, graph, analysis, removed, [])
     order = [[f.node for f in wave] for wave in waves(graph, fits)]
     assert order == [["conv2"], ["conv3"], ["fc1"], ["fc2"]]
+
+
+def test_transformer_matmul_rows_over_tokens(tmp_path: Path) -> None:
+    """MatMul consumers on [N, T, C] inputs (features on the last axis) are refit through the pipeline."""
+    src = tmp_path / "t.onnx"
+    onnx.save(build_transformer_block(), src)
+    cos = {}
+    for refit in (False, True):
+        report = prune(src, tmp_path / "o.onnx", PruneSpec(ratio=0.5, reconstruct=refit, calib_samples=64,
+                                                           device="cpu")).report
+        cos[refit] = report["fidelity"]["cosine"]
+        if refit:
+            assert {"block0.o", "block0.fc2"} <= set(report["reconstruct"])
+    assert cos[True] > cos[False] + 0.1, cos
