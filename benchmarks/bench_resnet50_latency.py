@@ -6,7 +6,7 @@ prunes the model and measures original and pruned latency interleaved in the sam
 under the same machine load. MACs fall with the channel count squared; latency falls less (memory-bound
 layers, fixed per-op overhead) and may not reward round-to-8 on CPU, which is what the table shows.
 
-Run: ``python3 benchmarks/bench_resnet50_latency.py [--runs 20] [--threads 1] [--batch 1] [--json]``
+Run: ``python3 benchmarks/bench_resnet50_latency.py [--runs 20] [--repeat 3] [--threads 1] [--json]``
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1, help="the light model's batch is fixed at 1")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved comparisons per row; medians are shown")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
     src = light_model_dir() / "light_resnet50.onnx"
@@ -48,20 +50,23 @@ def main() -> None:
                 report = prune(src, out, PruneSpec(ratio=ratio, round_to=round_to, device="cpu",
                                                    fidelity_samples=1)).report
                 prune_s = time.perf_counter() - t0
-                result = compare(str(src), out, device="cpu", batch=args.batch, runs=args.runs,
-                                 warmup=args.warmup, threads=args.threads)
+                results = [compare(str(src), out, device="cpu", batch=args.batch, runs=args.runs,
+                                   warmup=args.warmup, threads=args.threads) for _ in range(args.repeat)]
+                speedup = statistics.median(r.speedup for r in results)
                 orig, pruned = report["original"], report["pruned"]
                 macs_x = orig["macs"] / pruned["macs"]
                 rows.append({
                     "ratio": ratio, "round_to": round_to,
                     "macs_kept": pruned["macs"] / orig["macs"], "macs_reduction_x": macs_x,
                     "params_kept": pruned["params"] / orig["params"],
-                    "latency_original_ms": result.a.p50_ms, "latency_pruned_ms": result.b.p50_ms,
-                    "speedup_x": result.speedup, "speedup_per_macs_reduction": result.speedup / macs_x,
+                    "latency_original_ms": statistics.median(r.a.p50_ms for r in results),
+                    "latency_pruned_ms": statistics.median(r.b.p50_ms for r in results),
+                    "speedup_x": speedup, "speedup_per_macs_reduction": speedup / macs_x,
+                    "speedups": [round(r.speedup, 3) for r in results],
                     "prune_s": prune_s,
                 })
     print(f"ResNet-50 (onnx light), onnxruntime CPU, batch {args.batch}, {args.threads} thread(s), "
-          f"{args.runs} interleaved runs, p50")
+          f"{args.runs} interleaved runs x {args.repeat}, medians of p50")
     header = ("ratio", "round", "MACs kept", "MACs x", "params kept", "orig ms", "pruned ms", "speed-up x",
               "speed-up/MACs x")
     print("  ".join(f"{h:>11}" for h in header))
