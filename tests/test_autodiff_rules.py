@@ -321,6 +321,47 @@ def test_gather_elements() -> None:
     _check(_op_model("GatherElements", {"x": x}, {"i": idx}, axis=1), {"x": x}, ["x"])
 
 
+# ------------------------------------------------------------------------------ less common ops
+@pytest.mark.parametrize("op,attrs,opset", [
+    ("Elu", {"alpha": 0.7}, 17), ("Selu", {}, 17), ("Gelu", {}, 20), ("Gelu", {"approximate": "tanh"}, 20),
+])
+def test_more_activations(op: str, attrs: dict, opset: int) -> None:
+    x = away_from(r(2, 3, 4, low=-3, high=3), [0.0])
+    _check(_op_model(op, {"x": x}, opset=opset, **attrs), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_reduce_extreme(op: str, keep: int) -> None:
+    x = RNG.permutation(24).reshape(2, 3, 4).astype(np.float32) / 10  # distinct: no ties
+    _check(_op_model(op, {"x": x}, {"axes": np.array([1, -1], np.int64)}, opset=18, keepdims=keep), {"x": x}, ["x"])
+
+
+def test_global_max_pool_and_elementwise_max_min_mean() -> None:
+    x = RNG.permutation(2 * 3 * 16).reshape(2, 3, 4, 4).astype(np.float32) / 10
+    _check(_op_model("GlobalMaxPool", {"x": x}), {"x": x}, ["x"])
+    a, b, c = r(2, 3), r(3) + 0.01, r(2, 1) - 0.01
+    for op in ("Max", "Min", "Mean"):
+        _check(_op_model(op, {"a": a, "b": b, "c": c}), {"a": a, "b": b, "c": c}, ["a", "b", "c"])
+
+
+def test_instance_norm() -> None:
+    x, s, b = r(2, 3, 4, 5), r(3, low=0.5, high=1.5), r(3)
+    _check(_op_model("InstanceNormalization", {"x": x, "s": s, "b": b}, epsilon=1e-4), {"x": x, "s": s, "b": b},
+           ["x", "s", "b"], tol64=1e-5)
+
+
+@pytest.mark.parametrize("size", [3, 5])  # onnxruntime only runs odd sizes
+def test_lrn(size: int) -> None:
+    x = r(2, 6, 3, 3)
+    _check(_op_model("LRN", {"x": x}, size=size, alpha=0.3, beta=0.75, bias=1.5), {"x": x}, ["x"], tol64=1e-5)
+
+
+def test_tile() -> None:
+    x = r(2, 3)
+    _check(_op_model("Tile", {"x": x}, {"reps": np.array([2, 3], np.int64)}), {"x": x}, ["x"])
+
+
 # ------------------------------------------------------------------------------ driver behaviour
 def test_registry_rejects_duplicates_and_missing_rule_names_node() -> None:
     reg = VJPRegistry()

@@ -106,7 +106,27 @@ def _reference(model: onnx.ModelProto):  # noqa: ANN202 - onnx's evaluator has n
                  storage_order=0, strides=None):
             return _max_pool_reference(x, list(kernel_shape), strides, pads, dilations, int(ceil_mode or 0))
 
-    return ReferenceEvaluator(model, new_ops=[Erf, ConvTranspose, MaxPool])
+    class Gelu(OpRun):  # the expanded function body disagrees with the spec (and onnxruntime) here
+        op_domain = ""
+
+        def _run(self, x, approximate="none"):  # noqa: ANN001, ANN202
+            if approximate == "tanh":
+                u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+                return (0.5 * x * (1 + np.tanh(u)),)
+            erf = np.vectorize(math.erf, otypes=[x.dtype])
+            return (0.5 * x * (1 + erf(x / math.sqrt(2))),)
+
+    class LRN(OpRun):  # the stock one loops over the batch instead of the channels
+        op_domain = ""
+
+        def _run(self, x, alpha=1e-4, beta=0.75, bias=1.0, size=None):  # noqa: ANN001, ANN202
+            lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+            sq = np.zeros_like(x)
+            for c in range(x.shape[1]):
+                sq[:, c] = np.sum(x[:, max(0, c - lo):c + hi + 1] ** 2, axis=1)
+            return (x / (bias + alpha / size * sq) ** beta,)
+
+    return ReferenceEvaluator(model, new_ops=[Erf, ConvTranspose, MaxPool, Gelu, LRN])
 
 
 def _max_pool_reference(

@@ -329,7 +329,8 @@ def _matmul(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
 def _sum_to_shape(ctx: GradContext, grad: str, target: str, grad_rank: int, node: onnx.NodeProto) -> str:
     """Undo MatMul's batch broadcasting (shape inference does not know the grad's shape)."""
     ts = ctx.shape(target)
-    assert ts is not None  # rank checked by the caller
+    if ts is None:
+        raise UnsupportedOpError(f"MatMul {node.name!r}: rank of {target!r} unknown", op_type="MatMul", node=node.name)
     if len(ts) == grad_rank and all(isinstance(d, int) for d in ts):
         known = ctx.shape(node.output[0])
         batch_equal = known is not None and len(known) == grad_rank and known[:-2] == ts[:-2]
@@ -883,6 +884,139 @@ def _resize(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
 
 
 # ---------------------------------------------------------------------------------------------------
+# Less common ops: more activations, max reductions, instance norm, LRN, Tile
+# ---------------------------------------------------------------------------------------------------
+def _elu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    x, y = node.input[0], node.output[0]
+    alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+    neg = ctx.emit("Add", [y, ctx.scalar(alpha, x)])  # d/dx α(eˣ-1) = y + α for x ≤ 0
+    mask = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
+    return [ctx.emit("Mul", [g[0], ctx.emit("Where", [mask, ctx.scalar(1.0, x), neg])])]
+
+
+def _selu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    x, y = node.input[0], node.output[0]
+    alpha = float(attr(node, "alpha", 1.67326319217681884765625))  # type: ignore[arg-type]
+    gamma = float(attr(node, "gamma", 1.05070102214813232421875))  # type: ignore[arg-type]
+    neg = ctx.emit("Add", [y, ctx.scalar(alpha * gamma, x)])  # γα·eˣ = y + γα for x ≤ 0
+    mask = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
+    return [ctx.emit("Mul", [g[0], ctx.emit("Where", [mask, ctx.scalar(gamma, x), neg])])]
+
+
+def _gelu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    x = node.input[0]
+    approx = attr(node, "approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    if approx == "tanh":  # y = x/2·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)
+        k = math.sqrt(2.0 / math.pi)
+        x2 = ctx.emit("Mul", [x, x])
+        u = ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Mul", [x2, ctx.scalar(0.044715, x)])])]), ctx.scalar(k, x)])
+        t = ctx.emit("Tanh", [u])
+        du = ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Mul", [x2, ctx.scalar(3 * 0.044715, x)])]), ctx.scalar(k, x)])
+        sech2 = ctx.emit("Sub", [ctx.scalar(1.0, x), ctx.emit("Mul", [t, t])])
+        d = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), t]), ctx.scalar(0.5, x)]),
+                             ctx.emit("Mul", [ctx.emit("Mul", [ctx.emit("Mul", [x, sech2]), du]), ctx.scalar(0.5, x)])])
+    else:  # y = x·Φ(x): dy/dx = Φ(x) + x·φ(x)
+        cdf = ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.scalar(1 / math.sqrt(2.0), x)])])]), ctx.scalar(0.5, x)])
+        pdf = ctx.emit("Mul", [ctx.emit("Exp", [ctx.emit("Mul", [ctx.emit("Mul", [x, x]), ctx.scalar(-0.5, x)])]), ctx.scalar(1 / math.sqrt(2 * math.pi), x)])
+        d = ctx.emit("Add", [cdf, ctx.emit("Mul", [x, pdf])])
+    return [ctx.emit("Mul", [g[0], d])]
+
+
+def _reduce_extreme(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    x, y = node.input[0], node.output[0]
+    axes = _reduce_axes(ctx, node)
+    extra: list[str | None] = [None] * (len(node.input) - 1)
+    if axes == []:
+        return [g[0]] + extra
+    all_axes = axes if axes is not None else list(range(ctx.rank(x, node)))
+    gy, yk = g[0], y
+    if not int(attr(node, "keepdims", 1)):  # type: ignore[arg-type]
+        gy, yk = ctx.unsqueeze(gy, all_axes), ctx.unsqueeze(y, all_axes)
+    mask = ctx.emit("Cast", [ctx.emit("Equal", [x, yk])], to=ctx.dtype(x))
+    ties = ctx.reduce("ReduceSum", mask, all_axes, keepdims=True)
+    return [ctx.emit("Mul", [mask, ctx.emit("Div", [gy, ties])])] + extra
+
+
+def _global_max_pool(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    x, y = node.input[0], node.output[0]
+    axes = list(range(2, ctx.rank(x, node)))
+    mask = ctx.emit("Cast", [ctx.emit("Equal", [x, y])], to=ctx.dtype(x))
+    ties = ctx.reduce("ReduceSum", mask, axes, keepdims=True)
+    return [ctx.emit("Mul", [mask, ctx.emit("Div", [g[0], ties])])]
+
+
+def _max_min(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """Elementwise Max/Min: each input gets the grad where it is the winner (ties split)."""
+    y = node.output[0]
+    masks = [ctx.emit("Cast", [ctx.emit("Equal", [x, y])], to=ctx.dtype(y)) for x in node.input]
+    count = ctx.emit("Sum", masks) if len(masks) > 1 else masks[0]
+    share = ctx.emit("Div", [g[0], count])
+    return [ctx.reduce_to(ctx.emit("Mul", [share, m]), x, y, node) for x, m in zip(node.input, masks)]
+
+
+def _mean(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    share = ctx.emit("Mul", [g[0], ctx.scalar(1.0 / len(node.input), node.output[0])])
+    return [ctx.reduce_to(share, x, node.output[0], node) for x in node.input]
+
+
+def _instance_norm(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """Per-sample, per-channel normalisation over the spatial axes; scale/bias per channel."""
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x, node)
+    axes = list(range(2, rank))
+    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    bshape = [-1] + [1] * (rank - 2)
+    mu = ctx.reduce("ReduceMean", x, axes, keepdims=True)
+    d = ctx.emit("Sub", [x, mu])
+    var = ctx.reduce("ReduceMean", ctx.emit("Mul", [d, d]), axes, keepdims=True)
+    rstd = ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.scalar(eps, x)])])])
+    xhat = ctx.emit("Mul", [d, rstd])
+    gxhat = ctx.emit("Mul", [g[0], ctx.reshape(scale, bshape)])
+    m1 = ctx.reduce("ReduceMean", gxhat, axes, keepdims=True)
+    m2 = ctx.reduce("ReduceMean", ctx.emit("Mul", [gxhat, xhat]), axes, keepdims=True)
+    gx = ctx.emit("Mul", [rstd, ctx.emit("Sub", [ctx.emit("Sub", [gxhat, m1]), ctx.emit("Mul", [xhat, m2])])])
+    outer = [0] + axes
+    gscale = ctx.reduce("ReduceSum", ctx.emit("Mul", [g[0], xhat]), outer, keepdims=False)
+    gbias = ctx.reduce("ReduceSum", g[0], outer, keepdims=False)
+    return [gx, gscale, gbias]
+
+
+def _lrn(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """y = x·d^-β, d = bias + α/n·Σ_window x²; channel-window sums are a Conv with a ones kernel."""
+    x, y = node.input[0], node.output[0]
+    shape = ctx.static_shape(x, node)
+    size = int(attr(node, "size"))  # type: ignore[arg-type]
+    alpha = float(attr(node, "alpha", 1e-4))  # type: ignore[arg-type]
+    beta = float(attr(node, "beta", 0.75))  # type: ignore[arg-type]
+    bias = float(attr(node, "bias", 1.0))  # type: ignore[arg-type]
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2  # window [c-lo, c+hi]
+    c = shape[1]
+    ones = ctx.const(np.ones((1, 1, size, 1), ctx.np_dtype(x)), "lrn_ones")
+
+    def window_sum(t: str, before: int, after: int) -> str:
+        flat = ctx.reshape(t, [-1, 1, c, int(np.prod(shape[2:]))])
+        summed = ctx.emit("Conv", [flat, ones], pads=[before, 0, after, 0], kernel_shape=[size, 1])
+        return ctx.reshape(summed, shape)
+
+    d = ctx.emit("Add", [ctx.emit("Mul", [window_sum(ctx.emit("Mul", [x, x]), lo, hi), ctx.scalar(alpha / size, x)]),
+                         ctx.scalar(bias, x)])
+    direct = ctx.emit("Mul", [g[0], ctx.emit("Pow", [d, ctx.scalar(-beta, x)])])
+    t = ctx.emit("Div", [ctx.emit("Mul", [g[0], y]), d])  # g·x·d^(-β-1)
+    back = window_sum(t, hi, lo)  # transpose window: every c whose window holds j
+    cross = ctx.emit("Mul", [ctx.emit("Mul", [x, back]), ctx.scalar(2.0 * alpha * beta / size, x)])
+    return [ctx.emit("Sub", [direct, cross])]
+
+
+def _tile(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """Tile the index grid too, then scatter-add every copy's grad back to its source."""
+    x = node.input[0]
+    n, grid = _index_grid(ctx, x)
+    picked = ctx.emit("Tile", [grid, node.input[1]])
+    return [_scatter_flat(ctx, x, picked, g[0], n), None]
+
+
+# ---------------------------------------------------------------------------------------------------
 def default_registry() -> VJPRegistry:
     """A fresh registry with every built-in rule (callers may add their own to it)."""
     reg = VJPRegistry()
@@ -901,6 +1035,9 @@ def default_registry() -> VJPRegistry:
         "Flatten": _reshape_back, "Reshape": _reshape_back, "Squeeze": _reshape_back, "Unsqueeze": _reshape_back,
         "Transpose": _transpose_rule, "Concat": _concat, "Split": _split, "Slice": _slice, "Pad": _pad,
         "Gather": _gather, "GatherElements": _gather_elements, "Resize": _resize,
+        "Elu": _elu, "Selu": _selu, "Gelu": _gelu, "ReduceMax": _reduce_extreme, "ReduceMin": _reduce_extreme,
+        "GlobalMaxPool": _global_max_pool, "Max": _max_min, "Min": _max_min, "Mean": _mean,
+        "InstanceNormalization": _instance_norm, "LRN": _lrn, "Tile": _tile,
     }
     for op, rule in table.items():
         reg.register(op, rule)
