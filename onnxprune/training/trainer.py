@@ -152,6 +152,7 @@ class Trainer:
         self.arts = arts
         self.manifest = arts.manifest
         self.session = _training_session(arts.training_model, providers, threads)
+        self.providers = list(providers)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.params = [p["name"] for p in self.manifest["params"]]
@@ -193,7 +194,7 @@ class _Evaluator:
     """Runs the eval graph with the live device params bound as inputs (no host round trip for them)."""
 
     def __init__(self, eval_model: onnx.ModelProto, trainer: Trainer, threads: int | None) -> None:
-        self.session = _training_session(eval_model, [trainer.provider], threads)
+        self.session = _training_session(eval_model, trainer.providers, threads)
         self.trainer = trainer
         self.outputs = [o.name for o in eval_model.graph.output]
         self.dtypes = {
