@@ -396,15 +396,15 @@ def open_calibration(model: onnx.ModelProto, calib: str | None, samples: int, sh
     return source, what
 
 
-def _progress_bar(total: int, enabled: bool | None) -> Any:
-    """A tqdm bar on stderr, only when stderr is a terminal (never in services or logs)."""
+def progress_bar(total: int, desc: str, unit: str, enabled: bool | None) -> Any:
+    """A tqdm bar on stderr, by default only when stderr is a terminal (never in services or logs); else None."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="calibrate", unit="sample", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
 
 def calibrate(
@@ -461,7 +461,7 @@ def calibrate(
     if not names:
         return stats
     total = source.count()
-    progress_bar = _progress_bar(total, bar)
+    progress_bar_ = progress_bar(total, "calibrate", "sample", bar)
     rng = np.random.default_rng(seed)
     try:
         for captured in runtime.iter_capture(model, names, source.batches(batch_size), choice):
@@ -474,13 +474,13 @@ def calibrate(
                 fg.rows += len(rows)
             n = len(next(iter(captured.values())))
             stats.samples += n
-            if progress_bar is not None:
-                progress_bar.update(n)
+            if progress_bar_ is not None:
+                progress_bar_.update(n)
             if progress is not None:
                 progress(stats.samples / max(total, 1), f"calibrated {stats.samples}/{total} samples")
     finally:
-        if progress_bar is not None:
-            progress_bar.close()
+        if progress_bar_ is not None:
+            progress_bar_.close()
     log.info("calibration: %d samples on %s, %d tensors, %d consumers, %d bytes of statistics",
              stats.samples, choice.name, len(stats.tensors), len(stats.grams), stats.nbytes)
     return stats

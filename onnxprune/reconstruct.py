@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration import LinearView, ProgressCallback, linear_view
+from onnxprune.calibration import LinearView, ProgressCallback, linear_view, progress_bar
 from onnxprune.data import DataSource
 from onnxprune.errors import InvariantError
 from onnxprune.groups import Analysis, Site
@@ -121,10 +121,11 @@ def waves(graph: gs.Graph, fits: list[LayerFit]) -> list[list[LayerFit]]:
     return out
 
 
-def _bias(graph_nodes: dict[str, gs.Node], view: LinearView, n_out: int) -> np.ndarray:
+def _bias(node: gs.Node, view: LinearView, n_out: int) -> np.ndarray:
+    """The layer's effective bias per output (Gemm's beta folded in; zeros when it has none)."""
     if view.bias is None:
         return np.zeros(n_out)
-    b = np.asarray(graph_nodes[view.node].inputs[2].values, dtype=np.float64).reshape(-1)
+    b = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
     b = np.broadcast_to(b, (n_out,)) if b.size == 1 else b
     return view.beta * b if view.op == "Gemm" else b
 
@@ -198,6 +199,7 @@ def reconstruct(
     ridge: float = RIDGE,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    show_bar: bool | None = None,
     export: Callable[[gs.Graph], onnx.ModelProto] | None = None,
 ) -> ReconstructResult:
     """Refit, in place in ``graph`` (already cut), every Conv/Gemm/MatMul whose input channels were removed.
@@ -211,6 +213,7 @@ def reconstruct(
         positions: output positions sampled per sample for Conv/MatMul rows.
         ridge: pull toward the sliced weights, relative to the Gram's mean diagonal.
         progress: called with (fraction, message) after each wave; it may raise to cancel.
+        show_bar: a tqdm bar on stderr; ``None``: only when stderr is a terminal.
         export: graph → runnable model for capturing the pruned model's inputs.
 
     Returns:
@@ -238,34 +241,61 @@ def reconstruct(
         return result
     plan = waves(graph, fits)
     log.info("reconstruct: refitting %d layers in %d waves on %s", len(fits), len(plan), choice.name)
-    for k, wave in enumerate(plan):
-        nodes = {n.name: n for n in graph.nodes}
-        names = sorted({f.original.input for f in wave})
-        pruned_model = export(graph)
-        weights = {}
-        for f in wave:
-            w_o = f.original.matrix(np.asarray(orig_nodes[f.node].inputs[1].values))
-            weights[f.node] = (w_o, _bias(orig_nodes, f.original, w_o.shape[1]))
-        rng = np.random.default_rng((seed, k))
-        stream = zip(runtime.iter_capture(original, names, source.batches(batch_size), choice),
-                     runtime.iter_capture(pruned_model, names, source.batches(batch_size), choice))
-        for got_o, got_p in stream:
-            for f in wave:
-                _accumulate(f, *weights[f.node], got_o[f.original.input], got_p[f.pruned.input], positions, rng)
-        for f in wave:
-            node = nodes[f.node]
-            w_s = f.pruned.matrix(np.asarray(node.inputs[1].values))
-            b_s = _bias(nodes, f.pruned, w_s.shape[1]) if f.pruned.can_bias else None
-            sol = _solve(f, w_s, b_s, ridge)
-            before = _error(f, np.vstack([w_s, b_s[None, :]]) if b_s is not None else w_s)
-            after = _error(f, sol)
-            if after > before:
-                result.notes.append(f"reconstruct: kept the sliced weights of {f.node} (the refit fit the sample worse)")
-                after = before
-            else:
-                _write(graph, node, f.pruned, sol[: w_s.shape[0]], sol[-1] if b_s is not None else None)
-            result.layers[f.node] = (before, after)
-            log.debug("reconstruct %s: relative squared error %.4g -> %.4g on %d rows", f.node, before, after, f.rows)
-        if progress is not None:
-            progress((k + 1) / len(plan), f"refit {sum(len(w) for w in plan[: k + 1])}/{len(fits)} layers")
+    bar = progress_bar(len(fits), "reconstruct", "layer", show_bar)
+    try:
+        for k, wave in enumerate(plan):
+            _refit_wave(k, wave, original, graph, orig_nodes, source, choice, export, result,
+                        batch_size=batch_size, positions=positions, ridge=ridge, seed=seed)
+            if bar is not None:
+                bar.update(len(wave))
+            if progress is not None:
+                progress((k + 1) / len(plan), f"refit {sum(len(w) for w in plan[: k + 1])}/{len(fits)} layers")
+    finally:
+        if bar is not None:
+            bar.close()
     return result
+
+
+def _refit_wave(k: int, wave: list[LayerFit], original: onnx.ModelProto, graph: gs.Graph,
+                orig_nodes: dict[str, gs.Node], source: DataSource, choice: DeviceChoice,
+                export: Callable[[gs.Graph], onnx.ModelProto], result: ReconstructResult, *,
+                batch_size: int, positions: int, ridge: float, seed: int) -> None:
+    """Accumulate one wave's normal equations over the stream, solve, and write the weights that improve."""
+    from onnxprune import runtime
+
+    nodes = {n.name: n for n in graph.nodes}
+    names = sorted({f.original.input for f in wave})
+    pruned_model = export(graph)
+    weights = {}
+    for f in wave:
+        w_o = f.original.matrix(np.asarray(orig_nodes[f.node].inputs[1].values))
+        weights[f.node] = (w_o, _bias(orig_nodes[f.node], f.original, w_o.shape[1]))
+    rng = np.random.default_rng((seed, k))
+    stream = zip(runtime.iter_capture(original, names, source.batches(batch_size), choice),
+                 runtime.iter_capture(pruned_model, names, source.batches(batch_size), choice))
+    for got_o, got_p in stream:
+        for f in wave:
+            _accumulate(f, *weights[f.node], got_o[f.original.input], got_p[f.pruned.input], positions, rng)
+    for f in wave:
+        _finish(f, graph, nodes[f.node], ridge, result)
+
+
+def _finish(f: LayerFit, graph: gs.Graph, node: gs.Node, ridge: float, result: ReconstructResult) -> None:
+    """Solve one layer's normal equations and write the refit when it is determined and fits better."""
+    w_s = f.pruned.matrix(np.asarray(node.inputs[1].values))
+    b_s = _bias(node, f.pruned, w_s.shape[1]) if f.pruned.can_bias else None
+    before = _error(f, np.vstack([w_s, b_s[None, :]]) if b_s is not None else w_s)
+    if f.rows < f.gram.shape[0]:
+        result.notes.append(f"reconstruct: kept the sliced weights of {f.node}: {f.rows} sampled rows for "
+                            f"{f.gram.shape[0]} unknowns per output (pass more --calib-samples)")
+        result.layers[f.node] = (before, before)
+        return
+    sol = _solve(f, w_s, b_s, ridge)
+    after = _error(f, sol)
+    if after > before:
+        result.notes.append(f"reconstruct: kept the sliced weights of {f.node} (the refit fit the sample worse)")
+        after = before
+    else:
+        _write(graph, node, f.pruned, sol[: w_s.shape[0]], sol[-1] if b_s is not None else None)
+    result.layers[f.node] = (before, after)
+    log.debug("reconstruct %s: relative squared error %.4g -> %.4g on %d rows", f.node, before, after, f.rows)

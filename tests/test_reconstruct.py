@@ -154,3 +154,24 @@ def test_transformer_matmul_rows_over_tokens(tmp_path: Path) -> None:
         if refit:
             assert {"block0.o", "block0.fc2"} <= set(report["reconstruct"])
     assert cos[True] > cos[False] + 0.1, cos
+
+
+def test_too_few_rows_keeps_sliced_weights_and_says_so() -> None:
+    model = build_mlp(seed=1)
+    _, result = cut_and_refit(model, {"fc1": list(range(16))}, samples=8)
+    assert result.layers["fc2"][0] == result.layers["fc2"][1]
+    assert any("fc2: 8 sampled rows for 17 unknowns" in n and "--calib-samples" in n for n in result.notes)
+
+
+def test_progress_and_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    model = build_vgg()
+    graph = gs.import_onnx(model)
+    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    removed = Plan({g.id: np.array([0]) for g in analysis.groups if g.prunable}).removed_classes(analysis)
+    cut_channels(graph, analysis, removed)
+    source, _ = open_calibration(model, None, 32, {})
+    seen: list[float] = []
+    reconstruct(model, graph, analysis, removed, source, device="cpu", progress=lambda f, m: seen.append(f),
+                show_bar=True)
+    assert seen == [0.25, 0.5, 0.75, 1.0]
+    assert "reconstruct" in capsys.readouterr().err
