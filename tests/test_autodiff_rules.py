@@ -384,6 +384,43 @@ def test_every_issue_op_has_a_rule() -> None:
     assert [op for op in required if op not in reg] == []
 
 
+#: Every op with a rule and the test above that checks it numerically; a new rule needs a test and an entry.
+COVERED = {
+    "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "Neg", "Sum", "Relu", "LeakyRelu", "PRelu", "Clip",
+    "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Softplus",
+    "Pow", "Cast", "Where", "Expand", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization",
+    "MatMul", "Gemm", "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+    "ReduceSum", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad",
+    "Gather", "GatherElements", "Resize", "Elu", "Selu", "Gelu", "ReduceMax", "ReduceMin", "GlobalMaxPool",
+    "Max", "Min", "Mean", "InstanceNormalization", "LRN", "Tile",
+}
+
+
+def test_every_rule_is_covered_by_a_numerical_test() -> None:
+    assert set(default_registry().ops()) == COVERED
+
+
+def test_pad_negative_pads_adjoint_on_onnxruntime() -> None:
+    """The reference evaluator cannot run negative pads; Pad is linear, so check <Pad(x), r> = <x, grad> on ORT."""
+    import onnxruntime as ort
+
+    from onnxprune.training.gradcheck import with_linear_loss
+
+    x = r(2, 3, 4, 5)
+    pads = np.array([0, -1, 1, 2, 0, 1, -2, -1], np.int64)
+    m = _op_model("Pad", {"x": x}, {"p": pads, "v": np.array(0.0, np.float32)})
+    y_shape = (2, 3, 3, 6)
+    res = build_gradients(with_linear_loss(m, {"y0": y_shape}), "gc_loss", ["x"])
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    weights = r(*y_shape)
+    loss, grad = sess.run(None, {"x": x, "gc_weight/y0": weights})
+    x2 = r(2, 3, 4, 5)
+    loss2, _ = sess.run(None, {"x": x2, "gc_weight/y0": weights})
+    # linear in x: loss(x) = <x, grad> exactly
+    assert float(np.sum(x.astype(np.float64) * grad)) == pytest.approx(float(loss), rel=1e-5)
+    assert float(np.sum(x2.astype(np.float64) * grad)) == pytest.approx(float(loss2), rel=1e-5)
+
+
 def test_non_differentiable_paths_are_skipped() -> None:
     """Shape → integer arithmetic → Reshape, and an op without a rule off the loss path, need no rules."""
     x = r(2, 6)

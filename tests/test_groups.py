@@ -237,3 +237,36 @@ def test_ratio_zero_keeps_outputs(tmp_path: Path) -> None:
     for key in before:
         assert np.max(np.abs(after[key] - before[key])) <= 1e-5
     assert result.report["pruned"]["params"] == result.report["original"]["params"]
+
+
+# --- issue 3 patterns --------------------------------------------------------------------------------
+
+ISSUE3_PATTERNS = [
+    "batched_matmul", "lstm", "lstm[gru]", "lstm[rnn]", "with_if", "transformer_block",
+    "transformer_block[blocks=2,opset18]", "shufflenet", "shufflenet[slice]", "grouped_conv", "resnet_bottleneck[blocks=3]",
+]
+
+
+@pytest.mark.parametrize("name", ISSUE3_PATTERNS)
+def test_issue3_pattern_prunes_to_valid_smaller_model(name: str, tmp_path: Path) -> None:
+    test_pattern_prunes_to_valid_smaller_model(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["batched_matmul", "conv3d", "lstm", "with_if", "transformer_block", "grouped_conv",
+                                  "shufflenet"])
+def test_issue3_exactness_zeroed_channels_removed(name: str, tmp_path: Path) -> None:
+    test_exactness_zeroed_channels_removed_without_output_change(name, tmp_path)
+
+
+@pytest.mark.parametrize(("name", "op"), [("lstm", "LSTM"), ("lstm[gru]", "GRU"), ("lstm[rnn]", "RNN"), ("with_if", "If")])
+def test_recurrent_and_control_flow_block_only_what_they_read(name: str, op: str) -> None:
+    _, a = _analysis(_model(name))
+    blocked = [g for g in a.groups if g.prunable == 0 and "graph output" not in (g.blocked_reason or "")]
+    assert len(blocked) == 1 and blocked[0].blocked_reason.startswith(op)
+    assert sum(1 for g in a.groups if g.prunable) >= 2
+
+
+def test_if_reading_a_tensor_inside_its_branches_blocks_it() -> None:
+    _, a = _analysis(BUILDERS["with_if"]())
+    g = _group_of(a, "conv1")
+    assert g.prunable == 0 and "inside a subgraph" in g.blocked_reason

@@ -143,3 +143,19 @@ def test_cli_export_and_finetune(tmp_path: Path, digits_model_path: Path, digits
                  "--device", "cpu"]) == 0
     assert out.is_file() and "accuracy" in capsys.readouterr().out
     assert main(["finetune", str(digits_model_path), "--train-data", str(tmp_path / "missing.npz"), "-o", str(out)]) == 2
+
+
+def test_train_data_directory_split_and_epochs(tmp_path: Path, digits_model_path: Path, digits) -> None:  # noqa: ANN001
+    x, y = digits[0][:96], digits[1][:96]
+    write_npz(tmp_path / "a.npz", x[:40], y[:40])
+    write_npz(tmp_path / "b.npz", x[40:], y[40:])
+    data = TrainData.load(tmp_path)
+    assert len(data) == 96 and np.array_equal(data.labels, y)
+    train, held = data.split(0.25, seed=0)
+    assert len(train) == 72 and held is not None and len(held) == 24
+    assert sum(len(b) for b in train.batches(32, np.random.default_rng(0))) == 64  # partial batch dropped
+    res = finetune(onnx.load(digits_model_path), data, FinetuneConfig(steps=None, epochs=2, batch_size=16,
+                   eval_fraction=0.25, progress_bar=False, threads=1), device="cpu")
+    assert res.final_metrics["steps"] == 2 * (72 // 16)
+    with pytest.raises(BadInputError, match="differ in length"):
+        TrainData({"input": x}, y[:5])
