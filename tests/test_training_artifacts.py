@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.training.artifacts import TrainingArtifacts, apply_checkpoint, export_artifacts, select_trainable

@@ -122,9 +122,16 @@ def test_bad_data_is_bad_input(digits_model_path: Path) -> None:
 def test_accumulate_gradients_matches_artifact_grads(digits_model_path: Path, digits) -> None:  # noqa: ANN001
     model = onnx.load(digits_model_path)
     x, y = digits[0][:64], digits[1][:64]
+    seen: list[dict[str, np.ndarray]] = []
     stats = accumulate_gradients(model, [{"input": x[:32], "labels": y[:32]}, {"input": x[32:], "labels": y[32:]}],
-                                 device="cpu")
-    assert stats.count == 2 and math.isfinite(stats.loss_sum)
+                                 device="cpu", on_batch=seen.append)
+    assert stats.count == 2 and math.isfinite(stats.loss_sum) and len(seen) == 2
+    for name in stats.grad_sum:
+        np.testing.assert_allclose(stats.grad_sum[name], seen[0][name] + seen[1][name])
+    # the batch-mean gradient equals the gradient of the mean loss over both batches (same size)
+    whole = accumulate_gradients(model, [{"input": x, "labels": y}], device="cpu")
+    for name in stats.grad_sum:
+        np.testing.assert_allclose(stats.mean(name), whole.grad_sum[name], rtol=1e-3, atol=1e-6)
     w = "head.weight" if "head.weight" in stats.grad_sum else next(iter(stats.grad_sum))
     assert stats.grad_sum[w].shape == numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == w)).shape

@@ -5,7 +5,7 @@ The same gradient graph the trainer uses, without the optimizer: loss and one gr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,12 +44,16 @@ def accumulate_gradients(
     trainable: Sequence[str] | None = None,
     temperature: float = 2.0,
     reporter: object | None = None,
+    on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> GradStats:
     """Sum gradients and squared gradients of the loss w.r.t. the model's weights over ``batches``.
 
     Each batch maps input names to arrays, plus ``labels`` for ``loss="ce"``. For ``loss="distill"``
     the teacher (default: ``model`` itself, whose gradient at its own outputs is then zero for KL, so pass
     the original model when scoring a modified one) provides the targets, one run per batch.
+    Gradients are batch means; pass batches of one sample for a per-sample Fisher. ``on_batch`` sees
+    each batch's gradients (name → array), for statistics other than Σg and Σg² (e.g. per-batch
+    per-channel (Σ g·w)² as in Molchanov et al.'s Taylor criterion).
 
     Raises:
         BadInputError: unknown loss or a batch without labels for ``ce``.
@@ -88,11 +92,13 @@ def accumulate_gradients(
                 feeds.update(gm.params)
                 res = sess.run(feeds, [gm.loss.loss] + [grads[n] for n in gm.params])
                 stats.loss_sum += float(res[gm.loss.loss])
-                for n in gm.params:
-                    g = res[grads[n]].astype(np.float64)
+                batch_grads = {n: res[grads[n]].astype(np.float64) for n in gm.params}
+                for n, g in batch_grads.items():
                     stats.grad_sum[n] += g
                     stats.grad_sq_sum[n] += g * g
                 stats.count += 1
+                if on_batch is not None:
+                    on_batch(batch_grads)
     finally:
         if teacher_sess is not None:
             teacher_sess.close()
