@@ -161,7 +161,7 @@ def test_train_data_directory_split_and_epochs(tmp_path: Path, digits_model_path
     train, held = data.split(0.25, seed=0)
     assert len(train) == 72 and held is not None and len(held) == 24
     assert sum(len(b) for b in train.batches(32, np.random.default_rng(0))) == 64  # partial batch dropped
-    res = finetune(onnx.load(digits_model_path), data, FinetuneConfig(steps=None, epochs=2, batch_size=16,
+    res = finetune(onnx.load(digits_model_path), data, FinetuneConfig(epochs=2, batch_size=16,
                    eval_fraction=0.25, progress_bar=False, threads=1), device="cpu")
     assert res.final_metrics["steps"] == 2 * (72 // 16)
     with pytest.raises(BadInputError, match="differ in length"):

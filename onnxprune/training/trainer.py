@@ -36,18 +36,19 @@ from onnxprune.training.optimizers import LR_INPUT, STEP_INPUT, OptimizerSpec
 log = logging.getLogger(__name__)
 
 ReporterFn = Callable[[str, float, str], None]
+DEFAULT_STEPS = 200
 
 
 @dataclass
 class FinetuneConfig:
-    """Options of one fine-tuning run. ``steps`` wins over ``epochs`` when both are set.
+    """Options of one fine-tuning run. ``steps`` wins over ``epochs``; with neither, 200 steps.
 
     ``loss="auto"`` is cross-entropy when the data has labels, else distillation from the teacher.
     ``patience`` counts evaluations without improvement of the held-out loss before stopping; the
     best parameters seen are the ones returned.
     """
 
-    steps: int | None = 200
+    steps: int | None = None
     epochs: int | None = None
     lr: float = 1e-3
     batch_size: int = 32
@@ -69,8 +70,6 @@ class FinetuneConfig:
 
     def validate(self) -> FinetuneConfig:
         """Raises BadInputError naming the bad option."""
-        if self.steps is None and self.epochs is None:
-            raise BadInputError("give steps or epochs", field="steps")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
             raise BadInputError("steps and epochs must be >= 1", field="steps")
         if self.lr <= 0 or self.batch_size < 1:
@@ -335,7 +334,10 @@ def finetune(
     train, held = data.split(config.eval_fraction, config.seed)
     batch = min(config.batch_size, len(train))
     per_epoch = len(train) // batch
-    total = config.steps if config.steps is not None else int(config.epochs or 1) * per_epoch
+    if config.steps is not None:
+        total = config.steps
+    else:
+        total = config.epochs * per_epoch if config.epochs is not None else DEFAULT_STEPS
     loss_spec = LossSpec(kind="distill" if kind == "mse" else kind, temperature=config.temperature,
                          distill_mode="mse" if kind == "mse" else "auto")
     opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay)
