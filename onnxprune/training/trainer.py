@@ -333,75 +333,107 @@ def finetune(
                          _teacher_outputs(source, model, data, choice, config.batch_size, config.threads))
     train, held = data.split(config.eval_fraction, config.seed)
     batch = min(config.batch_size, len(train))
-    per_epoch = len(train) // batch
-    if config.steps is not None:
-        total = config.steps
-    else:
-        total = config.epochs * per_epoch if config.epochs is not None else DEFAULT_STEPS
+    # "mse" matches the teacher's outputs by mean squared error (regression heads)
     loss_spec = LossSpec(kind="distill" if kind == "mse" else kind, temperature=config.temperature,
                          distill_mode="mse" if kind == "mse" else "auto")
     opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay)
     arts = export_artifacts(model, loss=loss_spec, optimizer=opt, trainable=config.trainable,
                             shapes=_fixed_shapes(model, data, batch))
     trainer = Trainer(arts, list(choice.providers), config.threads)  # type: ignore[attr-defined]
-    log.info("fine-tuning %d params for %d steps on %s (batch %d, %s, %s)", len(trainer.params), total,
+    evaluator = None
+    if held is not None:
+        evaluator = _Evaluator(params_to_inputs(upgrade_opset(model), trainer.params), trainer, config.threads)
+    run = _Run(trainer, evaluator, train, held, config, batch, loss_spec, arts.manifest, reporter)
+    log.info("fine-tuning %d params for %d steps on %s (batch %d, %s, %s)", len(trainer.params), run.total,
              trainer.provider, batch, kind, config.optimizer)
-    terms = arts.manifest["loss"]["terms"]
-    eval_model = params_to_inputs(upgrade_opset(model), trainer.params)
-    evaluator = _Evaluator(eval_model, trainer, config.threads) if held is not None else None
-    loss_inputs = arts.manifest["inputs"]
-    history: list[dict[str, float]] = []
-    best: tuple[float, dict[str, np.ndarray]] | None = None
-    stale = 0
-    rng = np.random.default_rng(config.seed)
-    batches = train.batches(batch, rng)
-    bar = _progress_bar(total, config.progress_bar)
     started = time.perf_counter()
-    try:
-        for step in range(total):
-            if reporter is not None:
-                reporter("finetune", step / total, f"step {step}/{total}")
-            try:
-                b = next(batches)
-            except StopIteration:
-                batches = train.batches(batch, rng)
-                b = next(batches)
-            feeds = dict(b.inputs)
-            if loss_inputs["labels"]:
-                feeds[loss_inputs["labels"]] = b.labels  # type: ignore[assignment]
-            for out, name in {**loss_inputs["teacher"], **loss_inputs["targets"]}.items():
-                feeds[name] = b.teacher[out]
-            lr = lr_at(step, total, config)
-            loss = trainer.train_step(feeds, lr)
-            if not math.isfinite(loss):
-                raise BadInputError(f"loss became {loss} at step {step + 1}; lower the learning rate", field="lr")
-            history.append({"step": step + 1, "lr": lr, "loss": loss})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            last = step + 1 == total
-            if evaluator is not None and held is not None and ((step + 1) % config.eval_every == 0 or last):
-                m = metrics(evaluator.predict(held, batch), held, loss_spec, terms)
-                history.append({"step": step + 1, **{f"eval_{k}": v for k, v in m.items()}})
-                if best is None or m["loss"] < best[0]:
-                    best, stale = (m["loss"], trainer.params_numpy()), 0
-                else:
-                    stale += 1
-                    if config.patience is not None and stale >= config.patience:
-                        log.info("early stop at step %d: no held-out improvement in %d evaluations", step + 1, stale)
-                        break
-    finally:
-        bar.close()
-    params = best[1] if best is not None else trainer.params_numpy()
-    tuned = apply_checkpoint(model, params)
+    params = run.loop()
     final: dict[str, float] = {"steps": float(trainer.step), "seconds": time.perf_counter() - started}
-    recent = [h["loss"] for h in history if "loss" in h][-max(1, min(20, per_epoch)):]
+    recent = [h["loss"] for h in run.history if "loss" in h][-20:]
     final["train_loss"] = float(np.mean(recent)) if recent else float("nan")
     if evaluator is not None and held is not None:
         trainer.state.write(params)
-        final.update(metrics(evaluator.predict(held, batch), held, loss_spec, terms))
+        final.update(run.evaluate())
     if reporter is not None:
         reporter("finetune", 1.0, "done")
-    return FinetuneResult(tuned, history, final)
+    return FinetuneResult(apply_checkpoint(model, params), run.history, final)
+
+
+@dataclass
+class _Run:
+    """The training loop of one :func:`finetune` call: batches, schedule, evaluation, early stop."""
+
+    trainer: Trainer
+    evaluator: _Evaluator | None
+    train: TrainData
+    held: TrainData | None
+    config: FinetuneConfig
+    batch: int
+    loss: LossSpec
+    manifest: dict[str, Any]
+    reporter: ReporterFn | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        if self.config.steps is not None:
+            return self.config.steps
+        if self.config.epochs is not None:
+            return self.config.epochs * (len(self.train) // self.batch)
+        return DEFAULT_STEPS
+
+    def evaluate(self) -> dict[str, float]:
+        assert self.evaluator is not None and self.held is not None  # callers check
+        outputs = self.evaluator.predict(self.held, self.batch)
+        return metrics(outputs, self.held, self.loss, self.manifest["loss"]["terms"])
+
+    def _feeds(self, b: TrainData) -> dict[str, np.ndarray]:
+        names = self.manifest["inputs"]
+        feeds = dict(b.inputs)
+        if names["labels"]:
+            assert b.labels is not None  # finetune() checked the data has labels
+            feeds[names["labels"]] = b.labels
+        for out, name in {**names["teacher"], **names["targets"]}.items():
+            feeds[name] = b.teacher[out]
+        return feeds
+
+    def loop(self) -> dict[str, np.ndarray]:
+        """Train; return the parameters with the best held-out loss (the last ones without a split)."""
+        total, config = self.total, self.config
+        best: tuple[float, dict[str, np.ndarray]] | None = None
+        stale = 0
+        rng = np.random.default_rng(config.seed)
+        batches = self.train.batches(self.batch, rng)
+        bar = _progress_bar(total, config.progress_bar)
+        try:
+            for step in range(total):
+                if self.reporter is not None:
+                    self.reporter("finetune", step / total, f"step {step}/{total}")
+                b = next(batches, None)
+                if b is None:  # next epoch, reshuffled
+                    batches = self.train.batches(self.batch, rng)
+                    b = next(batches)
+                lr = lr_at(step, total, config)
+                loss = self.trainer.train_step(self._feeds(b), lr)
+                if not math.isfinite(loss):
+                    raise BadInputError(f"loss became {loss} at step {step + 1}; lower the learning rate", field="lr")
+                self.history.append({"step": step + 1, "lr": lr, "loss": loss})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.evaluator is None or ((step + 1) % config.eval_every and step + 1 != total):
+                    continue
+                m = self.evaluate()
+                self.history.append({"step": step + 1, **{f"eval_{k}": v for k, v in m.items()}})
+                if best is None or m["loss"] < best[0]:
+                    best, stale = (m["loss"], self.trainer.params_numpy()), 0
+                    continue
+                stale += 1
+                if config.patience is not None and stale >= config.patience:
+                    log.info("early stop at step %d: no held-out improvement in %d evaluations", step + 1, stale)
+                    break
+        finally:
+            bar.close()
+        return best[1] if best is not None else self.trainer.params_numpy()
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
