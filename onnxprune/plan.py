@@ -453,17 +453,17 @@ def fit_latency(
     """Least pruning whose *measured* latency is at most ``target`` of the original's.
 
     Latency is noisy and costs a cut plus a benchmark per candidate, so this is a short secant search
-    on the MACs fraction (latency is roughly proportional to it): each candidate is the MACs-budget plan
-    for the current guess, ``measure(plan)`` returns its latency as a fraction of the original's, and
-    the guess moves by ``target / measured``, kept between the best known feasible and infeasible
-    guesses. It stops within ``tolerance`` below the target, after ``max_candidates`` or after
+    on the MACs fraction (latency ≈ MACs^k, k fitted from the last two candidates): each candidate is the
+    MACs-budget plan for the current guess, ``measure(plan)`` returns its latency as a fraction of the
+    original's, and the next guess is kept between the best known feasible and infeasible ones. It stops within ``tolerance`` below the target, after ``max_candidates`` or after
     ``time_budget_s``, and returns the feasible candidate with the least pruning.
 
     Raises:
         PlanError: no candidate measured at or below the target.
     """
     start = time.perf_counter()
-    guess, feasible, infeasible = target, 0.0, 1.0
+    floor = cost.fraction(plan_from_counts(analysis, scores, order.counts(len(order)), round_to), "macs")
+    guess, feasible, infeasible = max(target, floor), 0.0, 1.0
     tried: list[dict[str, float]] = []
     best: tuple[BudgetResult, float] | None = None
     steps = 0
@@ -471,21 +471,22 @@ def fit_latency(
         budget = fit_budget(analysis, scores, cost, order, {"macs": guess}, round_to)
         steps += budget.steps
         ratio = float(measure(budget.plan))
-        tried.append({"macs": round(budget.achieved["macs"], 6), "latency": round(ratio, 4)})
-        log.info("latency search: MACs %.3f -> latency %.3f (target %.3f)", budget.achieved["macs"], ratio, target)
+        macs = budget.achieved["macs"]
+        tried.append({"macs": round(macs, 6), "latency": round(ratio, 4)})
+        log.info("latency search: MACs %.3f -> latency %.3f (target %.3f)", macs, ratio, target)
         if ratio <= target:
-            feasible = max(feasible, guess)
+            feasible = max(feasible, macs)
             if best is None or ratio > best[1]:
                 best = (budget, ratio)
             if target - ratio <= tolerance:
                 break
         else:
-            infeasible = min(infeasible, guess)
-        nxt = guess * target / max(ratio, 1e-9)
-        lo, hi = feasible, infeasible
-        if not lo < nxt < hi:
-            nxt = (lo + hi) / 2 if lo > 0 else min(hi, guess) * 0.8
-        if abs(nxt - guess) < 1e-3 or time.perf_counter() - start > time_budget_s:
+            infeasible = min(infeasible, macs)
+        nxt = macs * (target / max(ratio, 1e-9)) ** (1.0 / _latency_exponent(tried))
+        if not feasible < nxt < infeasible:
+            nxt = (feasible + infeasible) / 2 if feasible > 0 else min(infeasible, macs) * 0.7
+        nxt = max(nxt, floor)
+        if abs(nxt - macs) < 1e-3 or time.perf_counter() - start > time_budget_s:
             break
         guess = nxt
     if best is None:
@@ -499,6 +500,15 @@ def fit_latency(
     achieved["latency"] = ratio
     achieved["params"] = cost.fraction(chosen.plan, "params")
     return BudgetResult(chosen.plan, order.strategy, {"latency": target}, achieved, steps, tried)
+
+
+def _latency_exponent(tried: list[dict[str, float]]) -> float:
+    """k in latency ∝ MACs^k, from the last two candidates (0.7 before there are two: latency falls slower)."""
+    if len(tried) >= 2:
+        (m1, l1), (m2, l2) = ((t["macs"], t["latency"]) for t in tried[-2:])
+        if m1 > 0 and m2 > 0 and l1 > 0 and l2 > 0 and abs(np.log(m1 / m2)) > 1e-3:
+            return float(np.clip(np.log(l1 / l2) / np.log(m1 / m2), 0.3, 1.5))
+    return 0.7
 
 
 def greedy_order(
