@@ -546,9 +546,11 @@ def greedy_order(
         return cost.fraction(plan_from_counts(analysis, scores, c, round_to), metric)
 
     current = frac(counts)
+    strategy = "sensitivity-greedy"
     while current > target + 1e-12:
         if evaluations >= max_evaluations or time.perf_counter() - start > time_budget_s:
             log.info("greedy allocation stopped after %d evaluations; the rest follows the global ranking", evaluations)
+            strategy = f"sensitivity-greedy down to {current:.3f} ({evaluations} evaluations), then global"
             break
         goal = max(target, current - step)
         best: tuple[float, int, int, float] | None = None
@@ -586,4 +588,4 @@ def greedy_order(
         else:
             seq.append(gid)
     log.info("greedy allocation: %d evaluations", evaluations)
-    return RemovalOrder(np.array(seq, dtype=np.int64), "sensitivity-greedy")
+    return RemovalOrder(np.array(seq, dtype=np.int64), strategy)

@@ -184,3 +184,16 @@ def test_fit_latency_search_with_a_model_of_latency() -> None:
     assert len(calls) <= 8 and result.candidates
     with pytest.raises(PlanError, match="not reached"):
         planning.fit_latency(analysis, scores, cost, order, 0.2, measure, max_candidates=3)
+
+
+def test_greedy_order_stops_at_its_evaluation_budget() -> None:
+    _, analysis, scores, cost = _setup(BUILDERS["vgg"]())
+    calls: list[int] = []
+
+    def loss(plan: planning.Plan) -> float:
+        calls.append(1)
+        return 0.0
+
+    order = planning.greedy_order(analysis, scores, cost, "macs", 0.5, loss, max_evaluations=2)
+    assert "then global" in order.strategy and len(calls) <= 2 + len(scores)
+    assert planning.fit_budget(analysis, scores, cost, order, {"macs": 0.5}).achieved["macs"] <= 0.5
