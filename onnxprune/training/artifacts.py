@@ -197,10 +197,12 @@ class TrainingArtifacts:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the artifacts into ``directory`` (created); returns its path."""
+        from onnxprune.model import save_model  # external data above 2 GB, IR capped for onnxruntime
+
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(_cap_ir(self.training_model), path / "training_model.onnx")
-        onnx.save_model(_cap_ir(self.eval_model), path / "eval_model.onnx")
+        save_model(self.training_model, path / "training_model.onnx")
+        save_model(self.eval_model, path / "eval_model.onnx")
         np.savez(path / "checkpoint.npz", **self.checkpoint)
         (path / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
         return path
@@ -215,8 +217,8 @@ class TrainingArtifacts:
         path = Path(directory)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
-            training = onnx.load(path / "training_model.onnx")
-            evaluation = onnx.load(path / "eval_model.onnx")
+            training = onnx.load(str(path / "training_model.onnx"))
+            evaluation = onnx.load(str(path / "eval_model.onnx"))
             checkpoint = load_checkpoint(path / "checkpoint.npz")
         except (OSError, ValueError) as e:
             raise BadInputError(f"cannot read training artifacts from {path}: {e}", field="artifacts") from e
@@ -280,7 +282,8 @@ def export_artifacts(
     states = add_optimizer(graph, slots, opt_spec)
     train.graph.name = f"{model.graph.name or 'model'}_training"
     _cap_ir(train)
-    onnx.checker.check_model(train)
+    if train.ByteSize() < 2**31 - 2**24:  # the checker cannot take larger protos in memory
+        onnx.checker.check_model(train)
 
     evaluation = params_to_inputs(
         upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes)), list(gm.params)
