@@ -123,3 +123,37 @@ def test_analyze_lists_removable_blocks(tmp_path: Path) -> None:
     result = analyze(_save(build_mobilenetv2(), tmp_path))
     assert [b["add"] for b in result["removable_blocks"]] == ["block1.add", "block2.add"]
     assert all(b["kind"] == "conv" and b["params"] > 0 for b in result["removable_blocks"])
+
+
+def build_convnext(*, seed: int = 0, blocks: int = 2, dim: int = 16) -> onnx.ModelProto:
+    """ConvNeXt blocks on [N, 3, 8, 8]: depthwise 7x7 → channels-last → LayerNorm → MatMul(4x) → GELU →
+    MatMul → layer-scale Mul → channels-first → Add."""
+    from tests.models import _Graph
+
+    g = _Graph("convnext", seed, 17)
+    x = g.conv("input", 3, dim, 2, name="stem", stride=2, pad=0)  # [N, 16, 4, 4]
+    for i in range(blocks):
+        p = f"block{i}"
+        y = g.conv(x, dim, dim, 7, name=f"{p}.dw", group=dim, pad=3)
+        y = g.node("Transpose", [y], perm=[0, 2, 3, 1])
+        y = g.node("LayerNormalization", [y, g.const(f"{p}.ln.weight", np.ones(dim, np.float32)),
+                                          g.const(f"{p}.ln.bias", g.small([dim]))], name=f"{p}.ln", axis=-1)
+        y = g.gelu(g.linear(y, dim, 4 * dim, name=f"{p}.pw1"))
+        y = g.node("Mul", [g.linear(y, 4 * dim, dim, name=f"{p}.pw2"), g.const(f"{p}.gamma", g.small([dim], 0.5))])
+        y = g.node("Transpose", [y], perm=[0, 3, 1, 2])
+        x = g.node("Add", [x, y], name=f"{p}.add")
+    return g.finish(g.head(x, dim), ["N", 3, 8, 8])
+
+
+def test_convnext_blocks_are_found_and_removed(tmp_path: Path) -> None:
+    model = build_convnext()
+    assert [b.add for b in _blocks(model)] == ["block0.add", "block1.add"]
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, depth=1, device="cpu"))
+    assert len(result.report["depth"]["removed"]) == 1
+    groups = {tuple(g["producers"]): g for g in result.report["groups"]}
+    stream = next(g for p, g in groups.items() if "stem" in p)
+    assert stream["kept"] < stream["channels"]  # the residual stream through depthwise, LayerNorm and layer scale
+    pruned = onnx.load(result.output_path)
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(pruned), full_check=True)
+    feeds = random_inputs(model, batch=2)
+    assert run(pruned, feeds)["output"].shape == (2, 10)
