@@ -26,3 +26,15 @@ def test_bench_step_matches_pytorch_loss() -> None:
     ((_, loss_torch),) = bench.interleaved([bench.torch_stepper(w, x, y, threads=1, lr=0.01)], steps=2)
     # same weights, same data, same SGD: after 5 identical steps the losses agree
     assert loss_ort == pytest.approx(loss_torch, rel=1e-3)
+
+
+def test_bench_transformer_step_matches_pytorch_loss() -> None:
+    w = bench.make_transformer_weights(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, bench.DIM)).astype(np.float32)
+    y = rng.integers(0, bench.CLASSES, 3).astype(np.int64)
+    ((_, loss_ort),) = bench.interleaved([bench.ort_stepper(w, x, y, 1, 0.05, "transformer")], steps=3)
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch not installed (benchmark extra)")
+    ((_, loss_torch),) = bench.interleaved([bench.torch_stepper(w, x, y, 1, 0.05, "transformer")], steps=3)
+    assert loss_ort == pytest.approx(loss_torch, rel=1e-3)
