@@ -256,6 +256,11 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _reference(state: PruneState) -> onnx.ModelProto | str:
+    """The original model for onnxruntime: its own file when large, so it is not serialised again."""
+    return state.model_path if model_io.is_large(state.model) else state.model
+
+
 def stage_verify(state: PruneState) -> None:
     """Run both models in onnxruntime on the same inputs and compare outputs."""
     from onnxprune import runtime
@@ -272,7 +277,7 @@ def stage_verify(state: PruneState) -> None:
         state.notes.append(f"fidelity not measured: {e}")
         return
     state.extras["fidelity_data"] = f"random inputs ({spec.fidelity_samples} samples)"
-    with runtime.make_session(state.model, choice) as ref, runtime.make_session(state.pruned, choice) as cand:
+    with runtime.make_session(_reference(state), choice) as ref, runtime.make_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
@@ -293,7 +298,7 @@ def _verify_on_calibration(state: PruneState, choice: Any) -> None:
         source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
         state.extras["calib_source"], state.extras["calib_what"] = source, what
     refs, cands = [], []
-    with runtime.make_session(state.model, choice) as ref, runtime.make_session(state.pruned, choice) as cand:
+    with runtime.make_session(_reference(state), choice) as ref, runtime.make_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
