@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import BadInputError, UnsupportedOpError
+
+if TYPE_CHECKING:
+    from onnxprune.training.vjp import VJPRegistry
 
 log = logging.getLogger(__name__)
 
@@ -390,14 +394,13 @@ def build_gradients(
     loss: str,
     wrt: Sequence[str],
     *,
-    registry: object | None = None,
-    keep_outputs: bool = False,
+    registry: VJPRegistry | None = None,
 ) -> GradientResult:
     """Append the backward pass of ``loss`` w.r.t. ``wrt`` to a copy of ``model``.
 
     ``loss`` must be a scalar float tensor of the graph; ``wrt`` are graph inputs or initializers.
-    The result's outputs are ``loss`` (and the old outputs when ``keep_outputs``) followed by one
-    ``<name>__grad`` output per tensor that reaches the loss.
+    The result's outputs are ``loss`` followed by one ``<name>__grad`` output per tensor that
+    reaches the loss (``missing`` lists the others). ``registry`` defaults to :func:`default_registry`.
 
     Raises:
         UnsupportedOpError: an op on a path from ``wrt`` to ``loss`` has no VJP rule (names op and node).
@@ -430,7 +433,7 @@ def build_gradients(
         opset=model_opset(out),
         taken=names | {vi.name for vi in graph.value_info},
     )
-    reach = _differentiable(graph, wrt, info, reg.non_differentiable)  # type: ignore[attr-defined]
+    reach = _differentiable(graph, wrt, info, reg.non_differentiable)
     need, active = _needed(graph, loss, reach)
     grads: dict[str, list[str]] = {loss: [ctx.emit("ConstantOfShape", [ctx.shape_of(loss)],
                                                    value=helper.make_tensor("v", ctx.dtype(loss), [1], [1]))]}
@@ -438,7 +441,7 @@ def build_gradients(
         gouts = [_total(ctx, grads.get(o, [])) if o else None for o in node.output]
         if all(g is None for g in gouts):
             continue
-        rule = reg.rule(node.op_type, node.domain)  # type: ignore[attr-defined]
+        rule = reg.rule(node.op_type, node.domain)
         if rule is None:
             raise UnsupportedOpError(
                 f"no gradient rule for op {node.op_type!r} (node {node.name!r}); it lies on the path from "
@@ -453,8 +456,6 @@ def build_gradients(
     result: dict[str, str] = {}
     missing: list[str] = []
     outputs = [helper.make_tensor_value_info(loss, ctx.dtype(loss), ctx.shape(loss))]
-    if keep_outputs:
-        outputs = list(graph.output) + [o for o in outputs if o.name not in {x.name for x in graph.output}]
     for w in wrt:
         total = _total(ctx, grads.get(w, [])) if w != loss else None
         if total is None:
