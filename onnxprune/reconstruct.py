@@ -75,13 +75,15 @@ def plan_fits(original: gs.Graph, pruned: gs.Graph, analysis: Analysis, removed:
     orig_nodes = {n.name: n for n in original.nodes}
     new_nodes = {n.name: n for n in pruned.nodes}
     outs = _sites_by_node(analysis, "out")
-    fits = []
+    fits: list[LayerFit] = []
+    seen: set[str] = set()
     for site in analysis.sites:
         if site.role != "in":
             continue
         keep_in = keep_positions(site.ids, removed, analysis.class_of)
-        if keep_in.all() or site.node not in new_nodes or site.node not in orig_nodes:
+        if keep_in.all() or site.node not in new_nodes or site.node not in orig_nodes or site.node in seen:
             continue
+        seen.add(site.node)
         vo, vp = linear_view(orig_nodes[site.node]), linear_view(new_nodes[site.node])
         if isinstance(vo, str) or isinstance(vp, str) or vo.weight != site.tensor:
             notes.append(f"reconstruct: skipped {vo if isinstance(vo, str) else vp}")
@@ -116,6 +118,8 @@ def waves(graph: gs.Graph, fits: list[LayerFit]) -> list[list[LayerFit]]:
     while pending:
         names = {f.node for f in pending}
         wave = [f for f in pending if not (anc[f.node] & (names - {f.node}))]
+        if not wave:
+            raise InvariantError(f"reconstruct: no layer order for {sorted(names)} (a cycle in the graph?)")
         out.append(wave)
         pending = [f for f in pending if f not in wave]
     return out
@@ -139,6 +143,9 @@ def _accumulate(fit: LayerFit, w_o: np.ndarray, b_o: np.ndarray, x_o: np.ndarray
     pos = fit.original.positions(x_o.shape, positions, rng)
     target = (fit.original.rows(x_o, pos) @ w_o + b_o)[:, fit.keep_out]
     a = fit.pruned.rows(x_p, pos)
+    if a.shape[1] != int(fit.keep_in.sum()):
+        raise InvariantError(f"reconstruct {fit.node}: the pruned layer reads {a.shape[1]} features, "
+                             f"the cut should have left {int(fit.keep_in.sum())}")
     if fit.pruned.can_bias:
         a = np.hstack([a, np.ones((len(a), 1))])
     if not fit.gram.size:
