@@ -149,6 +149,7 @@ class GradientModel:
     loss: LossGraph
     params: dict[str, np.ndarray]  # trained name → initial value
     batch_inputs: tuple[str, ...]
+    base: onnx.ModelProto  # the inference model as differentiated (opset upgraded, shapes fixed)
 
 
 def build_gradient_model(
@@ -183,7 +184,7 @@ def build_gradient_model(
         graph.input.extend(keep_inputs)
         graph.initializer.extend(inits[n] for n in result.missing)
     params = {n: numpy_helper.to_array(inits[n]) for n in names if n in result.grads}
-    return GradientModel(result, lg, params, batch_inputs)
+    return GradientModel(result, lg, params, batch_inputs, base)
 
 
 @dataclass
@@ -285,9 +286,7 @@ def export_artifacts(
     if train.ByteSize() < 2**31 - 2**24:  # the checker cannot take larger protos in memory
         onnx.checker.check_model(train)
 
-    evaluation = params_to_inputs(
-        upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes)), list(gm.params)
-    )
+    evaluation = params_to_inputs(gm.base, list(gm.params))
     _cap_ir(evaluation)
     checkpoint: dict[str, np.ndarray] = dict(gm.params)
     for s in states:
