@@ -27,6 +27,7 @@ from onnxprune import report as reporting
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
 from onnxprune.groups import Analysis, analyze_graph, group_to_dict
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.progress import ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels
@@ -129,6 +130,12 @@ def stage_calibrate(state: PruneState) -> None:
         return
     source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
     state.extras["calib_source"], state.extras["calib_what"] = source, what
+    if GRADIENTS in needs:
+        state.extras[GRADIENTS] = collect_gradients(state.model, source, device=_device(state),
+                                                    reporter=state.reporter)
+        state.notes.append(f"gradients for {spec.criterion} from {what}"
+                           + ("" if source.has_labels else " with the model's own top-1 as labels"))
+        needs = needs - {GRADIENTS}
     if needs:
         stats = calibration.calibrate(
             state.model, state.graph, state.analysis, source, needs=needs, device=_device(state), seed=spec.seed,

@@ -1,0 +1,97 @@
+"""Gradient-based criteria: first-order Taylor and second-order Optimal Brain Damage.
+
+``taylor`` (Molchanov et al. 2019): removing a channel changes the loss by about ``Σ g·w`` over its
+weights, so a channel scores ``|Σ_i E[g_i]·w_i|`` per tensor that follows it, each tensor normalised
+by its mean channel score as in the magnitude criteria, averaged over the group's tensors.
+``obd`` (LeCun et al. 1990): the loss rises by ``½·h_ii·w_i²`` per removed weight at a minimum;
+``h_ii`` is approximated by the empirical Fisher ``E[g_i²]`` over calibration batches, and a channel
+scores the sum over its weights, normalised and averaged the same way.
+
+Both use the training graph's gradients (``training.accumulate_gradients``). With labels in the
+calibration data the loss is cross-entropy; without, the original model's own top-1 predictions are
+the labels (hard distillation: soft distillation against itself has zero gradient at the start).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune.data import DataSource
+from onnxprune.errors import BadInputError, InvariantError
+from onnxprune.groups import PruningGroup
+from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
+
+GRADIENTS = "gradients"
+ROLES = ("out", "in", "param")
+
+
+def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: object = "auto",
+                      batch_size: int = 16, reporter: object | None = None) -> object:
+    """Gradient statistics (Σg, Σg²) of the loss over the calibration stream.
+
+    Raises:
+        BadInputError: no labels and an output that is not class scores [N, K].
+    """
+    from onnxprune.runtime import make_session
+    from onnxprune.training import accumulate_gradients
+
+    labelled = source.has_labels
+    out = model.graph.output[0]
+    if not labelled and len(out.type.tensor_type.shape.dim) != 2:
+        raise BadInputError(
+            "taylor/obd need labels in --calib data unless the model's first output is class scores [N, K]",
+            field="calib",
+        )
+
+    def batches():
+        if labelled:
+            yield from source.batches(batch_size, with_labels=True)
+            return
+        with make_session(model, device) as sess:
+            for feeds in source.batches(batch_size):
+                logits = sess.run(feeds)[out.name]
+                yield {**feeds, "labels": np.argmax(logits, axis=1).astype(np.int64)}
+
+    return accumulate_gradients(model, batches(), loss="ce", device=device, reporter=reporter)
+
+
+def _stats(ctx: ScoringContext):
+    stats = ctx.extras.get(GRADIENTS)
+    if stats is None:
+        raise InvariantError("gradient criteria need gradient statistics; the calibrate stage did not run")
+    return stats
+
+
+def _score(ctx: ScoringContext, group: PruningGroup, per_weight) -> np.ndarray:
+    stats = _stats(ctx)
+    total, count = np.zeros(group.size), np.zeros(group.size)
+    for site in group_sites(ctx, group, ROLES):
+        if site.tensor not in stats.grad_sum:
+            continue
+        w = ctx.weights(site).astype(np.float64)
+        values = np.moveaxis(per_weight(stats, site.tensor, w), site.axis, 0).reshape(len(site.ids), -1).sum(axis=1)
+        sums, touched = per_channel(ctx, group, site, values)
+        sums = np.abs(sums)
+        mean = sums[touched].mean() if touched.any() else 0.0
+        if mean > 0:
+            total[touched] += sums[touched] / mean
+            count[touched] += 1
+    if not count.any():
+        ctx.note(f"group {group.id} ({', '.join(group.producers)}): no trained weights; scores are zero")
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def taylor_scores(ctx: ScoringContext, group: PruningGroup) -> np.ndarray:
+    """|Σ E[g]·w| per channel and tensor (first-order Taylor expansion of the loss)."""
+    return _score(ctx, group, lambda stats, name, w: stats.mean(name) * w)
+
+
+def obd_scores(ctx: ScoringContext, group: PruningGroup) -> np.ndarray:
+    """Σ ½·E[g²]·w² per channel and tensor (OBD saliency with the empirical-Fisher Hessian diagonal)."""
+    return _score(ctx, group, lambda stats, name, w: 0.5 * stats.fisher(name) * w * w)
+
+
+def register(reg: CriterionRegistry) -> None:
+    reg.register("taylor", taylor_scores, needs={GRADIENTS})
+    reg.register("obd", obd_scores, needs={GRADIENTS})
