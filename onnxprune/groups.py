@@ -196,6 +196,7 @@ class Analyzer:
         self.producer_of: list[str] = []
         self.sites: list[Site] = []
         self.fixups: list[Fixup] = []
+        self.shape_reads: dict[str, list[tuple[str, ...]]] = {}
 
     # --- facts about tensors -------------------------------------------------------------
     def map(self, t: gs.Tensor | None) -> ChannelMap | None:
@@ -290,14 +291,16 @@ def analyze_graph(
     _name_nodes(graph)
     for node in graph.nodes:
         _block_outer_scope(az, node)
+        reads = _follow_shape_reads(az, node)
         if az.excluded(node):
             az.block_inputs(node, f"node {node.name} excluded by --exclude")
-            continue
-        rule = registry.get(node.op) if node.domain in (None, "", "ai.onnx") else None
-        if rule is None:
-            az.block_inputs(node, f"{node.op} at node {node.name} not understood")
-            continue
-        rule(az, node)
+        else:
+            rule = registry.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+            if rule is None:
+                az.block_inputs(node, f"{node.op} at node {node.name} not understood")
+            else:
+                rule(az, node)
+        _check_shape_reads(az, node, reads)
     for out in graph.outputs:
         m = az.map(out)
         if m is not None:
@@ -366,6 +369,88 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
         if not _static_dims(result.get(name)):
             result[name] = dims
     return result
+
+
+SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")
+
+
+def _follow_shape_reads(az: Analyzer, node: gs.Node) -> list[tuple[int, int, str]]:
+    """Track channel counts read by ``Shape`` through shape arithmetic, entry by entry.
+
+    ``Shape(x)`` of a tensor with channels marks the entry of x's channel axis; Gather/Slice/Concat/
+    Cast/Unsqueeze/Squeeze carry the marks. Any other consumer of a marked entry is returned as
+    (input index, entry, tensor whose count it is) for :func:`_check_shape_reads`: pruning x changes
+    that value at runtime, which is fine only where the analysis knows it (a Reshape of x itself).
+    """
+    if node.op == "Shape":
+        _start_shape_read(az, node)
+        return []
+    reads = [(i, az.shape_reads[t.name]) for i, t in enumerate(node.inputs) if t.name in az.shape_reads]
+    if not reads:
+        return []
+    entries = _carry_shape_read(az, node)
+    if entries is not None:
+        if any(entries):
+            az.shape_reads[node.outputs[0].name] = entries
+        return []
+    return [(i, p, origin) for i, marks in reads for p, origins in enumerate(marks) for origin in origins]
+
+
+def _start_shape_read(az: Analyzer, node: gs.Node) -> None:
+    x = node.inputs[0]
+    m, rank = az.map(x), az.rank(x)
+    if m is None or rank is None:
+        return
+    start = int(node.attrs.get("start", 0))
+    end = int(node.attrs.get("end", rank))
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+    if start <= m.axis < end:
+        entries: list[tuple[str, ...]] = [() for _ in range(start, end)]
+        entries[m.axis - start] = (x.name,)
+        az.shape_reads[node.outputs[0].name] = entries
+
+
+def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | None:
+    """The marks of a shape op's output, or None when ``node`` is not a shape op the analysis follows."""
+    def marks(t: gs.Tensor) -> list[tuple[str, ...]] | None:
+        if t.name in az.shape_reads:
+            return az.shape_reads[t.name]
+        dims = az.shape(t)
+        if dims is None or len(dims) > 1 or (dims and not isinstance(dims[0], int)):
+            return None
+        return [()] * (dims[0] if dims else 1)
+
+    src = marks(node.inputs[0]) if node.inputs else None
+    if node.op in SHAPE_PASS and all(t.name not in az.shape_reads for t in node.inputs[1:]):
+        return src
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and src is not None:
+        idx = az.const(node.inputs[1])
+        return None if idx is None else [src[int(i)] for i in idx.reshape(-1)]
+    if node.op == "Slice" and src is not None:
+        bounds = [az.const(node.inputs[k]) if len(node.inputs) > k and node.inputs[k].name else None for k in (1, 2, 4)]
+        if bounds[0] is None or bounds[1] is None or bounds[0].size != 1:
+            return None
+        step = 1 if bounds[2] is None else int(bounds[2].reshape(-1)[0])
+        return src[slice(int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0]), step)]
+    if node.op == "Concat":
+        parts = [marks(t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]  # type: ignore[union-attr]
+    return None
+
+
+def _check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, str]]) -> None:
+    """Block channels whose count a node computes with, unless it is a Reshape or Expand that gives the
+    same channels the same axis (the count then follows the cut by itself)."""
+    for i, p, origin in reads:
+        source, out = az.maps.get(origin), az.map(node.outputs[0]) if node.outputs else None
+        if node.op in ("Reshape", "Expand") and i == 1 and source is not None and out is not None:
+            length = az.shape(node.inputs[1])
+            rank = az.rank(node.outputs[0])
+            axis = p + (rank - length[0]) if rank is not None and length and isinstance(length[0], int) else -1
+            if out.axis == axis and np.array_equal(out.ids, source.ids):
+                continue
+        if source is not None:
+            az.block(source.ids, f"{node.op} {node.name} computes with the channel count of {origin} (read by Shape)")
 
 
 def _name_nodes(graph: gs.Graph) -> None:

@@ -270,3 +270,22 @@ def test_if_reading_a_tensor_inside_its_branches_blocks_it() -> None:
     _, a = _analysis(BUILDERS["with_if"]())
     g = _group_of(a, "conv1")
     assert g.prunable == 0 and "inside a subgraph" in g.blocked_reason
+
+
+def test_channel_count_read_by_shape_elsewhere_blocks_the_channels() -> None:
+    """Shape(x)[C] feeding a Reshape of another tensor: pruning x would change that Reshape at runtime."""
+    from tests.models import _Graph
+
+    g = _Graph("shape_read", 0, 17)
+    x = g.conv_bn_act("input", 3, 8, name="conv1")  # [N, 8, 8, 8]
+    y = g.conv_bn_act(x, 8, 8, name="conv2")
+    c = g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const("one", np.array(1, np.int64))], axis=0),
+                             g.const("axis0", np.array([0], np.int64))])
+    side = g.node("Reshape", ["input", g.node("Concat", [g.const("minus1", np.array([-1], np.int64)), c], axis=0)])
+    side = g.reduce("ReduceMean", side, None, keepdims=0)
+    out = g.node("Add", [g.head(y, 8), side])
+    model = g.finish(out, [2, 3, 8, 8])
+    _, a = _analysis(model)
+    blocked = _group_of(a, "conv1")
+    assert blocked.prunable == 0 and "read by Shape" in blocked.blocked_reason
+    assert _group_of(a, "conv2").prunable == 8
