@@ -218,6 +218,28 @@ def test_max_pool(attrs: dict) -> None:
     _check(_op_model("MaxPool", {"x": x}, **attrs), {"x": x}, ["x"])
 
 
+@pytest.mark.parametrize("shape,kernel", [((2, 3, 8, 6), [2, 2]), ((2, 2, 6, 6), [3, 2]), ((2, 3, 8), [4])])
+def test_max_pool_tiled_fast_path(shape: tuple[int, ...], kernel: list[int]) -> None:
+    x = RNG.permutation(int(np.prod(shape))).reshape(shape).astype(np.float32) / 50.0
+    m = _op_model("MaxPool", {"x": x}, kernel_shape=kernel, strides=kernel)
+    res = build_gradients(m, "y0", ["x"])
+    assert "ScatterElements" not in {n.op_type for n in res.model.graph.node}  # took the tiled path
+    _check(m, {"x": x}, ["x"])
+
+
+def test_max_pool_tied_maxima_share_the_gradient() -> None:
+    """ReLU outputs often tie at 0 inside a window: the window's gradient is split, not duplicated."""
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    m = _op_model("MaxPool", {"x": x}, kernel_shape=[2, 2], strides=[2, 2])
+    from onnxprune.training.gradcheck import with_linear_loss
+    import onnxruntime as ort
+
+    res = build_gradients(with_linear_loss(m, {"y0": (1, 1, 1, 1)}), "gc_loss", ["x"])
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    grad = sess.run([res.grads["x"]], {"x": x, "gc_weight/y0": np.ones((1, 1, 1, 1), np.float32)})[0]
+    assert grad.sum() == pytest.approx(1.0) and np.allclose(grad, 0.25)
+
+
 def test_max_pool_with_indices_used() -> None:
     x = RNG.permutation(2 * 2 * 4 * 4).reshape(2, 2, 4, 4).astype(np.float32)
     _check(_op_model("MaxPool", {"x": x}, n_out=2, kernel_shape=[2, 2], strides=[2, 2]), {"x": x}, ["x"])
