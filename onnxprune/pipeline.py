@@ -9,8 +9,10 @@ unexpected error escapes (STYLE.md habit 5).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, Plan
 from onnxprune.groups import Analysis, analyze_graph, group_to_dict
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
-from onnxprune.progress import ProgressFn, Reporter
+from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels
 
@@ -64,6 +66,8 @@ class PruneState:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    teacher_path: str | None = None
+    """The model fine-tuning distils from when the data has no labels (default: this run's input)."""
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -255,12 +259,47 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     out.producer_name = "onnxprune"
     del out.metadata_props[:]
     out.metadata_props.extend(like.metadata_props)
+    return export_checked(out)
+
+
+def export_checked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Re-infer shapes (stale ones dropped first) and run the full checker.
+
+    Raises:
+        InvariantError: the checker rejects the model.
+    """
     try:
-        out = model_io.infer_shapes(out)
+        del model.graph.value_info[:]
+        out = model_io.infer_shapes(model)
         model_io.check_model(out)
     except Exception as e:
         raise InvariantError(f"the pruned model fails onnx.checker: {e}") from e
     return out
+
+
+def stage_finetune(state: PruneState) -> None:
+    """``--finetune-steps N --train-data DATA``: train the pruned model on onnxruntime.
+
+    With ``labels`` in DATA the loss is cross-entropy; without, the pruned model distils from the
+    original (``teacher_path`` in iterative runs, so every step learns from the unpruned model).
+    """
+    spec = state.spec
+    if not spec.finetune_steps:
+        return
+    assert state.pruned is not None
+    from onnxprune.training import FinetuneConfig, TrainData, finetune
+
+    data = TrainData.load(spec.train_data)
+    teacher = model_io.load_model(state.teacher_path).model if state.teacher_path else state.model
+    config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
+                            progress_bar=False)
+    result = finetune(state.pruned, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
+    state.pruned = export_checked(result.model)
+    how = "labels" if data.labels is not None else "distillation from the original model"
+    metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
+    state.extras["finetune"] = {"steps": spec.finetune_steps, "loss": how, "lr": spec.lr,
+                                "batch_size": spec.batch_size, "metrics": metrics}
+    state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
 
 
 def _reference(state: PruneState) -> onnx.ModelProto | str:
@@ -329,7 +368,8 @@ def stage_report(state: PruneState) -> None:
     shapes = state.spec.shapes or None
     original = reporting.model_stats(state.model, shapes)
     pruned = reporting.model_stats(state.pruned, shapes)
-    groups = [group_to_dict(g, state.plan.kept(g)) for g in state.analysis.groups]
+    kept = state.extras.get("group_kept", {})
+    groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
     latency = _bench(state) if state.spec.bench else None
     state.report = reporting.build_report(
         original, pruned, groups, state.fidelity, state.spec.criterion, state.device, latency=latency,
@@ -338,7 +378,8 @@ def stage_report(state: PruneState) -> None:
                "depth": state.extras.get("depth"),
                "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings,
                "fidelity_data": state.extras.get("fidelity_data"),
-               "reconstruct": state.extras.get("reconstruct")},
+               "reconstruct": state.extras.get("reconstruct"),
+               "finetune": state.extras.get("finetune")},
     )
 
 
@@ -364,6 +405,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("plan", stage_plan),
     ("cut", stage_cut),
     ("reconstruct", stage_reconstruct),
+    ("finetune", stage_finetune),
     ("verify", stage_verify),
     ("save", stage_save),
     ("report", stage_report),
@@ -406,9 +448,84 @@ def prune(
         True
     """
     spec = (spec or PruneSpec()).validate()
+    if spec.iterations > 1:
+        return _prune_iteratively(os.fspath(model_path), os.fspath(output_path), spec, progress, cancel)
     state = PruneState(os.fspath(model_path), os.fspath(output_path), spec, Reporter(progress, cancel))
     _run_stages(state, STAGES)
     return PruneResult(output_path=state.output_path, report=state.report)
+
+
+def step_spec(spec: PruneSpec, k: int) -> PruneSpec:
+    """Options of iteration ``k`` (0-based) of ``spec.iterations``: each removes the same share of what is left.
+
+    Keeping ``q = (1 - ratio) ** (1 / K)`` per step keeps ``1 - ratio`` after K steps; budgets likewise
+    shrink by their K-th root per step. Depth pruning happens in the first step only.
+    """
+    n = spec.iterations
+    root = (lambda t: None if t is None else t ** (1.0 / n))
+    return dataclasses.replace(
+        spec, iterations=1, ratio=1.0 - (1.0 - spec.ratio) ** (1.0 / n), depth=spec.depth if k == 0 else 0,
+        target_macs=root(spec.target_macs), target_params=root(spec.target_params),
+        target_latency=root(spec.target_latency), bench=False,
+    )
+
+
+def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progress: ProgressFn | None,
+                       cancel: threading.Event | None) -> PruneResult:
+    """Prune a little, fine-tune, repeat (``--iterations K``); the report compares the final model with the original."""
+    if spec.granularity != "channel":
+        raise BadInputError("--iterations applies to channel pruning, not --granularity " + spec.granularity,
+                            field="iterations")
+    n = spec.iterations
+    steps: list[dict[str, Any]] = []
+    first: PruneState | None = None
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".onnxprune-steps-", dir=out_dir) as tmp:
+        src = model_path
+        for k in range(n):
+            out = output_path if k == n - 1 else os.path.join(tmp, f"step{k + 1}.onnx")
+            reporter = Reporter(_step_progress(progress, k, n), cancel)
+            state = PruneState(src, out, step_spec(spec, k), reporter, teacher_path=model_path)
+            _run_stages(state, STAGES)
+            first = first or state
+            r = state.report
+            steps.append({"iteration": k + 1, "ratio": round(state.spec.ratio, 6), "params": r["pruned"]["params"],
+                          "macs": r["pruned"]["macs"], "fidelity_vs_previous": r.get("fidelity"),
+                          "finetune": r.get("finetune")})
+            src = out
+    assert first is not None
+    final = PruneState(model_path, output_path, spec, Reporter(progress, cancel), analysis=first.analysis)
+    stage_load(final)
+    final.pruned = onnx.load(output_path)
+    final.plan = planning.Plan()
+    final.extras["group_kept"] = _kept_channels(first, final.pruned)
+    final.notes.append(f"pruned in {n} iterations of ratio {steps[0]['ratio']:.4f} each")
+    _run_stages(final, [("verify", stage_verify), ("report", stage_report)])
+    final.report["iterations"] = steps
+    return PruneResult(output_path=output_path, report=final.report)
+
+
+def _step_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda ev: progress(Progress("iteration" if ev.stage == "done" else ev.stage, (k + ev.fraction) / n,
+                                        f"iteration {k + 1}/{n}: {ev.message}"))
+
+
+def _kept_channels(first: PruneState, final_model: onnx.ModelProto) -> dict[int, int]:
+    """Channels each group of the first analysis still has in the final model (read from inferred shapes)."""
+    assert first.analysis is not None and first.graph is not None
+    shapes = model_io.static_shapes(final_model, first.spec.shapes)
+    outputs = {n.name: n.outputs[0].name for n in first.graph.nodes if n.outputs}
+    kept: dict[int, int] = {}
+    for g in first.analysis.groups:
+        tensor = outputs.get(g.producers[0]) if g.producers else None
+        m = first.analysis.maps.get(tensor) if tensor else None
+        dims = shapes.get(tensor) if tensor else None
+        if m is not None and dims is not None and isinstance(dims[m.axis], int):
+            kept[g.id] = int(dims[m.axis])
+    return kept
 
 
 def analyze(
