@@ -136,6 +136,9 @@ def test_accumulate_gradients_matches_artifact_grads(digits_model_path: Path, di
     assert stats.grad_sum[w].shape == numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == w)).shape
     assert np.all(stats.grad_sq_sum[w] >= 0) and np.abs(stats.grad_sum[w]).sum() > 0
+    wv = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == w))
+    np.testing.assert_allclose(stats.taylor(w, wv), np.abs(stats.grad_sum[w] / 2 * wv))
+    np.testing.assert_allclose(stats.obd(w, wv), 0.25 * stats.grad_sq_sum[w] * wv.astype(np.float64) ** 2)
     dist = accumulate_gradients(damaged(model), [{"input": x}], loss="distill", teacher=model, device="cpu")
     assert dist.count == 1 and dist.loss_sum > 0
 

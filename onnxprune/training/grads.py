@@ -33,6 +33,14 @@ class GradStats:
     def fisher(self, name: str) -> np.ndarray:
         return self.grad_sq_sum[name] / max(self.count, 1)
 
+    def taylor(self, name: str, weight: np.ndarray) -> np.ndarray:
+        """Elementwise first-order saliency |E[g]·w| (sum it over a channel's weights)."""
+        return np.abs(self.mean(name) * weight)
+
+    def obd(self, name: str, weight: np.ndarray) -> np.ndarray:
+        """Elementwise Optimal Brain Damage saliency ½·E[g²]·w² (Hessian diagonal ≈ empirical Fisher)."""
+        return 0.5 * self.fisher(name) * np.square(weight, dtype=np.float64)
+
 
 def accumulate_gradients(
     model: onnx.ModelProto,
