@@ -7,6 +7,7 @@ cannot follow, always with a reason. An op without a rule blocks its inputs (the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -670,6 +671,12 @@ def _reshape_split(az: Analyzer, node: gs.Node, xm: ChannelMap, o: int, sizes: t
     pruned), the inner axis for a channel shuffle (every shuffle group loses the same offsets)."""
     mapping = SplitAxisMapping(sizes)
     k = len(sizes) - 1 if _is_shuffle(node, o, len(sizes)) else len(sizes) - 2
+    stacks = _stack_axes(az, node.outputs[0], o, len(sizes))
+    while k in stacks and k + 1 < len(sizes):
+        k += 1
+    if k in stacks:
+        az.block(xm.ids, f"Reshape {node.name} splits them into axes that are later indexed")
+        return
     ids = mapping.ids_on(xm.ids, k)
     if ids is None:
         cols = mapping.ties(xm.ids, k)
@@ -678,6 +685,57 @@ def _reshape_split(az: Analyzer, node: gs.Node, xm: ChannelMap, o: int, sizes: t
             ids = az.couple(ids, col, f"Reshape {node.name} splits them into axes shared with unprunable channels")
     if _shape_fixup(az, node, o + k, ids, same_axis=False):
         az.set_map(node.outputs[0], ChannelMap(o + k, ids))
+
+
+STACK_LOOKAHEAD = 6
+
+
+def _stack_axes(az: Analyzer, t: gs.Tensor, o: int, count: int) -> set[int]:
+    """Which of the new axes ``o..o+count`` are later taken apart (Gather/Split/Slice on them), like the
+    q/k/v axis of a fused projection ([.., 3, D]): the ids must not live there.
+
+    Follows the tensor through Transpose/Unsqueeze (moving the axes) a few steps ahead.
+    """
+    stacks: set[int] = set()
+    frontier = [(t, {o + k: k for k in range(count)}, 0)]
+    while frontier:
+        tensor, axes, depth = frontier.pop()
+        if depth > STACK_LOOKAHEAD:
+            continue
+        for user in tensor.outputs:
+            if not user.inputs or user.inputs[0] is not tensor:
+                continue
+            if user.op == "Transpose" and user.attrs.get("perm") is not None:
+                perm = list(user.attrs["perm"])
+                frontier.append((user.outputs[0], {perm.index(a): k for a, k in axes.items()}, depth + 1))
+            elif user.op == "Unsqueeze":
+                inserted = _ints(az, user, 1, "axes")
+                rank = az.rank(user.outputs[0])
+                if inserted is None or rank is None:
+                    continue
+                inserted = sorted(a + rank if a < 0 else a for a in inserted)
+                kept = [i for i in range(rank) if i not in inserted]
+                frontier.append((user.outputs[0], {kept[a]: k for a, k in axes.items()}, depth + 1))
+            elif user.op == "Squeeze":
+                removed = _ints(az, user, 1, "axes")
+                rank = az.rank(tensor)
+                if removed is None or rank is None:
+                    continue
+                removed = [a + rank if a < 0 else a for a in removed]
+                moved = {a - sum(1 for r in removed if r < a): k for a, k in axes.items() if a not in removed}
+                frontier.append((user.outputs[0], moved, depth + 1))
+            elif user.op in ("Gather", "Split"):
+                rank = az.rank(tensor)
+                axis = int(user.attrs.get("axis", 0))
+                axis = axis + rank if rank is not None and axis < 0 else axis
+                if axis in axes:
+                    stacks.add(axes[axis])
+            elif user.op == "Slice":
+                sliced = _ints(az, user, 3, "__none__")
+                rank = az.rank(tensor)
+                if sliced is not None and rank is not None:
+                    stacks.update(axes[a + rank if a < 0 else a] for a in sliced if (a + rank if a < 0 else a) in axes)
+    return stacks
 
 
 def _is_shuffle(node: gs.Node, o: int, count: int) -> bool:
@@ -693,7 +751,7 @@ def _is_shuffle(node: gs.Node, o: int, count: int) -> bool:
 @dataclass(frozen=True)
 class ShapeEntry:
     """Where one entry of a shape tensor comes from: a constant (``owner.inputs[input][position]``,
-    ``value``), or dim ``dim`` of a runtime tensor ``of`` (through ``Shape``)."""
+    ``value``), or dim ``dim`` of a runtime tensor ``of`` (through ``Shape``) divided by ``divisor``."""
 
     owner: gs.Node
     input: int
@@ -701,6 +759,7 @@ class ShapeEntry:
     value: int
     of: gs.Tensor | None = None
     dim: int = -1
+    divisor: int = 1
 
 
 def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, same_axis: bool) -> bool:
@@ -716,7 +775,7 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
         return False
     if src.of is not None:
         m = az.map(src.of)
-        if m is None or m.axis != src.dim or not np.array_equal(m.ids, ids):
+        if m is None or m.axis != src.dim or az.proportion(m.ids, ids) != src.divisor:
             az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
             return False
     elif src.value > 0:
@@ -756,6 +815,18 @@ def _shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry |
             return None
         step = 1 if steps is None else int(steps.reshape(-1)[0])
         return _shape_source(az, src, 0, int(starts.reshape(-1)[0]) + pos * step) if step > 0 else None
+    if src.op == "Div":  # a runtime channel count split in parts: unflatten(-1, (3, D)) of a fused projection
+        c = az.const(src.inputs[1])
+        inner = _shape_source(az, src, 0, pos) if c is not None and c.size == 1 and int(c.reshape(-1)[0]) > 0 else None
+        if inner is None or inner.of is None:
+            return None
+        return dataclasses.replace(inner, divisor=inner.divisor * int(c.reshape(-1)[0]))
+    if src.op == "Mul":  # a runtime dim (the batch) times a constant count: [T, B * heads, d]
+        for j in (0, 1):
+            c = az.const(src.inputs[j])
+            if c is not None and c.size == 1 and az.const(src.inputs[1 - j]) is None:
+                return ShapeEntry(src, j, 0, int(c.reshape(-1)[0]))
+        return None
     if src.op == "Concat":
         offset = 0
         for j, piece in enumerate(src.inputs):

@@ -252,6 +252,23 @@ class Analyzer:
                 out[k] = max(x, y)
         return out
 
+    def proportion(self, whole: np.ndarray, part: np.ndarray) -> int | None:
+        """``r`` when every channel class has ``r`` times as many positions in ``whole`` as in ``part`` (so
+        any cut keeps ``len(whole) / len(part)`` = r), else None. Fixed positions count as their own class."""
+        def counts(ids: np.ndarray) -> dict[int, int]:
+            out: dict[int, int] = {}
+            for i in ids.tolist():
+                key = self.uf.find(i) if i >= 0 else -1
+                out[key] = out.get(key, 0) + 1
+            return out
+
+        a, b = counts(whole), counts(part)
+        if set(a) != set(b) or not b:
+            return None
+        ratios = {a[k] / b[k] for k in b}
+        r = ratios.pop()
+        return int(r) if not ratios and float(r).is_integer() else None
+
     def site(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node, role: str) -> None:
         if isinstance(t, gs.Constant) and bool(np.any(ids >= 0)):
             self.sites.append(Site(t.name, axis, ids, node.name, node.op, role))
@@ -423,6 +440,9 @@ def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | No
     src = marks(node.inputs[0]) if node.inputs else None
     if node.op in SHAPE_PASS and all(t.name not in az.shape_reads for t in node.inputs[1:]):
         return src
+    if node.op in ("Div", "Mul") and src is not None and node.inputs[1].name not in az.shape_reads:
+        c = az.const(node.inputs[1])
+        return src if c is not None and c.size == 1 else None
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and src is not None:
         idx = az.const(node.inputs[1])
         return None if idx is None else [src[int(i)] for i in idx.reshape(-1)]
@@ -447,7 +467,7 @@ def _check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, 
             length = az.shape(node.inputs[1])
             rank = az.rank(node.outputs[0])
             axis = p + (rank - length[0]) if rank is not None and length and isinstance(length[0], int) else -1
-            if out.axis == axis and np.array_equal(out.ids, source.ids):
+            if out.axis == axis and az.proportion(source.ids, out.ids) is not None:
                 continue
         if source is not None:
             az.block(source.ids, f"{node.op} {node.name} computes with the channel count of {origin} (read by Shape)")

@@ -163,6 +163,27 @@ def build_split_qkv(*, seed: int = 0, dim: int = 16, heads: int = 4, tokens: int
     return _finish(g, out, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", tokens, dim])])
 
 
+def build_unflatten_qkv(*, seed: int = 0, dim: int = 16, heads: int = 4, tokens: int = 5) -> onnx.ModelProto:
+    """Fused QKV unflattened to [N, T, 3, D] (the q/k/v axis comes first, heads are split later), then
+    Transpose [2, 0, 1, 3] and Gather per projection; the residual stream starts at a Conv1d embedding."""
+    g = _Graph("unflatten_qkv", seed, 17)
+    hd = dim // heads
+    x = g.node("Transpose", [g.conv("input", 4, dim, [1], name="embed", pad=0)], perm=[0, 2, 1])  # [N, T, D]
+    h = g.node("LayerNormalization", [x, g.const("ln.weight", np.ones(dim, np.float32)),
+                                      g.const("ln.bias", g.small([dim]))], name="ln", axis=-1)
+    qkv = g.node("Reshape", [g.linear(h, dim, 3 * dim, name="qkv"), g.const("unflatten", np.array([0, 0, 3, dim],
+                                                                                                   np.int64))])
+    qkv = g.node("Transpose", [qkv], perm=[2, 0, 1, 3])
+    target = g.const("split_target", np.array([0, 0, heads, hd], np.int64))
+    q, k, v = (g.node("Transpose", [g.node("Reshape", [g.node("Gather", [qkv, g.const(f"pick{j}", np.array(
+        j, np.int64))], axis=0), target])], perm=[0, 2, 1, 3]) for j in range(3))
+    c = _attention(g, h, q, k, v, hd, target, g.const("merge", np.array([0, 0, dim], np.int64)), "attn")
+    x = g.node("Add", [x, g.linear(c, dim, dim, name="o")], name="attn.add")
+    x = g.reduce("ReduceMean", x, [1], keepdims=0, name="pool")
+    out = g.gemm(x, dim, NUM_CLASSES, name="classifier")
+    return _finish(g, out, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, tokens])])
+
+
 def _feeds(model: onnx.ModelProto, batch: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     if model.graph.input[0].name == "ids":
         return {"ids": np.random.default_rng(seed).integers(0, 50, (batch, 6)).astype(np.int64)}
@@ -174,6 +195,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "vit": build_vit,
     "text": build_text,
     "split_qkv": build_split_qkv,
+    "unflatten_qkv": build_unflatten_qkv,
 }
 
 
@@ -218,6 +240,14 @@ def _head_group(a) -> PruningGroup:
 def _is_width(g: PruningGroup) -> bool:
     """Heads and MLP hidden units: the groups whose removal is exact."""
     return any(p.endswith((".q", ".fc1")) or p in ("qkv", "fc1") for p in g.producers)
+
+
+def test_unflattened_qkv_keeps_ids_off_the_qkv_axis() -> None:
+    """[N, T, 3, D] is later indexed on the 3 axis: ids go on D (q_j, k_j, v_j coupled), heads follow."""
+    _, a = _analysis(build_unflatten_qkv())
+    heads = _group_of(a, "qkv")
+    assert heads.size == 4 and heads.prunable == 4, heads.reasons
+    assert _group_of(a, "embed").prunable == 16
 
 
 def test_split_qkv_heads_are_coupled_across_the_split() -> None:
@@ -367,3 +397,35 @@ def test_analyze_lists_attention_and_mlp_blocks(tmp_path: Path) -> None:
     result = analyze(_save(build_transformer_block(blocks=2), tmp_path))
     kinds = [b["kind"] for b in result["removable_blocks"]]
     assert kinds == ["attention", "mlp", "attention", "mlp"]
+
+
+# --- a real PyTorch export -------------------------------------------------------------------------------
+
+
+def test_torchscript_export_of_nn_transformer_encoder_layer_prunes_safely(tmp_path: Path) -> None:
+    """nn.MultiheadAttention's TorchScript export reads the embedding width from Shape (head_dim, unflatten):
+    the residual stream and the heads are blocked with that reason, the MLP prunes, the result is valid."""
+    torch = pytest.importorskip("torch")
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 32)
+            self.enc = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, ids):  # noqa: ANN001, ANN202
+            return self.head(self.enc(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.onnx"
+    torch.onnx.export(Encoder().eval(), (torch.randint(0, 50, (2, 6)),), str(path), dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["output"], dynamic_axes={"ids": {0: "N"}})
+    groups = analyze(path)["groups"]
+    mlp = next(g for g in groups if any("linear1" in p for p in g["producers"]))
+    assert mlp["prunable"] == 64
+    stream = next(g for g in groups if "/emb/Gather" in g["producers"])
+    assert stream["prunable"] == 0 and "read by Shape" in stream["blocked"]
+    result = prune(path, tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert result.report["pruned"]["params"] < result.report["original"]["params"]
+    assert result.report["fidelity"]["cosine"] > 0.5
