@@ -174,3 +174,23 @@ def test_constant_node_weights_are_trained_and_written_back() -> None:
     tuned = apply_checkpoint(model, scaled)
     feeds = random_inputs(model)
     assert not np.allclose(run(tuned, feeds)["output"], run(model, feeds)["output"])
+
+
+def test_global_norm_clipping_matches_hand_computation() -> None:
+    model = tiny_classifier(4)
+    arts = export_artifacts(model, optimizer=OptimizerSpec("sgd", momentum=0.0, max_grad_norm=0.05))
+    sess = _session(arts.training_model)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 4)
+    ck = arts.checkpoint
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {
+        "x": x, "labels": y, "lr": np.asarray(1.0, np.float32), "step": np.asarray(1, np.int64),
+        "W": ck["W"], "b": ck["b"]})))
+    dz = (_softmax(x @ ck["W"].astype(np.float64) + ck["b"]) - np.eye(4)[y]) / 4
+    gw, gb = x.T @ dz, dz.sum(0)
+    norm = np.sqrt((gw**2).sum() + (gb**2).sum())
+    assert norm > 0.05  # the clip is active
+    scale = 0.05 / (norm + 1e-6)
+    np.testing.assert_allclose(out["W__new"], ck["W"] - scale * gw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["b__new"], ck["b"] - scale * gb, rtol=1e-5, atol=1e-6)

@@ -40,12 +40,15 @@ class OptimizerSpec:
     beta2: float = 0.999
     eps: float = 1e-8
     decay_vectors: bool = False
+    max_grad_norm: float | None = None  # clip the global gradient norm (all params together) to this
 
     def __post_init__(self) -> None:
         if self.kind not in ("sgd", "adamw"):
             raise BadInputError(f"unknown optimizer {self.kind!r}; use sgd or adamw", field="optimizer")
         if not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.beta1 < 1.0 or not 0.0 <= self.beta2 < 1.0:
             raise BadInputError("momentum and betas must be in [0, 1)", field="optimizer")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise BadInputError("max_grad_norm must be > 0", field="optimizer")
 
     def state_kinds(self) -> tuple[str, ...]:
         if self.kind == "adamw":
@@ -89,6 +92,8 @@ def add_optimizer(graph: onnx.GraphProto, params: list[ParamSlot], spec: Optimiz
     lr = b.node("Identity", [LR_INPUT])
     step_f = b.node("Cast", [STEP_INPUT], to=TensorProto.FLOAT)
     shared = _adam_shared(b, spec, step_f) if spec.kind == "adamw" else {}
+    if spec.max_grad_norm is not None:
+        params = _clip_global_norm(b, params, spec.max_grad_norm)
     states: list[StateSlot] = []
     for p in params:
         decay = spec.weight_decay if (len(p.shape) >= 2 or spec.decay_vectors) else 0.0
@@ -126,6 +131,20 @@ class _Emit:
             numpy_helper.from_array(np.asarray(value, helper.tensor_dtype_to_np_dtype(dtype)), name)
         )
         return name
+
+
+def _clip_global_norm(b: _Emit, params: list[ParamSlot], max_norm: float) -> list[ParamSlot]:
+    """Scale every gradient by min(1, max_norm / ‖g‖) with ‖g‖ over all params (PyTorch's clip_grad_norm_)."""
+    squares = [b.node("ReduceSumSquare", [p.grad], keepdims=0) for p in params]
+    squares = [s if p.dtype == TensorProto.FLOAT else b.node("Cast", [s], to=TensorProto.FLOAT)
+               for s, p in zip(squares, params)]
+    norm = b.node("Sqrt", [b.node("Sum", squares) if len(squares) > 1 else squares[0]])
+    scale = b.node("Min", [b.const(1.0), b.node("Div", [b.const(max_norm), b.node("Add", [norm, b.const(1e-6)])])])
+    out = []
+    for p in params:
+        s = scale if p.dtype == TensorProto.FLOAT else b.node("Cast", [scale], to=p.dtype)
+        out.append(ParamSlot(p.name, b.node("Mul", [p.grad, s]), p.shape, p.dtype))
+    return out
 
 
 def _decayed_grad(b: _Emit, p: ParamSlot, decay: float) -> str:

@@ -55,6 +55,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    max_grad_norm: float | None = None
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int | None = None  # default: 5 % of the steps
     min_lr_ratio: float = 0.0
@@ -336,7 +337,8 @@ def finetune(
     # "mse" matches the teacher's outputs by mean squared error (regression heads)
     loss_spec = LossSpec(kind="distill" if kind == "mse" else kind, temperature=config.temperature,
                          distill_mode="mse" if kind == "mse" else "auto")
-    opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay)
+    opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay,
+                        max_grad_norm=config.max_grad_norm)
     arts = export_artifacts(model, loss=loss_spec, optimizer=opt, trainable=config.trainable,
                             shapes=_fixed_shapes(model, data, batch))
     trainer = Trainer(arts, list(choice.providers), config.threads)  # type: ignore[attr-defined]
