@@ -194,3 +194,24 @@ def test_global_norm_clipping_matches_hand_computation() -> None:
     scale = 0.05 / (norm + 1e-6)
     np.testing.assert_allclose(out["W__new"], ck["W"] - scale * gw, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["b__new"], ck["b"] - scale * gb, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_on_dense_outputs() -> None:
+    """Segmentation-style logits [N, C, H, W] with labels [N, H, W]: the class axis is 1."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 2, 1, 1)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["logits"])], "seg",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4, 3, 3])],
+                          [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    arts = export_artifacts(model, optimizer=OptimizerSpec("sgd", momentum=0.0), shapes={"x": [2, 2, 3, 3]})
+    x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    y = rng.integers(0, 4, (2, 3, 3))
+    loss = _session(arts.training_model).run(["loss"], {"x": x, "labels": y, "w": w, "lr": np.asarray(0.0, np.float32),
+                                                         "step": np.asarray(1, np.int64)})[0]
+    z = np.einsum("nchw,mc->nmhw", x.astype(np.float64), w[:, :, 0, 0])
+    logp = z - z.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    np.testing.assert_allclose(loss, -np.mean(np.take_along_axis(logp, y[:, None], axis=1)), rtol=1e-5)

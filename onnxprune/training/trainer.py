@@ -233,7 +233,7 @@ def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec, ter
         if kind == "ce":
             assert data.labels is not None
             logp = _log_softmax(y)
-            total += float(-np.mean(np.take_along_axis(logp, data.labels.reshape(-1, 1), axis=1)))
+            total += float(-np.mean(np.take_along_axis(logp, np.expand_dims(data.labels, 1), axis=1)))
             out["accuracy"] = float(np.mean(y.argmax(axis=1) == data.labels))
         elif kind == "kl":
             t = data.teacher[name].astype(np.float64)
