@@ -327,6 +327,28 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     return default
 
 
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    return int(attr(node, name, default))  # type: ignore[call-overload]
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    return float(attr(node, name, default))  # type: ignore[arg-type]
+
+
+def attr_ints(node: onnx.NodeProto, name: str, default: Sequence[int] | None = None) -> list[int]:
+    """A list-of-ints attribute; raises when required (``default`` None) and missing."""
+    value = attr(node, name, default)
+    if value is None:
+        raise UnsupportedOpError(f"{node.op_type} {node.name!r} lacks attribute {name!r}",
+                                 op_type=node.op_type, node=node.name)
+    return [int(v) for v in value]  # type: ignore[union-attr]
+
+
+def attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class GradientResult:
     """A model whose outputs are the loss followed by one gradient per differentiated tensor."""

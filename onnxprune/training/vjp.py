@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune.errors import UnsupportedOpError
-from onnxprune.training.autodiff import GradContext, attr
+from onnxprune.training.autodiff import GradContext, attr, attr_float, attr_int, attr_ints, attr_str
 
 Grads = Sequence[str | None]
 Rule = Callable[[GradContext, onnx.NodeProto, Grads], list[str | None]]
@@ -110,7 +110,7 @@ def _relu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 
 def _leaky_relu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x = node.input[0]
-    alpha = float(attr(node, "alpha", 0.01))  # type: ignore[arg-type]
+    alpha = attr_float(node, "alpha", 0.01)
     mask = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
     return [ctx.emit("Where", [mask, g[0], ctx.emit("Mul", [g[0], ctx.scalar(alpha, x)])])]
 
@@ -128,8 +128,8 @@ def _clip(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x = node.input[0]
     lo, hi = _in(node, 1), _in(node, 2)
     if ctx.opset < 11:  # min/max were attributes
-        lo = ctx.scalar(float(attr(node, "min", -3.4e38)), x)  # type: ignore[arg-type]
-        hi = ctx.scalar(float(attr(node, "max", 3.4e38)), x)  # type: ignore[arg-type]
+        lo = ctx.scalar(attr_float(node, "min", -3.4e38), x)
+        hi = ctx.scalar(attr_float(node, "max", 3.4e38), x)
     mask = None
     if lo:
         mask = ctx.emit("GreaterOrEqual", [x, lo])
@@ -154,8 +154,8 @@ def _tanh(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 
 def _hard_sigmoid(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x = node.input[0]
-    alpha = float(attr(node, "alpha", 0.2))  # type: ignore[arg-type]
-    beta = float(attr(node, "beta", 0.5))  # type: ignore[arg-type]
+    alpha = attr_float(node, "alpha", 0.2)
+    beta = attr_float(node, "beta", 0.5)
     t = ctx.emit("Add", [ctx.emit("Mul", [x, ctx.scalar(alpha, x)]), ctx.scalar(beta, x)])
     mask = ctx.emit("And", [ctx.emit("Greater", [t, ctx.scalar(0.0, x)]), ctx.emit("Less", [t, ctx.scalar(1.0, x)])])
     ga = ctx.emit("Mul", [g[0], ctx.scalar(alpha, x)])
@@ -238,7 +238,7 @@ def _softmax_axis(ctx: GradContext, node: onnx.NodeProto) -> int:
         raise UnsupportedOpError(
             f"{node.op_type} before opset 13 flattens to 2-D; upgrade the model", op_type=node.op_type, node=node.name
         )
-    return int(attr(node, "axis", -1))  # type: ignore[arg-type]
+    return attr_int(node, "axis", -1)
 
 
 def _softmax(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
@@ -257,14 +257,14 @@ def _log_softmax(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str |
 
 def _batch_norm(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     """Inference-mode BN: statistics are frozen constants, so it is a per-channel affine map."""
-    if int(attr(node, "training_mode", 0)):  # type: ignore[arg-type]
+    if attr_int(node, "training_mode", 0):
         raise UnsupportedOpError(
             f"BatchNormalization {node.name!r} is in training mode; export the model in eval mode",
             op_type=node.op_type,
             node=node.name,
         )
     x, scale, mean, var = node.input[0], node.input[1], node.input[3], node.input[4]
-    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = attr_float(node, "epsilon", 1e-5)
     rank = ctx.rank(x, node)
     bshape = [-1] + [1] * (rank - 2)
     inv = ctx.emit("Reciprocal", [ctx.emit("Sqrt", [ctx.emit("Add", [var, ctx.scalar(eps, var)])])])
@@ -280,10 +280,10 @@ def _layer_norm(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | 
     x, scale, y = node.input[0], node.input[1], node.output[0]
     bias = _in(node, 2)
     rank = ctx.rank(x, node)
-    axis = int(attr(node, "axis", -1))  # type: ignore[arg-type]
+    axis = attr_int(node, "axis", -1)
     axis = axis + rank if axis < 0 else axis
     axes = list(range(axis, rank))
-    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = attr_float(node, "epsilon", 1e-5)
     # recompute mean/rstd rather than use the optional outputs: their dtype follows stash_type
     mu = ctx.reduce("ReduceMean", x, axes, keepdims=True)
     d = ctx.emit("Sub", [x, mu])
@@ -363,10 +363,10 @@ def _dynamic_sum(ctx: GradContext, grad: str, target: str, grad_rank: int) -> st
 
 def _gemm(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     a, b, c, y = node.input[0], node.input[1], _in(node, 2), node.output[0]
-    alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
-    beta = float(attr(node, "beta", 1.0))  # type: ignore[arg-type]
-    ta = int(attr(node, "transA", 0))  # type: ignore[arg-type]
-    tb = int(attr(node, "transB", 0))  # type: ignore[arg-type]
+    alpha = attr_float(node, "alpha", 1.0)
+    beta = attr_float(node, "beta", 1.0)
+    ta = attr_int(node, "transA", 0)
+    tb = attr_int(node, "transB", 0)
     gy = g[0]
     if ta:
         ga = ctx.emit("Gemm", [b, gy], alpha=alpha, transA=tb, transB=1)
@@ -391,11 +391,10 @@ def _conv_geometry(
 ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """strides, dilations, pads_begin, pads_end, output spatial size; auto_pad made explicit."""
     n = len(in_sp)
-    strides = list(attr(node, "strides", [1] * n))  # type: ignore[call-overload]
-    dil = list(attr(node, "dilations", [1] * n))  # type: ignore[call-overload]
-    pads = list(attr(node, "pads", [0] * 2 * n))  # type: ignore[call-overload]
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    strides = attr_ints(node, "strides", [1] * n)
+    dil = attr_ints(node, "dilations", [1] * n)
+    pads = attr_ints(node, "pads", [0] * 2 * n)
+    auto = attr_str(node, "auto_pad", "NOTSET")
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
     pb, pe = pads[:n], pads[n:]
     if auto in ("SAME_UPPER", "SAME_LOWER"):
@@ -408,7 +407,7 @@ def _conv_geometry(
             pe.append(big if auto == "SAME_UPPER" else small)
     elif auto == "VALID":
         pb, pe = [0] * n, [0] * n
-    ceil = int(attr(node, "ceil_mode", 0))  # type: ignore[arg-type]
+    ceil = attr_int(node, "ceil_mode", 0)
     out_sp = []
     for size, s, e, b, en in zip(in_sp, strides, eff, pb, pe):
         span = size + b + en - e
@@ -528,10 +527,10 @@ def _conv_transpose(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[st
     out_sp = _spatial(ctx, node.output[0], node)
     kernel = ws[2:]
     n = len(kernel)
-    group = int(attr(node, "group", 1))  # type: ignore[arg-type]
-    strides = list(attr(node, "strides", [1] * n))  # type: ignore[call-overload]
-    dil = list(attr(node, "dilations", [1] * n))  # type: ignore[call-overload]
-    opad = list(attr(node, "output_padding", [0] * n))  # type: ignore[call-overload]
+    group = attr_int(node, "group", 1)
+    strides = attr_ints(node, "strides", [1] * n)
+    dil = attr_ints(node, "dilations", [1] * n)
+    opad = attr_ints(node, "output_padding", [0] * n)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
     pads = attr(node, "pads")
     if pads is None:  # derive from output_shape / auto_pad (or none)
@@ -558,7 +557,7 @@ def _conv(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     ws = ctx.static_shape(w, node)
     in_sp = _spatial(ctx, x, node)
     kernel = ws[2:]
-    group = int(attr(node, "group", 1))  # type: ignore[arg-type]
+    group = attr_int(node, "group", 1)
     strides, dil, pb, pe, out_sp = _conv_geometry(ctx, node, in_sp, kernel)
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
     nsp = len(kernel)
@@ -597,7 +596,7 @@ def _pool_counts(
 def _average_pool(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x, y = node.input[0], node.output[0]
     in_sp = _spatial(ctx, x, node)
-    kernel = list(attr(node, "kernel_shape"))  # type: ignore[call-overload]
+    kernel = attr_ints(node, "kernel_shape")
     strides, dil, pb, pe, out_sp = _conv_geometry(ctx, node, in_sp, kernel)
     known = ctx.shape(y)
     if known is not None and all(isinstance(d, int) for d in known[2:]):
@@ -624,13 +623,13 @@ def _tiled_max_pool(ctx: GradContext, node: onnx.NodeProto, g: str) -> str | Non
     """
     x, y = node.input[0], node.output[0]
     shape = ctx.shape(x)
-    kernel = list(attr(node, "kernel_shape"))  # type: ignore[call-overload]
+    kernel = attr_ints(node, "kernel_shape")
     n = len(kernel)
-    strides = list(attr(node, "strides", [1] * n))  # type: ignore[call-overload]
+    strides = attr_ints(node, "strides", [1] * n)
     plain = (
         strides == kernel
-        and not any(attr(node, "pads", [0] * 2 * n))  # type: ignore[call-overload]
-        and all(d == 1 for d in attr(node, "dilations", [1] * n))  # type: ignore[union-attr]
+        and not any(attr_ints(node, "pads", [0] * 2 * n))
+        and all(d == 1 for d in attr_ints(node, "dilations", [1] * n))
         and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
     )
     if not plain or shape is None or not all(isinstance(d, int) and d % k == 0 for d, k in zip(shape[2:], kernel)):
@@ -655,7 +654,7 @@ def _max_pool(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | No
     tiled = _tiled_max_pool(ctx, node, g[0])  # type: ignore[arg-type]
     if tiled is not None:
         return [tiled]
-    if int(attr(node, "storage_order", 0)):  # type: ignore[arg-type]
+    if attr_int(node, "storage_order", 0):
         raise UnsupportedOpError(
             f"MaxPool {node.name!r} uses column-major indices (storage_order=1)", op_type=node.op_type, node=node.name
         )
@@ -705,7 +704,7 @@ def _reduce_axes(ctx: GradContext, node: onnx.NodeProto) -> list[int] | None:
             )
         axes = [int(v) for v in value.reshape(-1)]
     if not axes:
-        return [] if int(attr(node, "noop_with_empty_axes", 0)) else None  # type: ignore[arg-type]
+        return [] if attr_int(node, "noop_with_empty_axes", 0) else None
     return sorted(a + rank if a < 0 else a for a in axes)  # type: ignore[union-attr]
 
 
@@ -717,7 +716,7 @@ def _reduce_sum_or_mean(mean: bool) -> Rule:
         if axes == []:
             return [g[0]] + extra
         gy = g[0]
-        if not int(attr(node, "keepdims", 1)):  # type: ignore[arg-type]
+        if not attr_int(node, "keepdims", 1):
             gy = ctx.unsqueeze(gy, axes if axes is not None else list(range(ctx.rank(x, node))))
         gx = ctx.emit("Expand", [gy, ctx.shape_of(x)])
         if mean:
@@ -736,11 +735,10 @@ def _reshape_back(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str 
 
 
 def _transpose_rule(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
-    perm = attr(node, "perm")
-    if perm is None:
-        perm = list(reversed(range(ctx.rank(node.input[0], node))))
-    inv = [0] * len(perm)  # type: ignore[arg-type]
-    for i, p in enumerate(perm):  # type: ignore[union-attr]
+    given = attr(node, "perm")
+    perm = [int(p) for p in given] if given is not None else list(reversed(range(ctx.rank(node.input[0], node))))  # type: ignore[union-attr]
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
         inv[p] = i
     return [ctx.transpose(g[0], inv)]
 
@@ -755,7 +753,7 @@ def _dim_along(ctx: GradContext, x: str, axis: int) -> str:
 
 def _concat(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     rank = ctx.rank(node.output[0], node)
-    axis = int(attr(node, "axis"))  # type: ignore[arg-type]
+    axis = attr_int(node, "axis", 0)
     axis = axis + rank if axis < 0 else axis
     sizes = [_dim_along(ctx, x, axis) for x in node.input]
     split = ctx.emit("Concat", sizes, axis=0) if len(sizes) > 1 else sizes[0]
@@ -765,7 +763,7 @@ def _concat(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
 
 
 def _split(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
-    axis = int(attr(node, "axis", 0))  # type: ignore[arg-type]
+    axis = attr_int(node, "axis", 0)
     parts = [gi if gi is not None else ctx.zeros_like(y) for gi, y in zip(g, node.output)]
     gx = ctx.emit("Concat", parts, axis=axis) if len(parts) > 1 else parts[0]
     return [gx] + [None] * (len(node.input) - 1)
@@ -802,8 +800,7 @@ def _slice(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]
 def _pad(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     """Pad the index grid; padded cells point at a dummy slot that is dropped (edge/reflect accumulate)."""
     x = node.input[0]
-    mode = attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = attr_str(node, "mode", "constant")
     n, grid = _index_grid(ctx, x)
     inputs = [grid, node.input[1], n if mode == "constant" else ""]
     if _in(node, 3):
@@ -817,7 +814,7 @@ def _pad(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 def _gather(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     data, indices = node.input[0], node.input[1]
     rank = ctx.rank(data, node)
-    axis = int(attr(node, "axis", 0))  # type: ignore[arg-type]
+    axis = attr_int(node, "axis", 0)
     axis = axis + rank if axis < 0 else axis
     if axis == 0:  # embeddings: ScatterND adds the rows of duplicate ids
         dim0 = ctx.emit("Slice", [ctx.shape_of(data), ctx.ints([0]), ctx.ints([1])])
@@ -833,7 +830,7 @@ def _gather(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
 
 def _gather_elements(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     data, indices = node.input[0], node.input[1]
-    axis = int(attr(node, "axis", 0))  # type: ignore[arg-type]
+    axis = attr_int(node, "axis", 0)
     gd = ctx.emit("ScatterElements", [ctx.zeros_like(data), indices, g[0]], axis=axis, reduction="add")
     return [gd, None]
 
@@ -842,12 +839,9 @@ def _gather_elements(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[s
 # Resize: the transpose of a separable per-axis interpolation matrix
 # ---------------------------------------------------------------------------------------------------
 def _resize_matrix(node: onnx.NodeProto, size_in: int, size_out: int, scale: float) -> np.ndarray:
-    mode = attr(node, "mode", b"nearest")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-    ctm = attr(node, "coordinate_transformation_mode", b"half_pixel")
-    ctm = ctm.decode() if isinstance(ctm, bytes) else str(ctm)
-    nmode = attr(node, "nearest_mode", b"round_prefer_floor")
-    nmode = nmode.decode() if isinstance(nmode, bytes) else str(nmode)
+    mode = attr_str(node, "mode", "nearest")
+    ctm = attr_str(node, "coordinate_transformation_mode", "half_pixel")
+    nmode = attr_str(node, "nearest_mode", "round_prefer_floor")
     mat = np.zeros((size_out, size_in))
     for o in range(size_out):
         if ctm == "half_pixel":
@@ -893,7 +887,7 @@ def _resize_matrix(node: onnx.NodeProto, size_in: int, size_out: int, scale: flo
 
 def _resize(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x, y = node.input[0], node.output[0]
-    if int(attr(node, "antialias", 0)) or attr(node, "axes") is not None:  # type: ignore[arg-type]
+    if attr_int(node, "antialias", 0) or attr(node, "axes") is not None:
         raise UnsupportedOpError(
             f"Resize {node.name!r}: antialias/axes have no gradient rule", op_type=node.op_type, node=node.name
         )
@@ -924,7 +918,7 @@ def _resize(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
 # ---------------------------------------------------------------------------------------------------
 def _elu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x, y = node.input[0], node.output[0]
-    alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+    alpha = attr_float(node, "alpha", 1.0)
     neg = ctx.emit("Add", [y, ctx.scalar(alpha, x)])  # d/dx α(eˣ-1) = y + α for x ≤ 0
     mask = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
     return [ctx.emit("Mul", [g[0], ctx.emit("Where", [mask, ctx.scalar(1.0, x), neg])])]
@@ -932,8 +926,8 @@ def _elu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 
 def _selu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x, y = node.input[0], node.output[0]
-    alpha = float(attr(node, "alpha", 1.67326319217681884765625))  # type: ignore[arg-type]
-    gamma = float(attr(node, "gamma", 1.05070102214813232421875))  # type: ignore[arg-type]
+    alpha = attr_float(node, "alpha", 1.67326319217681884765625)
+    gamma = attr_float(node, "gamma", 1.05070102214813232421875)
     neg = ctx.emit("Add", [y, ctx.scalar(alpha * gamma, x)])  # γα·eˣ = y + γα for x ≤ 0
     mask = ctx.emit("Greater", [x, ctx.scalar(0.0, x)])
     return [ctx.emit("Mul", [g[0], ctx.emit("Where", [mask, ctx.scalar(gamma, x), neg])])]
@@ -941,8 +935,7 @@ def _selu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 
 def _gelu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x = node.input[0]
-    approx = attr(node, "approximate", b"none")
-    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    approx = attr_str(node, "approximate", "none")
     if approx == "tanh":  # y = x/2·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)
         k = math.sqrt(2.0 / math.pi)
         x2 = ctx.emit("Mul", [x, x])
@@ -967,7 +960,7 @@ def _reduce_extreme(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[st
         return [g[0]] + extra
     all_axes = axes if axes is not None else list(range(ctx.rank(x, node)))
     gy, yk = g[0], y
-    if not int(attr(node, "keepdims", 1)):  # type: ignore[arg-type]
+    if not attr_int(node, "keepdims", 1):
         gy, yk = ctx.unsqueeze(gy, all_axes), ctx.unsqueeze(y, all_axes)
     mask = ctx.emit("Cast", [ctx.emit("Equal", [x, yk])], to=ctx.dtype(x))
     ties = ctx.reduce("ReduceSum", mask, all_axes, keepdims=True)
@@ -1001,7 +994,7 @@ def _instance_norm(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str
     x, scale = node.input[0], node.input[1]
     rank = ctx.rank(x, node)
     axes = list(range(2, rank))
-    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = attr_float(node, "epsilon", 1e-5)
     bshape = [-1] + [1] * (rank - 2)
     mu = ctx.reduce("ReduceMean", x, axes, keepdims=True)
     d = ctx.emit("Sub", [x, mu])
@@ -1022,10 +1015,10 @@ def _lrn(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     """y = x·d^-β, d = bias + α/n·Σ_window x²; channel-window sums are a Conv with a ones kernel."""
     x, y = node.input[0], node.output[0]
     shape = ctx.static_shape(x, node)
-    size = int(attr(node, "size"))  # type: ignore[arg-type]
-    alpha = float(attr(node, "alpha", 1e-4))  # type: ignore[arg-type]
-    beta = float(attr(node, "beta", 0.75))  # type: ignore[arg-type]
-    bias = float(attr(node, "bias", 1.0))  # type: ignore[arg-type]
+    size = attr_int(node, "size", 1)
+    alpha = attr_float(node, "alpha", 1e-4)
+    beta = attr_float(node, "beta", 0.75)
+    bias = attr_float(node, "bias", 1.0)
     lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2  # window [c-lo, c+hi]
     c = shape[1]
     ones = ctx.const(np.ones((1, 1, size, 1), ctx.np_dtype(x)), "lrn_ones")
