@@ -124,7 +124,8 @@ def add_loss(model: onnx.ModelProto, spec: LossSpec) -> LossGraph:
             label_shape = ([shape[0]] + list(shape[2:])) if shape else None
             g.input.append(helper.make_tensor_value_info(labels, TensorProto.INT64, label_shape))
             logp = b.node("LogSoftmax", [name], axis=1)
-            picked = b.node("GatherElements", [logp, b.node("Unsqueeze", [labels, b.const(np.array([1], np.int64))])], axis=1)
+            index = b.node("Unsqueeze", [labels, b.const(np.array([1], np.int64))])
+            picked = b.node("GatherElements", [logp, index], axis=1)
             terms.append(b.node("Neg", [b.mean_all(picked)]))
             kinds[name] = "ce"
         elif spec.kind == "distill":

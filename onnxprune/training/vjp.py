@@ -685,7 +685,8 @@ def _count(ctx: GradContext, x: str, y: str) -> str:
     if xs and ys is not None and all(isinstance(d, int) for d in xs + ys):
         return ctx.scalar(float(np.prod(xs)) / float(np.prod(ys)), x)  # type: ignore[arg-type]
     dt = ctx.dtype(x)
-    return ctx.emit("Div", [ctx.emit("Cast", [ctx.emit("Size", [x])], to=dt), ctx.emit("Cast", [ctx.emit("Size", [y])], to=dt)])
+    sizes = [ctx.emit("Cast", [ctx.emit("Size", [t])], to=dt) for t in (x, y)]
+    return ctx.emit("Div", sizes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -736,7 +737,10 @@ def _reshape_back(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str 
 
 def _transpose_rule(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     given = attr(node, "perm")
-    perm = [int(p) for p in given] if given is not None else list(reversed(range(ctx.rank(node.input[0], node))))  # type: ignore[union-attr]
+    if given is None:
+        perm = list(reversed(range(ctx.rank(node.input[0], node))))
+    else:
+        perm = [int(p) for p in given]  # type: ignore[union-attr]
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i
@@ -935,21 +939,29 @@ def _selu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
 
 def _gelu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     x = node.input[0]
-    approx = attr_str(node, "approximate", "none")
-    if approx == "tanh":  # y = x/2·(1 + tanh(u)), u = √(2/π)(x + 0.044715x³)
+
+    def c(v: float) -> str:
+        return ctx.scalar(v, x)
+
+    def add(p: str, q: str) -> str:
+        return ctx.emit("Add", [p, q])
+
+    def mul(p: str, q: str) -> str:
+        return ctx.emit("Mul", [p, q])
+
+    x2 = mul(x, x)
+    if attr_str(node, "approximate", "none") == "tanh":
+        # y = x/2·(1 + tanh(u)), u = k(x + 0.044715x³): dy/dx = (1 + t)/2 + x/2·(1 - t²)·k(1 + 3·0.044715x²)
         k = math.sqrt(2.0 / math.pi)
-        x2 = ctx.emit("Mul", [x, x])
-        u = ctx.emit("Mul", [ctx.emit("Mul", [x, ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Mul", [x2, ctx.scalar(0.044715, x)])])]), ctx.scalar(k, x)])
-        t = ctx.emit("Tanh", [u])
-        du = ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Mul", [x2, ctx.scalar(3 * 0.044715, x)])]), ctx.scalar(k, x)])
-        sech2 = ctx.emit("Sub", [ctx.scalar(1.0, x), ctx.emit("Mul", [t, t])])
-        d = ctx.emit("Add", [ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), t]), ctx.scalar(0.5, x)]),
-                             ctx.emit("Mul", [ctx.emit("Mul", [ctx.emit("Mul", [x, sech2]), du]), ctx.scalar(0.5, x)])])
+        t = ctx.emit("Tanh", [mul(mul(x, add(c(1.0), mul(x2, c(0.044715)))), c(k))])
+        du = mul(add(c(1.0), mul(x2, c(3 * 0.044715))), c(k))
+        sech2 = ctx.emit("Sub", [c(1.0), mul(t, t)])
+        d = add(mul(add(c(1.0), t), c(0.5)), mul(mul(mul(x, sech2), du), c(0.5)))
     else:  # y = x·Φ(x): dy/dx = Φ(x) + x·φ(x)
-        cdf = ctx.emit("Mul", [ctx.emit("Add", [ctx.scalar(1.0, x), ctx.emit("Erf", [ctx.emit("Mul", [x, ctx.scalar(1 / math.sqrt(2.0), x)])])]), ctx.scalar(0.5, x)])
-        pdf = ctx.emit("Mul", [ctx.emit("Exp", [ctx.emit("Mul", [ctx.emit("Mul", [x, x]), ctx.scalar(-0.5, x)])]), ctx.scalar(1 / math.sqrt(2 * math.pi), x)])
-        d = ctx.emit("Add", [cdf, ctx.emit("Mul", [x, pdf])])
-    return [ctx.emit("Mul", [g[0], d])]
+        cdf = mul(add(c(1.0), ctx.emit("Erf", [mul(x, c(1 / math.sqrt(2.0)))])), c(0.5))
+        pdf = mul(ctx.emit("Exp", [mul(x2, c(-0.5))]), c(1 / math.sqrt(2 * math.pi)))
+        d = add(cdf, mul(x, pdf))
+    return [mul(g[0], d)]
 
 
 def _reduce_extreme(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
