@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -396,6 +396,25 @@ def open_calibration(model: onnx.ModelProto, calib: str | None, samples: int, sh
     return source, what
 
 
+def stream(source: DataSource, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """``source``'s batches, sized for the model: models whose inputs fix the batch dim (often to 1, in
+    exported files) get exactly that many samples per run, and an incomplete last batch is dropped.
+
+    Raises:
+        BadInputError: the inputs fix different batch sizes.
+    """
+    fixed = {s.shape[0] for s in source.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    if len(fixed) > 1:
+        raise BadInputError(f"the model's inputs fix different batch sizes {sorted(fixed)}", field="calib")
+    if not fixed:
+        yield from source.batches(batch_size)
+        return
+    size = fixed.pop()
+    for feeds in source.batches(size):
+        if len(next(iter(feeds.values()))) == size:
+            yield feeds
+
+
 def progress_bar(total: int, desc: str, unit: str, enabled: bool | None) -> Any:
     """A tqdm bar on stderr, by default only when stderr is a terminal (never in services or logs); else None."""
     if enabled is None:
@@ -464,7 +483,14 @@ def calibrate(
     progress_bar_ = progress_bar(total, "calibrate", "sample", bar)
     rng = np.random.default_rng(seed)
     try:
-        for captured in runtime.iter_capture(model, names, source.batches(batch_size), choice):
+        sizes: list[int] = []
+
+        def counted() -> Iterator[dict[str, np.ndarray]]:
+            for feeds in stream(source, batch_size):
+                sizes.append(len(next(iter(feeds.values()))))
+                yield feeds
+
+        for captured in runtime.iter_capture(model, names, counted(), choice):
             for name, ts in stats.tensors.items():
                 ts.update(captured[name])
             for fg in stats.grams.values():
@@ -472,7 +498,7 @@ def calibrate(
                 rows = fg.view.rows(x, fg.view.positions(x.shape, positions, rng))
                 fg.gram += rows.T @ rows
                 fg.rows += len(rows)
-            n = len(next(iter(captured.values())))
+            n = sizes[-1]
             stats.samples += n
             if progress_bar_ is not None:
                 progress_bar_.update(n)

@@ -128,7 +128,7 @@ def stage_calibrate(state: PruneState) -> None:
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
-    scoring = spec.ratio > 0 or _uses_budget(spec)
+    scoring = (spec.ratio > 0 or _uses_budget(spec)) and spec.granularity == "channel"
     needs = default_criteria().needs.get(spec.criterion, set()) if scoring else set()
     if not needs and not spec.reconstruct:
         return
@@ -348,7 +348,7 @@ def _verify_on_calibration(state: PruneState, choice: Any) -> None:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
-        for feeds in state.extras["calib_source"].batches(64):
+        for feeds in calibration.stream(state.extras["calib_source"], 64):
             a, b = ref.run(feeds, names[:1])[names[0]], cand.run(feeds, names[:1])[names[0]]
             if a.shape != b.shape:
                 raise InvariantError(f"output {names[0]} changed shape from {a.shape} to {b.shape}")

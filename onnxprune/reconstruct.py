@@ -9,9 +9,9 @@ data, its output from the *pruned* model's inputs matches its output in the *ori
 ``A_o``/``A_p`` are the feature rows (Conv: im2col patches at sampled output positions) of the same
 samples and positions in the original and the pruned model, ``W_s`` the sliced weight. Using the
 pruned model's inputs lets each layer also absorb the error of the layers before it, so layers are
-refit in waves, upstream first, re-running the pruned model between waves. The normal equations are
-accumulated in float64 over the stream (memory ``8·(K+1)·(K+1+Cout)`` bytes per layer, never the
-rows), and the ridge ``λ`` (relative to the Gram's mean diagonal) pulls toward the sliced weights,
+refit in waves, upstream first, re-running the pruned model between waves (cost: two passes over the
+calibration data per wave). The normal equations are accumulated in float64 over the stream (memory
+``8·(K+1)·(K+1+Cout)`` bytes per layer, never the rows; layers with ``K > max_features`` are skipped), and the ridge ``λ`` (relative to the Gram's mean diagonal) pulls toward the sliced weights,
 which keeps the solve stable when inputs are collinear or dead. A refit that would fit the sample
 worse than the sliced weights is discarded (noted).
 """
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration import LinearView, ProgressCallback, linear_view, progress_bar
+from onnxprune.calibration import LinearView, ProgressCallback, linear_view, progress_bar, stream
 from onnxprune.data import DataSource
 from onnxprune.errors import InvariantError
 from onnxprune.groups import Analysis, Site
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 RIDGE = 1e-5
 """Default ridge relative to mean diag of the Gram: negligible on well-posed layers, decisive on singular ones."""
+MAX_FEATURES = 8192
+"""Layers reading more features after the cut are not refit: their float64 Gram would exceed 512 MiB."""
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _sites_by_node(analysis: Analysis, role: str) -> dict[str, Site]:
 
 
 def plan_fits(original: gs.Graph, pruned: gs.Graph, analysis: Analysis, removed: np.ndarray,
-              notes: list[str]) -> list[LayerFit]:
+              notes: list[str], max_features: int = MAX_FEATURES) -> list[LayerFit]:
     """The consumers whose input channels were cut, read as :class:`LinearView` in both graphs."""
     orig_nodes = {n.name: n for n in original.nodes}
     new_nodes = {n.name: n for n in pruned.nodes}
@@ -87,6 +89,11 @@ def plan_fits(original: gs.Graph, pruned: gs.Graph, analysis: Analysis, removed:
         vo, vp = linear_view(orig_nodes[site.node]), linear_view(new_nodes[site.node])
         if isinstance(vo, str) or isinstance(vp, str) or vo.weight != site.tensor:
             notes.append(f"reconstruct: skipped {vo if isinstance(vo, str) else vp}")
+            continue
+        k = int(keep_in.sum()) * vp.per_channel()
+        if k > max_features:
+            notes.append(f"reconstruct: skipped {site.node}: {k} input features (> {max_features}) would need a "
+                         f"{8 * k * k / 2**30:.1f} GiB Gram")
             continue
         out = outs.get(site.node)
         n_out = vo.matrix(np.asarray(orig_nodes[site.node].inputs[1].values)).shape[1]
@@ -208,6 +215,7 @@ def reconstruct(
     progress: ProgressCallback | None = None,
     show_bar: bool | None = None,
     export: Callable[[gs.Graph], onnx.ModelProto] | None = None,
+    max_features: int = MAX_FEATURES,
 ) -> ReconstructResult:
     """Refit, in place in ``graph`` (already cut), every Conv/Gemm/MatMul whose input channels were removed.
 
@@ -222,6 +230,7 @@ def reconstruct(
         progress: called with (fraction, message) after each wave; it may raise to cancel.
         show_bar: a tqdm bar on stderr; ``None``: only when stderr is a terminal.
         export: graph → runnable model for capturing the pruned model's inputs.
+        max_features: layers reading more features are skipped (noted); bounds the Gram at 8·K² bytes.
 
     Returns:
         Per refit layer, the relative squared output error on the sampled rows with the sliced weights
@@ -243,7 +252,7 @@ def reconstruct(
     orig_graph = gs.import_onnx(original)
     orig_nodes = {n.name: n for n in orig_graph.nodes}
     removed = np.asarray(removed_classes, dtype=np.int64)
-    fits = plan_fits(orig_graph, graph, analysis, removed, result.notes)
+    fits = plan_fits(orig_graph, graph, analysis, removed, result.notes, max_features)
     if not fits:
         return result
     plan = waves(graph, fits)
@@ -278,9 +287,9 @@ def _refit_wave(k: int, wave: list[LayerFit], original: onnx.ModelProto, graph: 
         w_o = f.original.matrix(np.asarray(orig_nodes[f.node].inputs[1].values))
         weights[f.node] = (w_o, _bias(orig_nodes[f.node], f.original, w_o.shape[1]))
     rng = np.random.default_rng((seed, k))
-    stream = zip(runtime.iter_capture(original, names, source.batches(batch_size), choice),
-                 runtime.iter_capture(pruned_model, names, source.batches(batch_size), choice))
-    for got_o, got_p in stream:
+    pairs = zip(runtime.iter_capture(original, names, stream(source, batch_size), choice),
+                runtime.iter_capture(pruned_model, names, stream(source, batch_size), choice))
+    for got_o, got_p in pairs:
         for f in wave:
             _accumulate(f, *weights[f.node], got_o[f.original.input], got_p[f.pruned.input], positions, rng)
     for f in wave:

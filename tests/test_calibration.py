@@ -23,6 +23,7 @@ from onnxprune.calibration import (
     linear_view,
     open_calibration,
     plan_capture,
+    stream,
 )
 from onnxprune.errors import BadInputError, CancelledError
 from onnxprune.groups import analyze_graph
@@ -237,3 +238,14 @@ def test_cancel_during_calibration(tmp_path: Path, digits_model_path: Path) -> N
         prune(digits_model_path, tmp_path / "o.onnx",
               PruneSpec(criterion="apoz", device="cpu", calib_samples=128), progress=on_progress, cancel=cancel)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_fixed_batch_models_get_batches_of_that_size() -> None:
+    """Exported files often fix the batch dim to 1; calibration then runs one sample at a time."""
+    model = build_vgg()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    graph, analysis = analyzed(model)
+    source, _ = open_calibration(model, None, 5, {})
+    assert [len(b["input"]) for b in stream(source, 32)] == [1] * 5
+    stats = calibrate(model, graph, analysis, source, needs={ACTIVATIONS, FEATURES}, device="cpu", batch_size=32)
+    assert stats.samples == 5

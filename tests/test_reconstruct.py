@@ -175,3 +175,15 @@ def test_progress_and_bar(capsys: pytest.CaptureFixture[str]) -> None:
                 show_bar=True)
     assert seen == [0.25, 0.5, 0.75, 1.0]
     assert "reconstruct" in capsys.readouterr().err
+
+
+def test_layers_above_max_features_are_skipped() -> None:
+    model = build_vgg()
+    graph, original = gs.import_onnx(model), gs.import_onnx(model)
+    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    removed = Plan({g.id: np.array([0]) for g in analysis.groups if g.prunable}).removed_classes(analysis)
+    cut_channels(graph, analysis, removed)
+    notes: list[str] = []
+    fits = plan_fits(original, graph, analysis, removed, notes, max_features=200)
+    assert [f.node for f in fits] == ["conv2", "conv3", "fc2"]  # fc1 reads 15·16 = 240 features
+    assert notes == ["reconstruct: skipped fc1: 240 input features (> 200) would need a 0.0 GiB Gram"]
