@@ -292,10 +292,10 @@ def _touches(analysis: Analysis, group: PruningGroup, ids: np.ndarray) -> bool:
 
 def relu_like(node: gs.Node) -> bool:
     """Relu, or Clip with a constant lower bound of 0 (ReLU6 and friends)."""
+    if node.op not in RELU_LIKE:
+        return False
     if node.op == "Relu":
         return True
-    if node.op != "Clip":
-        return False
     if "min" in node.attrs:
         return float(node.attrs["min"]) == 0.0
     low = node.inputs[1] if len(node.inputs) > 1 else None
