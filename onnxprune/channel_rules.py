@@ -439,7 +439,10 @@ def _param_source(
         pos = axis - (rank - target[0])
         entry = _shape_source(az, src, 1, pos) if pos >= 0 else None
         if pos >= 0 and (entry is None or entry.of is not None):
-            return None
+            computed = az.folded.get(src.inputs[1].name)
+            if computed is None or int(computed.reshape(-1)[pos]) != 1:
+                return None
+            entry = None  # computed at runtime, but from constants only (Shape reads are checked apart): 1 broadcasts
     found = _param_source(az, inner, local, src, ids)
     if found is not None and entry is not None and entry.value > 1:
         az.fixup(entry.owner, "shape_value", [ids], input=entry.input, position=entry.position)
@@ -760,6 +763,7 @@ class ShapeEntry:
     of: gs.Tensor | None = None
     dim: int = -1
     divisor: int = 1
+    piece: tuple[gs.Node, int] | None = None  # the one-entry Concat input it arrives through, if any
 
 
 def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, same_axis: bool) -> bool:
@@ -776,8 +780,12 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
     if src.of is not None:
         m = az.map(src.of)
         if m is None or m.axis != src.dim or az.proportion(m.ids, ids) != src.divisor:
-            az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
-            return False
+            if src.piece is None:
+                az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
+                return False
+            # timm-style merge reshape(B, N, C) with C read from the residual stream: pin it to the kept count
+            az.fixup(src.piece[0], "shape_pin", [ids], input=src.piece[1])
+            az.pinned.add((node.name, index))
     elif src.value > 0:
         az.fixup(src.owner, "shape_value", [ids], input=src.input, position=src.position)
     elif src.value == 0 and not same_axis:
@@ -810,11 +818,13 @@ def _shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry |
         idx = az.const(src.inputs[1])
         return None if idx is None or pos >= idx.size else _shape_source(az, src, 0, int(idx.reshape(-1)[pos]))
     if src.op == "Slice":
-        starts, steps = az.const(_opt(src, 1)), az.const(_opt(src, 4))
-        if starts is None or starts.size != 1 or int(starts.reshape(-1)[0]) < 0:
+        starts, steps, length = az.const(_opt(src, 1)), az.const(_opt(src, 4)), az.shape(src.inputs[0])
+        if starts is None or starts.size != 1 or length is None or len(length) != 1 or not isinstance(length[0], int):
             return None
+        start = int(starts.reshape(-1)[0])
+        start = start + length[0] if start < 0 else start
         step = 1 if steps is None else int(steps.reshape(-1)[0])
-        return _shape_source(az, src, 0, int(starts.reshape(-1)[0]) + pos * step) if step > 0 else None
+        return _shape_source(az, src, 0, start + pos * step) if step > 0 and start >= 0 else None
     if src.op == "Div":  # a runtime channel count split in parts: unflatten(-1, (3, D)) of a fused projection
         c = az.const(src.inputs[1])
         inner = _shape_source(az, src, 0, pos) if c is not None and c.size == 1 and int(c.reshape(-1)[0]) > 0 else None
@@ -835,7 +845,10 @@ def _shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry |
                 return None
             size = dims[0] if dims else 1
             if pos < offset + size:
-                return _shape_source(az, src, j, pos - offset)
+                found = _shape_source(az, src, j, pos - offset)
+                if found is not None and found.piece is None and size == 1 and len(dims) == 1:
+                    found = dataclasses.replace(found, piece=(src, j))
+                return found
             offset += size
     return None
 

@@ -197,6 +197,8 @@ class Analyzer:
         self.sites: list[Site] = []
         self.fixups: list[Fixup] = []
         self.shape_reads: dict[str, list[tuple[str, ...]]] = {}
+        self.folded: dict[str, np.ndarray] = {}
+        self.pinned: set[tuple[str, int]] = set()
 
     # --- facts about tensors -------------------------------------------------------------
     def map(self, t: gs.Tensor | None) -> ChannelMap | None:
@@ -303,7 +305,9 @@ def analyze_graph(
         from onnxprune.channel_rules import default_registry
 
         registry = default_registry()
-    az = Analyzer(graph, complete_shapes(graph, shapes), exclude)
+    facts = shape_facts(graph, shapes)
+    az = Analyzer(graph, facts.shapes, exclude)
+    az.folded = facts.values
     graph.toposort()
     _name_nodes(graph)
     for node in graph.nodes:
@@ -334,8 +338,35 @@ def _static_dims(dims: list[int | str] | None) -> bool:
     return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
 
 
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
+FOLDED_VALUE_MAX = 64
+
+
+@dataclass
+class ShapeFacts:
+    """What folding a graph's shape arithmetic (inputs fixed) tells: tensor shapes, and the values of
+    small integer tensors computed at runtime (Reshape/Expand targets)."""
+
+    shapes: dict[str, list[int | str]]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
-    """Fill shapes plain shape inference leaves unknown behind runtime shape arithmetic.
+    """Shapes with the gaps plain shape inference leaves behind runtime shape arithmetic filled (see
+    :func:`shape_facts`)."""
+    return shape_facts(graph, shapes).shapes
+
+
+def _needs_folding(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> bool:
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name and not _static_dims(shapes.get(t.name)):
+            return True
+    return any(n.op in SHAPE_INPUTS and len(n.inputs) > SHAPE_INPUTS[n.op]
+               and isinstance(n.inputs[SHAPE_INPUTS[n.op]], gs.Variable) for n in graph.nodes)
+
+
+def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFacts:
+    """Fold the shape arithmetic of a copy of ``graph`` and read shapes and small values off it.
 
     Exporters (Paddle, TorchScript) build Reshape targets from ``Shape`` → ``Slice``/``Gather`` →
     ``Concat``; with the inputs fixed those are constants, but ONNX shape inference does not fold them.
@@ -344,12 +375,12 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
     """
     import onnx
 
-    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and t.name]
-    if all(_static_dims(shapes.get(t.name)) for t in variables):
-        return shapes
-    if sum(int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
-           if isinstance(t, gs.Constant)) > COMPLETE_SHAPES_MAX_BYTES:
-        return shapes
+    if not _needs_folding(graph, shapes) or sum(
+            int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
+            if isinstance(t, gs.Constant)) > COMPLETE_SHAPES_MAX_BYTES:
+        return ShapeFacts(shapes)
+    folded_dims: dict[str, list[int | str]] = {}
+    values: dict[str, np.ndarray] = {}
     try:
         copy = graph.copy()
         for t in copy.inputs:
@@ -357,13 +388,16 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
                 t.shape = list(shapes[t.name])
         model = gs.export_onnx(copy, do_type_check=False)
         count = len(model.graph.node)
-        folded_dims: dict[str, list[int | str]] = {}
         for _ in range(SHAPE_PASSES):
             model = onnx.shape_inference.infer_shapes(model)
             folded = gs.import_onnx(model)
             folded.fold_constants(fold_shapes=True, error_ok=True)
-            folded_dims.update({name: list(t.shape) for name, t in folded.tensors().items()
-                                if isinstance(t, gs.Constant) and name})
+            for name, t in folded.tensors().items():
+                if isinstance(t, gs.Constant) and name:
+                    folded_dims[name] = list(t.shape)
+                    v = np.asarray(t.values)
+                    if v.size <= FOLDED_VALUE_MAX and np.issubdtype(v.dtype, np.integer):
+                        values[name] = v
             folded.cleanup()
             model = gs.export_onnx(folded, do_type_check=False)
             if len(model.graph.node) == count:
@@ -372,7 +406,7 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape completion is best effort: the analysis then blocks what it cannot see
         log.warning("could not complete shapes by folding shape arithmetic: %s", e)
-        return shapes
+        return ShapeFacts(shapes)
     result = dict(shapes)
     for vi in list(model.graph.value_info) + list(model.graph.output):
         if result.get(vi.name) is not None and _static_dims(result[vi.name]):
@@ -385,7 +419,8 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
     for name, dims in folded_dims.items():  # shape arithmetic folded to constants: their lengths are known now
         if not _static_dims(result.get(name)):
             result[name] = dims
-    return result
+    original = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    return ShapeFacts(result, {k: v for k, v in values.items() if k not in original})
 
 
 SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")
@@ -462,6 +497,8 @@ def _check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, 
     """Block channels whose count a node computes with, unless it is a Reshape or Expand that gives the
     same channels the same axis (the count then follows the cut by itself)."""
     for i, p, origin in reads:
+        if i == 1 and (node.name, p) in az.pinned:
+            continue  # replaced by a constant when the cut happens
         source, out = az.maps.get(origin), az.map(node.outputs[0]) if node.outputs else None
         if node.op in ("Reshape", "Expand") and i == 1 and source is not None and out is not None:
             length = az.shape(node.inputs[1])

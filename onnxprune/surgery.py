@@ -100,6 +100,11 @@ def _shape_value(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndar
     return [Edit(node.name, input_index=fix.data["input"], updates={int(fix.data["position"]): kept})]
 
 
+def _shape_pin(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    """A one-entry piece of a shape Concat computed at runtime becomes the kept count (a constant)."""
+    return [Edit(node.name, input_index=fix.data["input"], array=np.array([int(keep(fix.ids[0]).sum())], np.int64))]
+
+
 def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
     sizes = np.array(node.inputs[3].values, dtype=np.int64).copy()
     sizes[fix.data["axis"]] = int(keep(fix.ids[0]).sum())
@@ -114,6 +119,7 @@ def default_fixups() -> FixupRegistry:
     reg.register("slice", _slice)
     reg.register("resize_sizes", _resize_sizes)
     reg.register("shape_value", _shape_value)
+    reg.register("shape_pin", _shape_pin)
     return reg
 
 
@@ -186,7 +192,7 @@ def cut_channels(
             else:
                 node.attrs[edit.attr] = edit.value
         else:
-            const = gs.Constant(f"{node.name}_pruned_{edit.input_index}", np.ascontiguousarray(edit.array))
+            const = gs.Constant(f"{node.name}_pruned_{edit.input_index}", np.array(edit.array, order="C"))
             if len(node.inputs) <= edit.input_index:
                 node.inputs.extend([gs.Variable.empty()] * (edit.input_index + 1 - len(node.inputs)))
             node.inputs[edit.input_index] = const
