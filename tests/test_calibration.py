@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,3 +252,29 @@ def test_fixed_batch_models_get_batches_of_that_size() -> None:
     assert [len(b["input"]) for b in stream(source, 32)] == [1] * 5
     stats = calibrate(model, graph, analysis, source, needs={ACTIVATIONS, FEATURES}, device="cpu", batch_size=32)
     assert stats.samples == 5
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnxprune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_calib_reconstruct_and_report(tmp_path: Path, digits_model_path: Path, digits: tuple) -> None:
+    x_train, y_train, _, _ = digits
+    data = write_npz(tmp_path / "calib.npz", x_train[:100], y_train[:100])
+    proc = _cli("prune", str(digits_model_path), "-o", str(tmp_path / "o.onnx"), "--criterion", "regression",
+                "--reconstruct", "--calib", str(data), "--calib-samples", "80", "--device", "cpu",
+                "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fidelity_data"] == f"calibration data {data} (80 samples)"
+    assert report["fidelity"]["top1_agreement"] > 0.9
+    assert len(report["reconstruct"]) == 6 and report["device"] == "cpu"
+
+
+@pytest.mark.skipif(runtime.probe_cuda().cuda_usable, reason="a usable CUDA provider is present")
+def test_cli_device_cuda_without_gpu_exits_2(tmp_path: Path, digits_model_path: Path) -> None:
+    proc = _cli("prune", str(digits_model_path), "-o", str(tmp_path / "o.onnx"), "--criterion", "apoz",
+                "--device", "cuda")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
+    assert len(errors) == 1 and "--device cuda" in errors[0] and "Traceback" not in proc.stderr
