@@ -170,10 +170,11 @@ def stage_plan(state: PruneState) -> None:
         state.plan = planning.Plan()  # fine-grained: weights are zeroed in stage_cut, no channel goes
         return
     if _uses_budget(spec):
-        state.plan = _budget_plan(state)
-        return
-    choose = planning.global_ranking if spec.global_ranking else planning.uniform
-    state.plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
+        plan = _budget_plan(state)
+    else:
+        choose = planning.global_ranking if spec.global_ranking else planning.uniform
+        plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
+    state.plan = planning.keep_every_tensor(state.analysis, plan, state.scores)
 
 
 def _budget_plan(state: PruneState) -> planning.Plan:

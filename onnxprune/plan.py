@@ -589,3 +589,38 @@ def greedy_order(
             seq.append(gid)
     log.info("greedy allocation: %d evaluations", evaluations)
     return RemovalOrder(np.array(seq, dtype=np.int64), strategy)
+
+
+def tensor_channel_sets(analysis: Analysis) -> dict[int, list[np.ndarray]]:
+    """Per group, the channel sets that one tensor holds entirely (a Split branch, one consumer's input...).
+
+    A plan must leave at least one channel in each: a tensor with no channels left cannot be sliced.
+    """
+    group_of = {int(c): (g.id, i) for g in analysis.groups for i, c in enumerate(g.classes)}
+    sizes = {g.id: g.size for g in analysis.groups}
+    arrays = [s.ids for s in analysis.sites] + [ids for f in analysis.fixups for ids in f.ids]
+    sets: dict[int, set[tuple[int, ...]]] = {}
+    for ids in arrays:
+        classes = analysis.classes_of(ids)
+        if len(classes) == 0 or (classes < 0).any():
+            continue  # fixed positions always stay
+        owners = {group_of[int(c)] for c in np.unique(classes)}
+        gids = {gid for gid, _ in owners}
+        if len(gids) != 1:
+            continue
+        channels = tuple(sorted(i for _, i in owners))
+        if len(channels) < sizes[next(iter(gids))]:
+            sets.setdefault(next(iter(gids)), set()).add(channels)
+    return {gid: [np.array(s, dtype=np.int64) for s in sorted(v)] for gid, v in sets.items()}
+
+
+def keep_every_tensor(analysis: Analysis, plan: Plan, scores: dict[int, np.ndarray]) -> Plan:
+    """Give back the best channel of any tensor-channel set the plan would empty (see ``tensor_channel_sets``)."""
+    sets = tensor_channel_sets(analysis)
+    for gid, removed in list(plan.removed.items()):
+        chosen = set(removed.tolist())
+        for channels in sets.get(gid, []):
+            if chosen.issuperset(channels.tolist()):
+                chosen.discard(int(channels[np.argmax(scores[gid][channels])]))
+        plan.removed[gid] = np.array(sorted(chosen), dtype=np.int64)
+    return plan

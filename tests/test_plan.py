@@ -197,3 +197,20 @@ def test_greedy_order_stops_at_its_evaluation_budget() -> None:
     order = planning.greedy_order(analysis, scores, cost, "macs", 0.5, loss, max_evaluations=2)
     assert "then global" in order.strategy and len(calls) <= 2 + len(scores)
     assert planning.fit_budget(analysis, scores, cost, order, {"macs": 0.5}).achieved["macs"] <= 0.5
+
+
+def test_plan_never_empties_a_split_branch(tmp_path) -> None:
+    """Random or APoZ scores can rank a whole Split branch lowest; the plan must keep one of its channels."""
+    import onnx
+
+    from onnxprune.pipeline import prune
+    from onnxprune.spec import PruneSpec
+    from tests.models import build_shufflenet, random_inputs, run
+
+    model = build_shufflenet()
+    onnx.save(model, tmp_path / "s.onnx")
+    for seed in range(8):
+        out = tmp_path / f"out{seed}.onnx"
+        prune(tmp_path / "s.onnx", out, PruneSpec(ratio=0.7, criterion="random", seed=seed, device="cpu"))
+        feeds = random_inputs(model)
+        assert run(str(out), feeds)["output"].shape == run(model, feeds)["output"].shape
