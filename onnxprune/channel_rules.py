@@ -571,9 +571,14 @@ def split(az: Analyzer, node: gs.Node) -> None:
         for out in node.outputs:
             az.set_map(out, xm)
         return
-    sizes = _ints(az, node, 1, "split")
+    computed = _runtime_ints(az, node, 1)
+    sizes = [int(v) for v in computed.reshape(-1)] if computed is not None else _ints(az, node, 1, "split")
     n_out = len(node.outputs)
     total = len(xm.ids)
+    if sizes is None and _opt(node, 1) is not None:
+        az.block(xm.ids, f"Split {node.name} sizes are computed at runtime")
+        return
+    az.pinned.add((node.name, 1, -1))
     if sizes is None:
         if total % n_out:
             az.block(xm.ids, f"Split {node.name}: uneven implicit split")
@@ -588,11 +593,22 @@ def split(az: Analyzer, node: gs.Node) -> None:
     az.fixup(node, "split", parts)
 
 
+def _runtime_ints(az: Analyzer, node: gs.Node, i: int) -> np.ndarray | None:
+    """A constant input, or one computed from shapes whose value folding found (``x.chunk(2)`` bounds)."""
+    t = _opt(node, i)
+    if t is None:
+        return None
+    value = az.const(t)
+    return value if value is not None else az.folded.get(t.name)
+
+
 def slice_(az: Analyzer, node: gs.Node) -> None:
+    """Slice: channels kept ``start:stop`` on the channel axis. Bounds computed from shapes (PyTorch's
+    ``chunk``) are read from folding and become constants when the cut changes them."""
     xm, dims = az.map(_first(node)), az.shape(_first(node))
     if xm is None:
         return
-    starts, ends = az.const(_opt(node, 1)), az.const(_opt(node, 2))
+    starts, ends = _runtime_ints(az, node, 1), _runtime_ints(az, node, 2)
     axes_t, steps_t = _opt(node, 3), _opt(node, 4)
     axes = az.const(axes_t) if axes_t is not None else None
     steps = az.const(steps_t) if steps_t is not None else None
@@ -606,12 +622,14 @@ def slice_(az: Analyzer, node: gs.Node) -> None:
         return
     k = axes_l.index(xm.axis)
     step = 1 if steps is None else int(steps.reshape(-1)[k])
-    start, stop, _ = slice(int(starts[k]), int(ends[k]), step).indices(len(xm.ids))
+    start, stop, _ = slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k]), step).indices(len(xm.ids))
     if step != 1:
         az.block(xm.ids, f"Slice {node.name} strides over the channel axis")
         return
     out_ids = SliceMapping(start, stop).apply(xm.ids)
-    az.fixup(node, "slice", [xm.ids, out_ids], index=k, start=start)
+    az.fixup(node, "slice", [xm.ids, out_ids], index=k, start=start, starts=starts.reshape(-1).copy(),
+             ends=ends.reshape(-1).copy())
+    az.pinned.update({(node.name, 1, -1), (node.name, 2, -1)})
     az.set_map(node.outputs[0], ChannelMap(xm.axis, out_ids))
 
 
@@ -785,7 +803,7 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
                 return False
             # timm-style merge reshape(B, N, C) with C read from the residual stream: pin it to the kept count
             az.fixup(src.piece[0], "shape_pin", [ids], input=src.piece[1])
-            az.pinned.add((node.name, index))
+            az.pinned.add((node.name, 1, index))
     elif src.value > 0:
         az.fixup(src.owner, "shape_value", [ids], input=src.input, position=src.position)
     elif src.value == 0 and not same_axis:

@@ -198,7 +198,7 @@ class Analyzer:
         self.fixups: list[Fixup] = []
         self.shape_reads: dict[str, list[tuple[str, ...]]] = {}
         self.folded: dict[str, np.ndarray] = {}
-        self.pinned: set[tuple[str, int]] = set()
+        self.pinned: set[tuple[str, int, int]] = set()  # (node, input, entry or -1): made constant by the cut
 
     # --- facts about tensors -------------------------------------------------------------
     def map(self, t: gs.Tensor | None) -> ChannelMap | None:
@@ -424,6 +424,7 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
 
 
 SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")
+ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
 def _follow_shape_reads(az: Analyzer, node: gs.Node) -> list[tuple[int, int, str]]:
@@ -475,7 +476,7 @@ def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | No
     src = marks(node.inputs[0]) if node.inputs else None
     if node.op in SHAPE_PASS and all(t.name not in az.shape_reads for t in node.inputs[1:]):
         return src
-    if node.op in ("Div", "Mul") and src is not None and node.inputs[1].name not in az.shape_reads:
+    if node.op in ARITHMETIC and src is not None and len(node.inputs) == 2 and node.inputs[1].name not in az.shape_reads:
         c = az.const(node.inputs[1])
         return src if c is not None and c.size == 1 else None
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and src is not None:
@@ -497,7 +498,7 @@ def _check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, 
     """Block channels whose count a node computes with, unless it is a Reshape or Expand that gives the
     same channels the same axis (the count then follows the cut by itself)."""
     for i, p, origin in reads:
-        if i == 1 and (node.name, p) in az.pinned:
+        if (node.name, i, p) in az.pinned or (node.name, i, -1) in az.pinned:
             continue  # replaced by a constant when the cut happens
         source, out = az.maps.get(origin), az.map(node.outputs[0]) if node.outputs else None
         if node.op in ("Reshape", "Expand") and i == 1 and source is not None and out is not None:
@@ -570,6 +571,33 @@ def _check_sites(az: Analyzer) -> None:
                     az.couple(first, s.ids, f"weight {name} is shared")
 
 
+def _reserve_partial_sites(
+    az: Analyzer, roots: np.ndarray, comp_classes: dict[int, list[int]], class_comp: dict[int, int],
+    blocked_class: dict[int, list[str]],
+) -> None:
+    """Keep one channel of every weight axis that a plan could otherwise empty.
+
+    A plan keeps at least one channel per group, which protects a weight only if it holds every channel
+    of some group. A weight that holds part of one (a Split half feeding a conv; a shuffle branch coupled
+    with half of the stream) gets one of its channels marked unremovable instead.
+    """
+    by_axis: dict[tuple[str, int], set[int]] = {}
+    first: dict[tuple[str, int], int] = {}
+    for site in az.sites:
+        ids = site.ids[site.ids >= 0]
+        if not ids.size:
+            continue
+        key = (site.tensor, site.axis)
+        by_axis.setdefault(key, set()).update(int(r) for r in roots[ids])
+        first.setdefault(key, int(roots[ids[0]]))
+    for key, covered in by_axis.items():
+        if any(r in blocked_class for r in covered):
+            continue
+        if any(set(comp_classes[c]) <= covered for c in {class_comp[r] for r in covered}):
+            continue
+        blocked_class[first[key]] = [f"one channel stays so that {key[0]} is never emptied"]
+
+
 def _build_groups(az: Analyzer) -> Analysis:
     roots = az.uf.roots()
     n = len(roots)
@@ -597,6 +625,7 @@ def _build_groups(az: Analyzer) -> Analysis:
         comp_classes.setdefault(puf.find(p_index[az.producer_of[i]]), []).append(r)
     members: dict[int, set[str]] = {}
     class_comp = {r: c for c, rs in comp_classes.items() for r in rs}
+    _reserve_partial_sites(az, roots, comp_classes, class_comp, blocked_class)
     for s in az.sites:
         for r in np.unique(roots[s.ids[s.ids >= 0]]):
             members.setdefault(class_comp[int(r)], set()).add(s.node)

@@ -88,8 +88,8 @@ def _slice(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) 
     k, start = fix.data["index"], fix.data["start"]
     new_start = int(keep(in_ids[:start]).sum())
     new_end = new_start + int(keep(out_ids).sum())
-    starts = np.array(node.inputs[1].values).copy()
-    ends = np.array(node.inputs[2].values).copy()
+    starts = np.array(fix.data["starts"] if "starts" in fix.data else node.inputs[1].values).reshape(-1).copy()
+    ends = np.array(fix.data["ends"] if "ends" in fix.data else node.inputs[2].values).reshape(-1).copy()
     starts[k], ends[k] = new_start, new_end
     return [Edit(node.name, input_index=1, array=starts), Edit(node.name, input_index=2, array=ends)]
 

@@ -108,7 +108,9 @@ def test_grouped_conv_keeps_its_groups_and_loses_the_same_count_in_each(tmp_path
 def test_shuffle_v2_couples_the_passthrough_half_with_the_branch() -> None:
     _, a = _analysis(build_shufflenet())
     g = _group_of(a, "stem")
-    assert {"unit1.pw2", "unit2.pw2"} <= set(g.producers) and g.prunable == g.size
+    assert {"unit1.pw2", "unit2.pw2"} <= set(g.producers)
+    # the Split half feeding pw1 holds only part of the group: one of its channels is kept so it never empties
+    assert g.size - 3 <= g.prunable < g.size and any("never emptied" in r for r in g.reasons)
     assert not [grp for grp in a.groups if grp.prunable == 0 and "graph output" not in (grp.blocked_reason or "")]
 
 
@@ -128,3 +130,79 @@ def test_depthwise_stays_coupled_with_its_input() -> None:
     _, a = _analysis(build_shufflenet_v1())
     g = _group_of(a, "unit1.gconv1")
     assert "unit1.dw" in g.members and all("unit1.dw" not in grp.producers for grp in a.groups)
+
+
+def test_every_plan_leaves_each_split_half_a_channel(tmp_path: Path) -> None:
+    """Even when the lowest-scoring channels are all in one Split half, the half's conv keeps one."""
+    model = build_shufflenet()
+    _, a = _analysis(model)
+    g = _group_of(a, "stem")
+    half = [t for t in a.sites if t.node == "unit1.pw1" and t.role == "in"][0]
+    doomed = set(a.classes_of(half.ids).tolist())
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    stem = next(t for t in zeroed.graph.initializer if t.name == "stem.bn.weight")
+    gamma = numpy_helper.to_array(stem).copy()
+    gamma[8:] = 1e-6  # the second half (unit1's branch input) is the least important by far
+    stem.CopyFrom(numpy_helper.from_array(gamma, stem.name))
+    assert doomed <= set(g.classes.tolist())
+    result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.9, criterion="l1", device="cpu"))
+    pruned = onnx.load(result.output_path)
+    assert _init(pruned, "unit1.pw1.weight").shape[1] >= 1
+    feeds = random_inputs(model, batch=2)
+    assert np.all(np.isfinite(run(pruned, feeds)["output"]))
+
+
+def test_torchscript_shufflenet_v2_chunk_and_shuffle_from_shapes(tmp_path: Path) -> None:
+    """torchvision-style units exported by TorchScript: ``chunk`` becomes Slices with bounds computed from
+    Shape, ``channel_shuffle`` reshapes with ``c // groups`` read from Shape. Both follow the cut."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    def shuffle(x, groups: int):  # noqa: ANN001, ANN202
+        b, c, h, w = x.size()
+        return torch.transpose(x.view(b, groups, c // groups, h, w), 1, 2).contiguous().view(b, -1, h, w)
+
+    class Unit(nn.Module):
+        def __init__(self, c: int = 16) -> None:
+            super().__init__()
+            bc = c // 2
+            self.branch = nn.Sequential(
+                nn.Conv2d(bc, bc, 1, bias=False), nn.BatchNorm2d(bc), nn.ReLU(),
+                nn.Conv2d(bc, bc, 3, 1, 1, groups=bc, bias=False), nn.BatchNorm2d(bc),
+                nn.Conv2d(bc, bc, 1, bias=False), nn.BatchNorm2d(bc), nn.ReLU())
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            x1, x2 = x.chunk(2, dim=1)
+            return shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+            self.units = nn.Sequential(Unit(), Unit())
+            self.grouped = nn.Sequential(nn.Conv2d(16, 24, 1, groups=4), nn.BatchNorm2d(24), nn.ReLU())
+            self.fc = nn.Linear(24, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.fc(self.grouped(self.units(self.stem(x))).mean([2, 3]))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+    path = tmp_path / "shufflenet_ts.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "N"}})
+    model = onnx.load(str(path))
+    _, a = _analysis(model)
+    assert sum(1 for g in a.groups if g.prunable) == len(a.groups) - 1, [g.reasons for g in a.groups]
+    zeroed, n = zero_channels_everywhere(model, 0.5, seed=2)
+    result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert sum(g["channels"] - g["kept"] for g in result.report["groups"]) == n > 0
+    feeds = random_inputs(model, batch=3)
+    before, after = run(zeroed, feeds), run(onnx.load(result.output_path), feeds)
+    np.testing.assert_allclose(after["output"], before["output"], atol=1e-4, rtol=1e-4)
+    assert result.report["pruned"]["params"] < 0.7 * result.report["original"]["params"]
