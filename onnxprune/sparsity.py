@@ -250,7 +250,7 @@ def to_sparse_initializers(model: onnx.ModelProto, min_saving: float = 0.0) -> l
             keep.append(init)
             continue
         dense = numpy_helper.to_array(init)
-        if not np.issubdtype(dense.dtype, np.floating) or dense.size == 0:
+        if not np.issubdtype(dense.dtype, np.floating) or dense.ndim == 0 or dense.size == 0:
             keep.append(init)
             continue
         nz = np.flatnonzero(dense.reshape(-1))

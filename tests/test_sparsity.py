@@ -157,3 +157,24 @@ def _save(model: onnx.ModelProto, tmp_path: Path) -> Path:
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
     return path
+
+
+def test_high_sparsity_is_stored_as_sparse_initializers(tmp_path) -> None:
+    """At 90 % zeros the weights go to sparse initializers: a smaller file with the same outputs."""
+    import onnx
+
+    from onnxprune.pipeline import prune
+    from onnxprune.spec import PruneSpec
+    from tests.models import build_vgg, random_inputs, run
+
+    model = build_vgg()
+    onnx.save(model, tmp_path / "m.onnx")
+    dense = prune(tmp_path / "m.onnx", tmp_path / "d.onnx", PruneSpec(granularity="element", sparsity=0.5, device="cpu"))
+    sparse = prune(tmp_path / "m.onnx", tmp_path / "s.onnx", PruneSpec(granularity="element", sparsity=0.9, device="cpu"))
+    assert "sparse_initializers" not in dense.report["sparsity"]
+    stored = sparse.report["sparsity"]["sparse_initializers"]
+    saved = onnx.load(tmp_path / "s.onnx")
+    assert {t.values.name for t in saved.graph.sparse_initializer} == set(stored)
+    assert (tmp_path / "s.onnx").stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size
+    feeds = random_inputs(model)
+    assert run(str(tmp_path / "s.onnx"), feeds)["output"].shape == run(model, feeds)["output"].shape
