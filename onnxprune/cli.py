@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
 
+    p = sub.add_parser("apply-checkpoint", help="write an inference model with trained parameters")
+    p.add_argument("model", help="the model the artifacts were exported from")
+    p.add_argument("checkpoint", help="checkpoint.npz or an artifacts directory")
+    p.add_argument("-o", "--output", required=True)
+
     p = sub.add_parser("finetune", help="fine-tune a model on onnxruntime")
     p.add_argument("model")
     p.add_argument("--train-data", required=True, metavar="DATA")

@@ -97,3 +97,29 @@ def test_bad_shape_argument(tmp_path: Path) -> None:
 def test_unknown_criterion_is_a_usage_error(tmp_path: Path) -> None:
     proc = cli("prune", "m.onnx", "-o", "o.onnx", "--criterion", "magic")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_artifacts_then_apply_checkpoint(tmp_path: Path) -> None:
+    """The artifacts' checkpoint turns back into an inference model; edited parameters show in its outputs."""
+    import numpy as np
+
+    from tests.models import random_inputs, run
+
+    model = BUILDERS["mlp"]()
+    onnx.save(model, tmp_path / "m.onnx")
+    assert cli("export-artifacts", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "arts")).returncode == 0
+    ckpt = dict(np.load(tmp_path / "arts" / "checkpoint.npz"))
+    name = next(k for k, v in ckpt.items() if v.ndim == 2)
+    ckpt[name] = ckpt[name] * 0.0
+    np.savez(tmp_path / "edited.npz", **ckpt)
+    proc = cli("apply-checkpoint", str(tmp_path / "m.onnx"), str(tmp_path / "edited.npz"), "-o", str(tmp_path / "t.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    tuned = onnx.load(tmp_path / "t.onnx")
+    weight = next(t for t in tuned.graph.initializer if t.name == name)
+    assert not np.any(onnx.numpy_helper.to_array(weight))
+    feeds = random_inputs(model)
+    assert not np.allclose(run(tuned, feeds)["output"], run(model, feeds)["output"])
+    unrelated = tmp_path / "other.npz"
+    np.savez(unrelated, nothing=np.zeros(3))
+    assert_one_line_error(cli("apply-checkpoint", str(tmp_path / "m.onnx"), str(unrelated), "-o", str(tmp_path / "x.onnx")),
+                          "holds no parameter")
