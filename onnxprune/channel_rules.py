@@ -677,6 +677,13 @@ def reshape(az: Analyzer, node: gs.Node) -> None:
                 if _shape_fixup(az, node, o, ids, same_axis=(o == c and inner == 1)):
                     az.set_map(node.outputs[0], ChannelMap(o, ids))
                 return
+    merged = _merge_with_outer(dims, out_dims, c)
+    if merged is not None:  # per-head dims merged back: [.., h, d] -> [.., h*d]
+        o, outer = merged
+        ids = np.tile(xm.ids, outer)
+        if _shape_fixup(az, node, o, ids, same_axis=False):
+            az.set_map(node.outputs[0], ChannelMap(o, ids))
+        return
     for o in starts:
         for e in range(o + 2, len(out_dims) + 1):
             sizes = [int(d) for d in out_dims[o:e]]
@@ -686,12 +693,27 @@ def reshape(az: Analyzer, node: gs.Node) -> None:
     az.block(xm.ids, f"Reshape {node.name} reorders the channel axis in a way the analysis does not follow")
 
 
+def _merge_with_outer(dims: list[int], out_dims: list[int], c: int) -> tuple[int, int] | None:
+    """(output axis, outer count) when the last-axis channels merge with the non-batch axes just before
+    them ([B, T, h, d] → [B, T, h*d]); the batch axis is never merged (its size is not known)."""
+    if c != len(dims) - 1:
+        return None
+    for a in range(c - 1, 0, -1):
+        pre = int(np.prod(dims[:a], dtype=np.int64))
+        size = int(np.prod(dims[a:], dtype=np.int64))
+        for o in range(1, len(out_dims)):
+            if int(np.prod(out_dims[:o], dtype=np.int64)) == pre and o == len(out_dims) - 1 and out_dims[o] == size:
+                return o, int(np.prod(dims[a:c], dtype=np.int64))
+    return None
+
+
 def _reshape_split(az: Analyzer, node: gs.Node, xm: ChannelMap, o: int, sizes: tuple[int, ...]) -> None:
     """Split the channel axis into ``sizes`` (output axes ``o..``). The ids go on one new axis and are
     coupled along the others: the head axis for attention ([3,] heads, head_dim: whole heads are
     pruned), the inner axis for a channel shuffle (every shuffle group loses the same offsets)."""
     mapping = SplitAxisMapping(sizes)
-    k = len(sizes) - 1 if _is_shuffle(node, o, len(sizes)) else len(sizes) - 2
+    per_dim = az.options.heads == "dims"
+    k = len(sizes) - 1 if per_dim or _is_shuffle(node, o, len(sizes)) else len(sizes) - 2
     stacks = _stack_axes(az, node.outputs[0], o, len(sizes))
     while k in stacks and k + 1 < len(sizes):
         k += 1

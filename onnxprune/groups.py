@@ -183,13 +183,36 @@ class RuleRegistry:
         return sorted(self._rules)
 
 
+HEAD_GRANULARITIES = ("whole", "dims")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices the graph leaves open.
+
+    ``heads``: ``whole`` prunes attention heads as units (a channel = a head: Q/K/V columns and the
+    output-projection rows of that head); ``dims`` prunes the same dims of every head instead (a channel =
+    dim j of every head; Q and K together, V with the output projection), keeping the head count.
+    """
+
+    heads: str = "whole"
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEAD_GRANULARITIES:
+            raise ValueError(f"heads must be one of {', '.join(HEAD_GRANULARITIES)}, got {self.heads!r}")
+
+
 class Analyzer:
     """The state of one analysis walk; rules read and extend it through these methods."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, list[int | str]], exclude: Iterable[str] = ()) -> None:
+    def __init__(
+        self, graph: gs.Graph, shapes: dict[str, list[int | str]], exclude: Iterable[str] = (),
+        options: AnalysisOptions | None = None,
+    ) -> None:
         self.graph = graph
         self.shapes = shapes
         self.exclude = list(exclude)
+        self.options = options or AnalysisOptions()
         self.uf = UnionFind()
         self.maps: dict[str, ChannelMap] = {}
         self.blocked: dict[int, str] = {}
@@ -288,6 +311,7 @@ def analyze_graph(
     *,
     exclude: Iterable[str] = (),
     registry: RuleRegistry | None = None,
+    options: AnalysisOptions | None = None,
 ) -> Analysis:
     """Find the channel dependency groups of ``graph``.
 
@@ -296,6 +320,7 @@ def analyze_graph(
         shapes: tensor name → shape with the batch (and ``--shape`` dims) fixed, from shape inference.
         exclude: glob patterns of node names to leave intact (their channels are blocked).
         registry: the per-op rules; ``channel_rules.default_registry()`` when omitted.
+        options: choices such as whole heads or per-head dims (:class:`AnalysisOptions`).
 
     Example:
         >>> analysis = analyze_graph(graph, model.static_shapes(proto, None))
@@ -306,7 +331,7 @@ def analyze_graph(
 
         registry = default_registry()
     facts = shape_facts(graph, shapes)
-    az = Analyzer(graph, facts.shapes, exclude)
+    az = Analyzer(graph, facts.shapes, exclude, options)
     az.folded = facts.values
     graph.toposort()
     _name_nodes(graph)
@@ -351,6 +376,19 @@ class ShapeFacts:
     values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _split_ranged_shapes(graph: gs.Graph) -> None:
+    """Rewrite ``Shape(x, start, end)`` as ``Slice(Shape(x))``: graphsurgeon's shape folding ignores the range."""
+    for node in list(graph.nodes):
+        if node.op != "Shape" or ("start" not in node.attrs and "end" not in node.attrs):
+            continue
+        start, end = int(node.attrs.pop("start", 0)), int(node.attrs.pop("end", np.iinfo(np.int64).max))
+        full = gs.Variable(f"{node.outputs[0].name}_full", dtype=np.int64)
+        out = node.outputs[0]
+        node.outputs = [full]
+        bounds = [gs.Constant(f"{out.name}_{k}", np.array([v], np.int64)) for k, v in (("start", start), ("end", end))]
+        graph.nodes.append(gs.Node("Slice", f"{node.name}_range", inputs=[full, *bounds], outputs=[out]))
+
+
 def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
     """Shapes with the gaps plain shape inference leaves behind runtime shape arithmetic filled (see
     :func:`shape_facts`)."""
@@ -386,6 +424,7 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
         for t in copy.inputs:
             if _static_dims(shapes.get(t.name)):
                 t.shape = list(shapes[t.name])
+        _split_ranged_shapes(copy)
         model = gs.export_onnx(copy, do_type_check=False)
         count = len(model.graph.node)
         for _ in range(SHAPE_PASSES):
@@ -419,8 +458,8 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
     for name, dims in folded_dims.items():  # shape arithmetic folded to constants: their lengths are known now
         if not _static_dims(result.get(name)):
             result[name] = dims
-    original = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    return ShapeFacts(result, {k: v for k, v in values.items() if k not in original})
+    known = graph.tensors()
+    return ShapeFacts(result, {k: v for k, v in values.items() if isinstance(known.get(k), gs.Variable)})
 
 
 SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")

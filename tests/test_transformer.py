@@ -28,7 +28,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
-from onnxprune.groups import PruningGroup
+from onnxprune import model as model_io
+from onnxprune.groups import Analysis, AnalysisOptions, PruningGroup, analyze_graph
 from onnxprune.pipeline import analyze, export_graph, prune
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels
@@ -202,13 +203,20 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _zero_groups(model: onnx.ModelProto, pick: Callable[[PruningGroup], bool], ratio: float = 0.5, seed: int = 0
-                 ) -> tuple[onnx.ModelProto, list[int]]:
+def _analysis_with(model: onnx.ModelProto, options: AnalysisOptions | None = None) -> tuple[gs.Graph, Analysis]:
+    loaded = model_io.LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
+    model_io.normalize(loaded)
+    graph = gs.import_onnx(loaded.model)
+    return graph, analyze_graph(graph, model_io.static_shapes(loaded.model, None), options=options)
+
+
+def _zero_groups(model: onnx.ModelProto, pick: Callable[[PruningGroup], bool], ratio: float = 0.5, seed: int = 0,
+                 options: AnalysisOptions | None = None) -> tuple[onnx.ModelProto, list[int]]:
     """Zero ``ratio`` of the channels of the groups ``pick`` selects, in every weight that follows them.
 
     Returns the edited model and the zeroed channels' classes.
     """
-    graph, a = _analysis(model)
+    graph, a = _analysis_with(model, options)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     for g in a.groups:
@@ -313,10 +321,11 @@ def test_batched_matmul_contracting_computed_features_couples_them() -> None:
 # --- exactness ----------------------------------------------------------------------------------------
 
 
-def _assert_exact(zeroed: onnx.ModelProto, chosen: list[int]) -> onnx.ModelProto:
+def _assert_exact(zeroed: onnx.ModelProto, chosen: list[int], options: AnalysisOptions | None = None
+                  ) -> onnx.ModelProto:
     """Cut exactly the zeroed classes (other groups stay whole) and compare outputs."""
     assert chosen
-    graph, a = _analysis(zeroed)
+    graph, a = _analysis_with(zeroed, options)
     summary = cut_channels(graph, a, np.array(chosen, dtype=np.int64))
     assert summary.params_removed > 0
     pruned = export_graph(graph, zeroed)
@@ -353,6 +362,35 @@ def test_exactness_zeroed_heads_only(tmp_path: Path) -> None:
     split = next(n for n in pruned.graph.node if n.name == "block0.q.split_heads")
     target = next(t for t in pruned.graph.initializer if t.name == split.input[1])
     assert list(onnx.numpy_helper.to_array(target)) == [0, 0, 2, 4]
+
+
+DIMS = AnalysisOptions(heads="dims")
+
+
+def test_per_head_dims_couple_q_with_k_and_v_with_the_output_projection() -> None:
+    _, a = _analysis_with(build_transformer_block(heads=4), DIMS)
+    qk, v = _group_of(a, "block0.q"), _group_of(a, "block0.v")
+    assert set(qk.producers) == {"block0.q", "block0.k"} and qk.size == 4  # head_dim 4: dim j of every head
+    assert v.producers == ["block0.v"] and v.size == 4 and "block0.o" in v.members
+
+
+@pytest.mark.parametrize("name", ["transformer_block", "vit", "text", "split_qkv", "unflatten_qkv"])
+def test_exactness_zeroed_per_head_dims_removed(name: str) -> None:
+    model = MODELS[name]()
+    zeroed, chosen = _zero_groups(model, lambda g: g.size <= 8 and not any("classifier" in p for p in g.producers),
+                                  seed=5, options=DIMS)
+    pruned = _assert_exact(zeroed, chosen, DIMS)
+    assert sum(int(np.prod(t.dims)) for t in pruned.graph.initializer) < sum(
+        int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def test_per_head_dims_keep_the_head_count() -> None:
+    model = build_transformer_block(heads=4)
+    zeroed, chosen = _zero_groups(model, lambda g: "block0.q" in g.producers, ratio=0.5, seed=1, options=DIMS)
+    pruned = _assert_exact(zeroed, chosen, DIMS)
+    split = next(n for n in pruned.graph.node if n.name == "block0.q.split_heads")
+    target = next(t for t in pruned.graph.initializer if t.name == split.input[1])
+    assert list(onnx.numpy_helper.to_array(target)) == [0, 0, 4, 2]
 
 
 # --- pruning ------------------------------------------------------------------------------------------
