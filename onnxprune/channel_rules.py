@@ -3,12 +3,16 @@
 Each rule reads the :class:`~onnxprune.groups.ChannelMap` of a node's inputs and either sets the
 maps of its outputs (recording the weights to slice and the fixups a cut needs) or blocks the ids it
 cannot follow, always with a reason. An op without a rule blocks its inputs (the driver's policy).
+
+Beyond plain CNNs: grouped convolution couples channel j of every group (each group loses the same
+offsets); Reshape splits put ids on one new axis and couple the others (attention heads, channel
+shuffle, fused Q/K/V) and update the target entry, even when it is computed at runtime; MatMul of two
+computed tensors couples heads on batch axes and contracted features; LayerNormalization over the
+channels (fused, or decomposed into ReduceMean/Sub/Pow/Sqrt/Div) couples γ/β across the residual
+stream; Gather from a constant table is an embedding producer; recurrent and control-flow ops block.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -22,6 +26,8 @@ from onnxprune.index_mapping import (
     SliceMapping,
     SplitAxisMapping,
 )
+from onnxprune.shape_flow import producer as _producer
+from onnxprune.shape_flow import shape_source
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Elu", "Selu", "Celu",
@@ -437,7 +443,7 @@ def _param_source(
         if target is None or not isinstance(target[0], int):
             return None
         pos = axis - (rank - target[0])
-        entry = _shape_source(az, src, 1, pos) if pos >= 0 else None
+        entry = shape_source(az, src, 1, pos) if pos >= 0 else None
         if pos >= 0 and (entry is None or entry.of is not None):
             computed = az.folded.get(src.inputs[1].name)
             if computed is None or int(computed.reshape(-1)[pos]) != 1:
@@ -466,10 +472,6 @@ def reduce(az: Analyzer, node: gs.Node) -> None:
     keep = int(node.attrs.get("keepdims", 1))
     axis = xm.axis if keep else xm.axis - sum(1 for a in axes if a < xm.axis)
     az.set_map(node.outputs[0], ChannelMap(axis, xm.ids))
-
-
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if t.inputs else None
 
 
 def _is_norm_statistic(az: Analyzer, node: gs.Node) -> bool:
@@ -791,21 +793,6 @@ def _is_shuffle(node: gs.Node, o: int, count: int) -> bool:
     return all(perm[i] == i for i in range(len(perm)) if i not in inside) and any(perm[i] != i for i in inside)
 
 
-@dataclass(frozen=True)
-class ShapeEntry:
-    """Where one entry of a shape tensor comes from: a constant (``owner.inputs[input][position]``,
-    ``value``), or dim ``dim`` of a runtime tensor ``of`` (through ``Shape``) divided by ``divisor``."""
-
-    owner: gs.Node
-    input: int
-    position: int
-    value: int
-    of: gs.Tensor | None = None
-    dim: int = -1
-    divisor: int = 1
-    piece: tuple[gs.Node, int] | None = None  # the one-entry Concat input it arrives through, if any
-
-
 def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, same_axis: bool) -> bool:
     """Record the edit of a Reshape target's entry ``index`` (which counts ``ids``); block if impossible.
 
@@ -813,7 +800,7 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
     TorchScript); 0 (copy) is fine where the input's own channel axis is copied, -1 always is, and a
     runtime dim is fine when it reads a tensor whose axis carries exactly these channels.
     """
-    src = _shape_source(az, node, 1, index)
+    src = shape_source(az, node, 1, index)
     if src is None:
         az.block(ids, f"Reshape {node.name} gets its channel count from a shape computation the analysis cannot follow")
         return False
@@ -832,65 +819,6 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
         az.block(ids, f"Reshape {node.name} copies (0) a dim that the channels do not own")
         return False
     return True
-
-
-def _shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | None:
-    """Trace entry ``pos`` of the 1-D int tensor ``node.inputs[i]`` back through Concat, Cast, Identity,
-    Unsqueeze/Squeeze of scalars, Slice and Gather to a constant or to ``Shape`` of a tensor."""
-    if len(node.inputs) <= i:
-        return None
-    t = node.inputs[i]
-    value = az.const(t)
-    if value is not None:
-        flat = value.reshape(-1)
-        return ShapeEntry(node, i, pos, int(flat[pos])) if pos < flat.size else None
-    src = _producer(t)
-    if src is None:
-        return None
-    if src.op in ("Cast", "Identity") or (src.op in ("Unsqueeze", "Squeeze") and pos == 0):
-        return _shape_source(az, src, 0, pos)
-    if src.op == "Shape":
-        rank = az.rank(src.inputs[0])
-        start = int(src.attrs.get("start", 0))
-        start = start + rank if rank is not None and start < 0 else start
-        return ShapeEntry(src, 0, pos, -1, of=src.inputs[0], dim=start + pos)
-    if src.op == "Gather" and int(src.attrs.get("axis", 0)) == 0:
-        idx = az.const(src.inputs[1])
-        return None if idx is None or pos >= idx.size else _shape_source(az, src, 0, int(idx.reshape(-1)[pos]))
-    if src.op == "Slice":
-        starts, steps, length = az.const(_opt(src, 1)), az.const(_opt(src, 4)), az.shape(src.inputs[0])
-        if starts is None or starts.size != 1 or length is None or len(length) != 1 or not isinstance(length[0], int):
-            return None
-        start = int(starts.reshape(-1)[0])
-        start = start + length[0] if start < 0 else start
-        step = 1 if steps is None else int(steps.reshape(-1)[0])
-        return _shape_source(az, src, 0, start + pos * step) if step > 0 and start >= 0 else None
-    if src.op == "Div":  # a runtime channel count split in parts: unflatten(-1, (3, D)) of a fused projection
-        c = az.const(src.inputs[1])
-        inner = _shape_source(az, src, 0, pos) if c is not None and c.size == 1 and int(c.reshape(-1)[0]) > 0 else None
-        if inner is None or inner.of is None:
-            return None
-        return dataclasses.replace(inner, divisor=inner.divisor * int(c.reshape(-1)[0]))
-    if src.op == "Mul":  # a runtime dim (the batch) times a constant count: [T, B * heads, d]
-        for j in (0, 1):
-            c = az.const(src.inputs[j])
-            if c is not None and c.size == 1 and az.const(src.inputs[1 - j]) is None:
-                return ShapeEntry(src, j, 0, int(c.reshape(-1)[0]))
-        return None
-    if src.op == "Concat":
-        offset = 0
-        for j, piece in enumerate(src.inputs):
-            dims = az.shape(piece)
-            if dims is None or len(dims) > 1 or (dims and not isinstance(dims[0], int)):
-                return None
-            size = dims[0] if dims else 1
-            if pos < offset + size:
-                found = _shape_source(az, src, j, pos - offset)
-                if found is not None and found.piece is None and size == 1 and len(dims) == 1:
-                    found = dataclasses.replace(found, piece=(src, j))
-                return found
-            offset += size
-    return None
 
 
 def transpose(az: Analyzer, node: gs.Node) -> None:

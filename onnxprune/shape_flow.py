@@ -1,0 +1,308 @@
+"""How shape *values* flow: folding shape arithmetic, tracing shape entries, tracking channel counts.
+
+Exporters compute Reshape targets, Slice bounds and Split sizes at runtime from ``Shape``. Three
+questions matter to the channel analysis, each answered here:
+
+* what shapes and small values does that arithmetic produce once the inputs are fixed
+  (:func:`shape_facts`: fold a copy of the graph);
+* where does one entry of a shape tensor come from — a constant to edit, or a dim of a runtime tensor
+  (:func:`shape_source`);
+* which runtime values depend on a channel count read by ``Shape`` and where they are used
+  (:func:`follow_shape_reads`, :func:`check_shape_reads`): pruning changes them, which is fine only
+  where the analysis knows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from onnxprune.groups import Analyzer
+
+log = logging.getLogger(__name__)
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    """The node that makes ``t`` (None for graph inputs and constants)."""
+    return t.inputs[0] if t.inputs else None
+
+
+def _opt(node: gs.Node, i: int) -> gs.Tensor | None:
+    if len(node.inputs) > i and (node.inputs[i].name or isinstance(node.inputs[i], gs.Constant)):
+        return node.inputs[i]
+    return None
+
+
+SHAPE_PASSES = 8
+COMPLETE_SHAPES_MAX_BYTES = 1 << 30
+
+
+def _static_dims(dims: list[int | str] | None) -> bool:
+    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+
+
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
+FOLDED_VALUE_MAX = 64
+
+
+@dataclass
+class ShapeFacts:
+    """What folding a graph's shape arithmetic (inputs fixed) tells: tensor shapes, and the values of
+    small integer tensors computed at runtime (Reshape/Expand targets)."""
+
+    shapes: dict[str, list[int | str]]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _split_ranged_shapes(graph: gs.Graph) -> None:
+    """Rewrite ``Shape(x, start, end)`` as ``Slice(Shape(x))``: graphsurgeon's shape folding ignores the range."""
+    for node in list(graph.nodes):
+        if node.op != "Shape" or ("start" not in node.attrs and "end" not in node.attrs):
+            continue
+        start, end = int(node.attrs.pop("start", 0)), int(node.attrs.pop("end", np.iinfo(np.int64).max))
+        full = gs.Variable(f"{node.outputs[0].name}_full", dtype=np.int64)
+        out = node.outputs[0]
+        node.outputs = [full]
+        bounds = [gs.Constant(f"{out.name}_{k}", np.array([v], np.int64)) for k, v in (("start", start), ("end", end))]
+        graph.nodes.append(gs.Node("Slice", f"{node.name}_range", inputs=[full, *bounds], outputs=[out]))
+
+
+def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, list[int | str]]:
+    """Shapes with the gaps plain shape inference leaves behind runtime shape arithmetic filled (see
+    :func:`shape_facts`)."""
+    return shape_facts(graph, shapes).shapes
+
+
+def _needs_folding(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> bool:
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name and not _static_dims(shapes.get(t.name)):
+            return True
+    return any(n.op in SHAPE_INPUTS and len(n.inputs) > SHAPE_INPUTS[n.op]
+               and isinstance(n.inputs[SHAPE_INPUTS[n.op]], gs.Variable) for n in graph.nodes)
+
+
+def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFacts:
+    """Fold the shape arithmetic of a copy of ``graph`` and read shapes and small values off it.
+
+    Exporters (Paddle, TorchScript) build Reshape targets from ``Shape`` → ``Slice``/``Gather`` →
+    ``Concat``; with the inputs fixed those are constants, but ONNX shape inference does not fold them.
+    On a copy, fold them (graphsurgeon's ``fold_shapes``) and re-infer until nothing changes; known
+    shapes are kept, only missing or symbolic ones are filled. The graph itself is not changed.
+    """
+    import onnx
+
+    if not _needs_folding(graph, shapes) or sum(
+            int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
+            if isinstance(t, gs.Constant)) > COMPLETE_SHAPES_MAX_BYTES:
+        return ShapeFacts(shapes)
+    folded_dims: dict[str, list[int | str]] = {}
+    values: dict[str, np.ndarray] = {}
+    try:
+        copy = graph.copy()
+        for t in copy.inputs:
+            if _static_dims(shapes.get(t.name)):
+                t.shape = list(shapes[t.name])
+        _split_ranged_shapes(copy)
+        model = gs.export_onnx(copy, do_type_check=False)
+        count = len(model.graph.node)
+        for _ in range(SHAPE_PASSES):
+            model = onnx.shape_inference.infer_shapes(model)
+            folded = gs.import_onnx(model)
+            folded.fold_constants(fold_shapes=True, error_ok=True)
+            for name, t in folded.tensors().items():
+                if isinstance(t, gs.Constant) and name:
+                    folded_dims[name] = list(t.shape)
+                    v = np.asarray(t.values)
+                    if v.size <= FOLDED_VALUE_MAX and np.issubdtype(v.dtype, np.integer):
+                        values[name] = v
+            folded.cleanup()
+            model = gs.export_onnx(folded, do_type_check=False)
+            if len(model.graph.node) == count:
+                break
+            count = len(model.graph.node)
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # shape completion is best effort: the analysis then blocks what it cannot see
+        log.warning("could not complete shapes by folding shape arithmetic: %s", e)
+        return ShapeFacts(shapes)
+    result = dict(shapes)
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        if result.get(vi.name) is not None and _static_dims(result[vi.name]):
+            continue
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            if _static_dims(dims):
+                result[vi.name] = dims
+    for name, dims in folded_dims.items():  # shape arithmetic folded to constants: their lengths are known now
+        if not _static_dims(result.get(name)):
+            result[name] = dims
+    known = graph.tensors()
+    return ShapeFacts(result, {k: v for k, v in values.items() if isinstance(known.get(k), gs.Variable)})
+
+
+SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")
+ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def follow_shape_reads(az: Analyzer, node: gs.Node) -> list[tuple[int, int, str]]:
+    """Track channel counts read by ``Shape`` through shape arithmetic, entry by entry.
+
+    ``Shape(x)`` of a tensor with channels marks the entry of x's channel axis; Gather/Slice/Concat/
+    Cast/Unsqueeze/Squeeze carry the marks. Any other consumer of a marked entry is returned as
+    (input index, entry, tensor whose count it is) for :func:`check_shape_reads`: pruning x changes
+    that value at runtime, which is fine only where the analysis knows it (a Reshape of x itself).
+    """
+    if node.op == "Shape":
+        _start_shape_read(az, node)
+        return []
+    reads = [(i, az.shape_reads[t.name]) for i, t in enumerate(node.inputs) if t.name in az.shape_reads]
+    if not reads:
+        return []
+    entries = _carry_shape_read(az, node)
+    if entries is not None:
+        if any(entries):
+            az.shape_reads[node.outputs[0].name] = entries
+        return []
+    return [(i, p, origin) for i, marks in reads for p, origins in enumerate(marks) for origin in origins]
+
+
+def _start_shape_read(az: Analyzer, node: gs.Node) -> None:
+    x = node.inputs[0]
+    m, rank = az.map(x), az.rank(x)
+    if m is None or rank is None:
+        return
+    start = int(node.attrs.get("start", 0))
+    end = int(node.attrs.get("end", rank))
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+    if start <= m.axis < end:
+        entries: list[tuple[str, ...]] = [() for _ in range(start, end)]
+        entries[m.axis - start] = (x.name,)
+        az.shape_reads[node.outputs[0].name] = entries
+
+
+def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | None:
+    """The marks of a shape op's output, or None when ``node`` is not a shape op the analysis follows."""
+    def marks(t: gs.Tensor) -> list[tuple[str, ...]] | None:
+        if t.name in az.shape_reads:
+            return az.shape_reads[t.name]
+        dims = az.shape(t)
+        if dims is None or len(dims) > 1 or (dims and not isinstance(dims[0], int)):
+            return None
+        return [()] * (dims[0] if dims else 1)
+
+    src = marks(node.inputs[0]) if node.inputs else None
+    if node.op in SHAPE_PASS and all(t.name not in az.shape_reads for t in node.inputs[1:]):
+        return src
+    if node.op in ARITHMETIC and src is not None and len(node.inputs) == 2 and node.inputs[1].name not in az.shape_reads:
+        c = az.const(node.inputs[1])
+        return src if c is not None and c.size == 1 else None
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and src is not None:
+        idx = az.const(node.inputs[1])
+        return None if idx is None else [src[int(i)] for i in idx.reshape(-1)]
+    if node.op == "Slice" and src is not None:
+        bounds = [az.const(node.inputs[k]) if len(node.inputs) > k and node.inputs[k].name else None for k in (1, 2, 4)]
+        if bounds[0] is None or bounds[1] is None or bounds[0].size != 1:
+            return None
+        step = 1 if bounds[2] is None else int(bounds[2].reshape(-1)[0])
+        return src[slice(int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0]), step)]
+    if node.op == "Concat":
+        parts = [marks(t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]  # type: ignore[union-attr]
+    return None
+
+
+def check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, str]]) -> None:
+    """Block channels whose count a node computes with, unless it is a Reshape or Expand that gives the
+    same channels the same axis (the count then follows the cut by itself)."""
+    for i, p, origin in reads:
+        if (node.name, i, p) in az.pinned or (node.name, i, -1) in az.pinned:
+            continue  # replaced by a constant when the cut happens
+        source, out = az.maps.get(origin), az.map(node.outputs[0]) if node.outputs else None
+        if node.op in ("Reshape", "Expand") and i == 1 and source is not None and out is not None:
+            length = az.shape(node.inputs[1])
+            rank = az.rank(node.outputs[0])
+            axis = p + (rank - length[0]) if rank is not None and length and isinstance(length[0], int) else -1
+            if out.axis == axis and az.proportion(source.ids, out.ids) is not None:
+                continue
+        if source is not None:
+            az.block(source.ids, f"{node.op} {node.name} computes with the channel count of {origin} (read by Shape)")
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """Where one entry of a shape tensor comes from: a constant (``owner.inputs[input][position]``,
+    ``value``), or dim ``dim`` of a runtime tensor ``of`` (through ``Shape``) divided by ``divisor``."""
+
+    owner: gs.Node
+    input: int
+    position: int
+    value: int
+    of: gs.Tensor | None = None
+    dim: int = -1
+    divisor: int = 1
+    piece: tuple[gs.Node, int] | None = None  # the one-entry Concat input it arrives through, if any
+
+
+def shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | None:
+    """Trace entry ``pos`` of the 1-D int tensor ``node.inputs[i]`` back through Concat, Cast, Identity,
+    Unsqueeze/Squeeze of scalars, Slice and Gather to a constant or to ``Shape`` of a tensor."""
+    if len(node.inputs) <= i:
+        return None
+    t = node.inputs[i]
+    value = az.const(t)
+    if value is not None:
+        flat = value.reshape(-1)
+        return ShapeEntry(node, i, pos, int(flat[pos])) if pos < flat.size else None
+    src = producer(t)
+    if src is None:
+        return None
+    if src.op in ("Cast", "Identity") or (src.op in ("Unsqueeze", "Squeeze") and pos == 0):
+        return shape_source(az, src, 0, pos)
+    if src.op == "Shape":
+        rank = az.rank(src.inputs[0])
+        start = int(src.attrs.get("start", 0))
+        start = start + rank if rank is not None and start < 0 else start
+        return ShapeEntry(src, 0, pos, -1, of=src.inputs[0], dim=start + pos)
+    if src.op == "Gather" and int(src.attrs.get("axis", 0)) == 0:
+        idx = az.const(src.inputs[1])
+        return None if idx is None or pos >= idx.size else shape_source(az, src, 0, int(idx.reshape(-1)[pos]))
+    if src.op == "Slice":
+        starts, steps, length = az.const(_opt(src, 1)), az.const(_opt(src, 4)), az.shape(src.inputs[0])
+        if starts is None or starts.size != 1 or length is None or len(length) != 1 or not isinstance(length[0], int):
+            return None
+        start = int(starts.reshape(-1)[0])
+        start = start + length[0] if start < 0 else start
+        step = 1 if steps is None else int(steps.reshape(-1)[0])
+        return shape_source(az, src, 0, start + pos * step) if step > 0 and start >= 0 else None
+    if src.op == "Div":  # a runtime channel count split in parts: unflatten(-1, (3, D)) of a fused projection
+        c = az.const(src.inputs[1])
+        inner = shape_source(az, src, 0, pos) if c is not None and c.size == 1 and int(c.reshape(-1)[0]) > 0 else None
+        if inner is None or inner.of is None:
+            return None
+        return dataclasses.replace(inner, divisor=inner.divisor * int(c.reshape(-1)[0]))
+    if src.op == "Mul":  # a runtime dim (the batch) times a constant count: [T, B * heads, d]
+        for j in (0, 1):
+            c = az.const(src.inputs[j])
+            if c is not None and c.size == 1 and az.const(src.inputs[1 - j]) is None:
+                return ShapeEntry(src, j, 0, int(c.reshape(-1)[0]))
+        return None
+    if src.op == "Concat":
+        offset = 0
+        for j, piece in enumerate(src.inputs):
+            dims = az.shape(piece)
+            if dims is None or len(dims) > 1 or (dims and not isinstance(dims[0], int)):
+                return None
+            size = dims[0] if dims else 1
+            if pos < offset + size:
+                found = shape_source(az, src, j, pos - offset)
+                if found is not None and found.piece is None and size == 1 and len(dims) == 1:
+                    found = dataclasses.replace(found, piece=(src, j))
+                return found
+            offset += size
+    return None
