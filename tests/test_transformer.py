@@ -543,3 +543,24 @@ def test_torchscript_exactness_zeroed_heads_and_mlp_units(name: str, torch_expor
     cut_channels(graph, a, np.array(chosen, dtype=np.int64))
     pruned = export_graph(graph, zeroed)
     np.testing.assert_allclose(run(pruned, inputs)["output"], run(zeroed, inputs)["output"], atol=1e-4, rtol=1e-4)
+
+
+def test_criterion_scores_are_aggregated_per_head(tmp_path: Path) -> None:
+    """Head 2's Q/K/V columns and output rows are scaled down: l2 over the whole head removes exactly it."""
+    model = build_transformer_block(blocks=1, heads=4)
+    hd = 4
+    for t in model.graph.initializer:
+        parts = t.name.split(".")
+        if len(parts) == 3 and parts[1] in ("q", "k", "v", "o") and parts[2] in ("weight", "bias"):
+            w = onnx.numpy_helper.to_array(t).copy()
+            if parts[1] == "o" and parts[2] == "weight":
+                w[2 * hd : 3 * hd] *= 0.01
+            elif parts[1] != "o":
+                w[..., 2 * hd : 3 * hd] *= 0.01
+            t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.25, device="cpu"))
+    pruned = onnx.load(result.output_path)
+    q = onnx.numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "block0.q.weight"))
+    original = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "block0.q.weight"))
+    kept = np.concatenate([original[:, : 2 * hd], original[:, 3 * hd :]], axis=1)
+    np.testing.assert_array_equal(q, kept)
