@@ -289,3 +289,25 @@ def test_channel_count_read_by_shape_elsewhere_blocks_the_channels() -> None:
     blocked = _group_of(a, "conv1")
     assert blocked.prunable == 0 and "read by Shape" in blocked.blocked_reason
     assert _group_of(a, "conv2").prunable == 8
+
+
+def test_channels_last_flatten_into_dense_tf2onnx_style(tmp_path: Path) -> None:
+    """NHWC graphs (tf2onnx): Transpose to NCHW around the convs, back to NHWC, Reshape [-1, H*W*C] →
+    MatMul. The channels are the last axis of the flatten: each owns every H*W-th column."""
+    from tests.models import _Graph
+
+    g = _Graph("nhwc", 0, 17)
+    x = g.node("Transpose", ["input"], perm=[0, 3, 1, 2])
+    x = g.node("Relu", [g.conv(x, 3, 8, 3, name="conv1")])
+    x = g.node("Relu", [g.conv(x, 8, 8, 3, name="conv2", stride=2)])
+    x = g.node("Reshape", [g.node("Transpose", [x], perm=[0, 2, 3, 1]), g.const("flat", np.array([-1, 128], np.int64))])
+    x = g.node("Relu", [g.linear(x, 128, 16, name="dense1")])
+    model = g.finish(g.linear(x, 16, 10, name="dense2"), ["N", 8, 8, 3])
+    _, a = _analysis(model)
+    assert _group_of(a, "conv2").prunable == 8
+    zeroed, n = zero_channels_everywhere(model, 0.5, seed=1)
+    result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert sum(g["channels"] - g["kept"] for g in result.report["groups"]) == n
+    feeds = random_inputs(model, batch=3)
+    np.testing.assert_allclose(run(onnx.load(result.output_path), feeds)["output"], run(zeroed, feeds)["output"],
+                               atol=1e-4, rtol=1e-4)
