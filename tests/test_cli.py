@@ -46,6 +46,7 @@ def test_analyze_table_and_json(tmp_path: Path) -> None:
     onnx.save(BUILDERS["resnet_basic"](), model)
     table = cli("analyze", str(model))
     assert table.returncode == 0 and "prunable groups" in table.stdout
+    assert "1 removable residual blocks" in table.stdout and "block1.add" in table.stdout
     as_json = json.loads(cli("analyze", str(model), "--json").stdout)
     assert as_json["prunable_groups"] >= 3
 

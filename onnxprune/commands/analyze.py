@@ -20,6 +20,10 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{g['id']:>5}  {g['channels']:>8}  {g['prunable']:>8}  {producers}")
         if g["reasons"]:
             lines.append(f"{'':>27}{'blocked' if g['blocked'] else 'partly blocked'}: {g['reasons'][0]}")
+    blocks = result.get("removable_blocks", [])
+    lines.append(f"{len(blocks)} removable residual blocks (--depth K removes the K least important)")
+    for b in blocks:
+        lines.append(f"  {b['add']:<30} {b['kind']:<10} {b['nodes']:>3} nodes {b['params']:>10} params")
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
