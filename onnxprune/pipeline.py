@@ -71,8 +71,14 @@ class PruneState:
 
     @property
     def model(self) -> onnx.ModelProto:
+        """The loaded input model: what the result is verified and reported against."""
         assert self.loaded is not None
         return self.loaded.model
+
+    @property
+    def working(self) -> onnx.ModelProto:
+        """The model the width stages analyse, calibrate and cut: the input after ``--depth``, if any."""
+        return self.extras.get("depth_model", self.model)
 
 
 Stage = Callable[[PruneState], None]
@@ -101,9 +107,8 @@ def stage_depth(state: PruneState) -> None:
 
 
 def stage_analyze(state: PruneState) -> None:
-    working = state.extras.get("depth_model", state.model)
-    state.shapes = model_io.static_shapes(working, state.spec.shapes)
-    state.graph = gs.import_onnx(working)
+    state.shapes = model_io.static_shapes(state.working, state.spec.shapes)
+    state.graph = gs.import_onnx(state.working)
     state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude)
     if state.spec.granularity == "channel" and state.spec.depth == 0 and state.spec.ratio > 0:
         if not any(g.prunable for g in state.analysis.groups):
@@ -135,14 +140,14 @@ def stage_calibrate(state: PruneState) -> None:
     source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
     state.extras["calib_source"], state.extras["calib_what"] = source, what
     if GRADIENTS in needs:
-        state.extras[GRADIENTS] = collect_gradients(state.model, source, device=_device(state),
+        state.extras[GRADIENTS] = collect_gradients(state.working, source, device=_device(state),
                                                     reporter=state.reporter)
         state.notes.append(f"gradients for {spec.criterion} from {what}"
                            + ("" if source.has_labels else " with the model's own top-1 as labels"))
         needs = needs - {GRADIENTS}
     if needs:
         stats = calibration.calibrate(
-            state.model, state.graph, state.analysis, source, needs=needs, device=_device(state), seed=spec.seed,
+            state.working, state.graph, state.analysis, source, needs=needs, device=_device(state), seed=spec.seed,
             description=what, progress=lambda f, m: state.reporter("calibrate", f, m),
         )
         state.extras["calibration"] = stats
@@ -188,12 +193,12 @@ def _budget_plan(state: PruneState) -> planning.Plan:
     order = planning.global_order(state.analysis, state.scores)
     if spec.calib:
         metric, target = next(iter(targets.items())) if targets else ("macs", spec.target_latency or 1.0)
-        evaluate = sensitivity.evaluator_for(state.model, spec.calib, spec.calib_samples, spec.shapes,
+        evaluate = sensitivity.evaluator_for(state.working, spec.calib, spec.calib_samples, spec.shapes,
                                              spec.device, spec.seed)
-        order = sensitivity.budget_order(state.model, state.analysis, state.scores, cost, metric, target, evaluate,
+        order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,
                                          round_to=spec.round_to)
     if spec.target_latency is not None:
-        measure = sensitivity.latency_measure(state.model, state.analysis, spec.device, spec.shapes or None)
+        measure = sensitivity.latency_measure(state.working, state.analysis, spec.device, spec.shapes or None)
         result = planning.fit_latency(state.analysis, state.scores, cost, order, spec.target_latency, measure,
                                       spec.round_to)
     else:
@@ -250,7 +255,7 @@ def stage_reconstruct(state: PruneState) -> None:
 
     assert state.graph is not None and state.analysis is not None
     result = refit.reconstruct(
-        state.model, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
+        state.working, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
         state.extras["calib_source"], device=_device(state), seed=state.spec.seed,
         progress=lambda f, m: state.reporter("reconstruct", f, m),
     )

@@ -157,3 +157,21 @@ def test_convnext_blocks_are_found_and_removed(tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(pruned), full_check=True)
     feeds = random_inputs(model, batch=2)
     assert run(pruned, feeds)["output"].shape == (2, 10)
+
+
+def test_depth_with_calibrated_width_and_reconstruct(tmp_path) -> None:
+    """Calibration and reconstruction read the depth-pruned model, the one the width stages cut."""
+    import onnx
+
+    from onnxprune.pipeline import prune
+    from onnxprune.spec import PruneSpec
+    from tests.models import build_resnet_bottleneck, random_inputs, run
+
+    model = build_resnet_bottleneck(blocks=3)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = prune(tmp_path / "m.onnx", tmp_path / "o.onnx",
+                   PruneSpec(depth=1, ratio=0.5, criterion="apoz", reconstruct=True, device="cpu"))
+    assert len(result.report["depth"]["removed"]) == 1
+    assert result.report["reconstruct"]
+    feeds = random_inputs(model)
+    assert run(str(tmp_path / "o.onnx"), feeds)["output"].shape == run(model, feeds)["output"].shape
