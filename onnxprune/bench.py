@@ -163,7 +163,7 @@ def measure_latency(
     _check(runs, warmup, batch)
     if isinstance(model, Session):
         return _measure(model, batch, runs, warmup, shapes, seed)
-    with make_session(model, device, threads) as session:
+    with make_session(model, device, threads, spinning=False) as session:
         return _measure(session, batch, runs, warmup, shapes, seed)
 
 
@@ -216,8 +216,11 @@ def compare(
         return _compare(model_a, model_b, batch, runs, warmup, shapes, seed)  # type: ignore[arg-type]
     choice = device if isinstance(device, DeviceChoice) else select_device(device)
     with contextlib.ExitStack() as stack:
-        sa = model_a if isinstance(model_a, Session) else stack.enter_context(make_session(model_a, choice, threads))
-        sb = model_b if isinstance(model_b, Session) else stack.enter_context(make_session(model_b, choice, threads))
+        # No spinning: the idle session's busy-waiting threads would slow the measured one.
+        sa = model_a if isinstance(model_a, Session) else stack.enter_context(
+            make_session(model_a, choice, threads, spinning=False))
+        sb = model_b if isinstance(model_b, Session) else stack.enter_context(
+            make_session(model_b, choice, threads, spinning=False))
         return _compare(sa, sb, batch, runs, warmup, shapes, seed)
 
 

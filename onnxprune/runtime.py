@@ -450,6 +450,7 @@ def _make(
     device: str | DeviceChoice,
     threads: int | None,
     extra_outputs: list[onnx.ValueInfoProto],
+    spinning: bool = True,
 ) -> Session:
     ort = _ort()
     choice = _as_choice(device)
@@ -461,6 +462,9 @@ def _make(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        # Idle worker threads otherwise busy-wait after each run and steal cores from another session.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(source, options, providers=list(choice.providers))
     except Exception as e:  # onnxruntime raises its own exception types
@@ -474,6 +478,8 @@ def make_session(
     model: onnx.ModelProto | str | os.PathLike[str],
     device: str | DeviceChoice = "auto",
     threads: int | None = None,
+    *,
+    spinning: bool = True,
 ) -> Session:
     """Create an onnxruntime session for a model in memory or on disk.
 
@@ -485,6 +491,8 @@ def make_session(
         model: a ``ModelProto`` (with its external data loaded) or a path to a ``.onnx`` file.
         device: ``auto|cuda|cpu`` or a :class:`DeviceChoice` from :func:`select_device`.
         threads: intra-op threads; ``None`` lets onnxruntime decide.
+        spinning: let idle intra-op threads busy-wait (onnxruntime's default). Turn it off when several
+            sessions take turns on the same cores, as interleaved benchmarks do.
 
     Returns:
         The session; close it (or use ``with``) to delete temp files.
@@ -498,7 +506,7 @@ def make_session(
         ...     s.provider
         'CPUExecutionProvider'
     """
-    return _make(model, device, threads, [])
+    return _make(model, device, threads, [], spinning)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -346,3 +346,13 @@ def test_capture_over_the_proto_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.ones((1, 64), np.float32)
     got = capture(model, ["y"], {"x": x}, "cpu")
     np.testing.assert_allclose(got["y"], x @ _W, rtol=1e-4, atol=1e-4)
+
+
+def test_spinning_can_be_turned_off_for_interleaved_sessions() -> None:
+    """Benchmarks alternate two sessions on the same cores; idle busy-waiting threads would skew them."""
+    key = "session.intra_op.allow_spinning"
+    with make_session(_affine_model(), "cpu", threads=2, spinning=False) as quiet:
+        assert quiet._sess.get_session_options().get_session_config_entry(key) == "0"
+        np.testing.assert_allclose(quiet.run({"x": np.ones((2, 3), np.float32)})["y"], [[2, 3, 4], [2, 3, 4]])
+    with make_session(_affine_model(), "cpu", threads=2) as default:
+        assert default._sess.get_session_options().get_session_config_entry(key) in ("", "1")
