@@ -311,3 +311,38 @@ def test_channels_last_flatten_into_dense_tf2onnx_style(tmp_path: Path) -> None:
     feeds = random_inputs(model, batch=3)
     np.testing.assert_allclose(run(onnx.load(result.output_path), feeds)["output"], run(zeroed, feeds)["output"],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_global_ranking_takes_dead_channels_from_the_group_that_has_them(tmp_path: Path) -> None:
+    """Half of one group's channels are dead: --global removes exactly those and leaves other groups whole."""
+    model = BUILDERS["vgg"]()
+    graph, a = _analysis(model)
+    target = next(g for g in a.groups if "conv1" in g.producers)
+    dead = target.classes[: target.size // 2]
+    tensors = graph.tensors()
+    for site in a.sites:
+        mask = np.isin(a.classes_of(site.ids), dead)
+        if site.role != "stat" and mask.any():
+            values = np.array(tensors[site.tensor].values)
+            index = [slice(None)] * values.ndim
+            index[site.axis] = np.flatnonzero(mask)
+            values[tuple(index)] = 0
+            tensors[site.tensor].values = values
+    zeroed = gs.export_onnx(graph)
+    total = sum(g.size for g in a.groups if g.prunable)
+    ratio = (len(dead) - 0.5) / total  # just under the dead channels' share of all channels
+    result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=ratio, global_ranking=True, device="cpu"))
+    removed = {g["producers"][0]: g["channels"] - g["kept"] for g in result.report["groups"]}
+    assert removed["conv1"] == len(dead) - 1 and sum(removed.values()) == len(dead) - 1
+    feeds = random_inputs(zeroed, batch=2)
+    before, after = run(zeroed, feeds), run(onnx.load(result.output_path), feeds)
+    np.testing.assert_allclose(after["output"], before["output"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet_bottleneck", "mobilenetv2"])
+def test_round_to_keeps_channel_counts_multiples(name: str, tmp_path: Path) -> None:
+    result = prune(_save(BUILDERS[name](), tmp_path), tmp_path / "out.onnx",
+                   PruneSpec(ratio=0.6, round_to=4, device="cpu"))
+    changed = [g for g in result.report["groups"] if g["kept"] != g["channels"]]
+    assert changed
+    assert all(g["kept"] % 4 == 0 for g in changed)
