@@ -62,3 +62,17 @@ def test_digits_taylor_obd_beside_l2(digits, digits_model_path: Path, tmp_path: 
     print("digits held-out accuracy at ratio 0.5, no fine-tuning:", accuracy)
     assert accuracy["original"] > 0.97
     assert max(accuracy["taylor"], accuracy["obd"]) >= 0.15  # chance is 0.10
+
+
+def test_gradient_criteria_fix_the_batch_for_shape_dependent_ops(tmp_path: Path) -> None:
+    """Resize's gradient needs static shapes: the symbolic batch is fixed to the calibration batch size."""
+    from tests.models import build_misc_passthrough
+
+    model = build_misc_passthrough()
+    onnx.save(model, tmp_path / "m.onnx")
+    for criterion in ("taylor", "obd"):
+        result = prune(tmp_path / "m.onnx", tmp_path / "o.onnx",
+                       PruneSpec(ratio=0.5, criterion=criterion, calib_samples=20, device="cpu"))
+        assert result.report["pruned"]["params"] < result.report["original"]["params"]
+        feeds = random_inputs(model)
+        assert run(str(tmp_path / "o.onnx"), feeds)["output"].shape == run(model, feeds)["output"].shape

@@ -30,8 +30,12 @@ def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: obj
                       batch_size: int = 16, reporter: object | None = None) -> object:
     """Gradient statistics (Σg, Σg²) of the loss over the calibration stream.
 
+    The gradient graph gets static input shapes (some VJPs, e.g. Resize and pooling, need them): the
+    batch is ``min(batch_size, samples)`` and a last, smaller batch is left out.
+
     Raises:
-        BadInputError: no labels and an output that is not class scores [N, K].
+        BadInputError: no labels, and an output that is not class scores [N, K]; or symbolic input
+            dims other than the batch that ``--shape`` does not fix.
     """
     from onnxprune.runtime import make_session
     from onnxprune.training import accumulate_gradients
@@ -44,16 +48,32 @@ def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: obj
             field="calib",
         )
 
+    size = max(1, min(batch_size, source.count()))
+    shapes = {spec.name: _static_shape(spec, source.shapes, size) for spec in source.inputs}
+
+    def full(stream):
+        return (b for b in stream if len(next(iter(b.values()))) == size)
+
     def batches():
         if labelled:
-            yield from source.batches(batch_size, with_labels=True)
+            yield from full(source.batches(size, with_labels=True))
             return
         with make_session(model, device) as sess:
-            for feeds in source.batches(batch_size):
+            for feeds in full(source.batches(size)):
                 logits = sess.run(feeds)[out.name]
                 yield {**feeds, "labels": np.argmax(logits, axis=1).astype(np.int64)}
 
-    return accumulate_gradients(model, batches(), loss="ce", device=device, reporter=reporter)
+    return accumulate_gradients(model, batches(), loss="ce", device=device, reporter=reporter, shapes=shapes)
+
+
+def _static_shape(spec, fixed: dict[str, list[int]], batch: int) -> list[int]:
+    dims = list(fixed.get(spec.name, spec.shape))
+    if dims:
+        dims[0] = batch
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise BadInputError(f"input {spec.name!r} has symbolic dims {dims}; pass --shape {spec.name}=1x...",
+                            field="shapes")
+    return [int(d) for d in dims]
 
 
 def _stats(ctx: ScoringContext):

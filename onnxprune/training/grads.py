@@ -53,6 +53,7 @@ def accumulate_gradients(
     temperature: float = 2.0,
     reporter: object | None = None,
     on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> GradStats:
     """Sum gradients and squared gradients of the loss w.r.t. the model's weights over ``batches``.
 
@@ -61,7 +62,8 @@ def accumulate_gradients(
     the original model when scoring a modified one) provides the targets, one run per batch.
     Gradients are batch means; pass batches of one sample for a per-sample Fisher. ``on_batch`` sees
     each batch's gradients (name → array), for statistics other than Σg and Σg² (e.g. per-batch
-    per-channel (Σ g·w)² as in Molchanov et al.'s Taylor criterion).
+    per-channel (Σ g·w)² as in Molchanov et al.'s Taylor criterion). ``shapes`` fixes input dims
+    (name → full shape) for ops whose gradients need static shapes; every batch must then match.
 
     Raises:
         BadInputError: unknown loss or a batch without labels for ``ce``.
@@ -76,7 +78,7 @@ def accumulate_gradients(
     if loss not in ("ce", "distill"):
         raise BadInputError(f"gradient loss must be ce or distill, got {loss!r}", field="loss")
     choice = device if not isinstance(device, str) else select_device(device)
-    gm = build_gradient_model(model, LossSpec(loss, temperature=temperature), trainable=trainable)
+    gm = build_gradient_model(model, LossSpec(loss, temperature=temperature), trainable=trainable, shapes=shapes)
     stats = GradStats({n: np.zeros_like(v, np.float64) for n, v in gm.params.items()},
                       {n: np.zeros_like(v, np.float64) for n, v in gm.params.items()})
     grads = gm.result.grads
