@@ -224,30 +224,33 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Shape inference and the checker see the same graph, but nothing near 2 GB is copied or serialised.
     Small and integer initializers stay, so Reshape targets and similar constants still propagate.
+    The original is only read (detaching and re-adding its initializers would copy them).
     """
-    graph = model.graph
-    big = [t for t in graph.initializer
+    big = {t.name: t for t in model.graph.initializer
            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                              onnx.TensorProto.BFLOAT16) and _tensor_bytes(t) >= WEIGHTLESS_MIN_BYTES]
-    if not big:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    names = {t.name for t in big}
-    kept = [t for t in graph.initializer if t.name not in names]
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-    finally:
-        del graph.initializer[:]
-        graph.initializer.extend(saved)
+                              onnx.TensorProto.BFLOAT16) and _tensor_bytes(t) >= WEIGHTLESS_MIN_BYTES}
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip={"graph"})
+    _copy_fields(model.graph, copy.graph, skip={"initializer"})
+    copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in big)
     declared = {i.name for i in copy.graph.input}
     copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                            for t in big if t.name not in declared)
+                            for t in big.values() if t.name not in declared)
     return copy
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:  # noqa: ANN001 - any protobuf message pair
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        # protobuf 5+ has is_repeated; older releases only the label
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -256,18 +259,23 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference; above 2 GB it runs on a :func:`weightless` copy and fills ``model``'s value_info."""
-    if not is_large(model):
-        return shape_inference.infer_shapes(model, data_prop=True)
+    """Fill ``model``'s value_info by shape inference on a :func:`weightless` copy; returns ``model``.
+
+    Inference never reads weight values, so this avoids serialising them (and works above 2 GB).
+    """
     inferred = shape_inference.infer_shapes(weightless(model), data_prop=True)
+    weights = {t.name for t in model.graph.initializer}
     del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in weights)
+    for mine, theirs in zip(model.graph.output, inferred.graph.output):
+        if not mine.type.tensor_type.HasField("shape"):
+            mine.type.CopyFrom(theirs.type)
     return model
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape checking; above 2 GB on a :func:`weightless` copy (same graph)."""
-    onnx.checker.check_model(weightless(model) if is_large(model) else model, full_check=True)
+    """``onnx.checker`` with full shape checking, on a :func:`weightless` copy (same graph, types, shapes)."""
+    onnx.checker.check_model(weightless(model), full_check=True)
 
 
 def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 1) -> onnx.ModelProto:
@@ -298,6 +306,10 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | No
         elif dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             dims[0].Clear()
             dims[0].dim_value = batch
+    for out in copy.graph.output:  # inference keeps declared symbolic output dims; drop them so it infers
+        tensor_type = out.type.tensor_type
+        if any(not d.HasField("dim_value") for d in tensor_type.shape.dim):
+            tensor_type.ClearField("shape")
     return copy
 
 

@@ -319,9 +319,9 @@ def stage_finetune(state: PruneState) -> None:
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
 
 
-def _reference(state: PruneState) -> onnx.ModelProto | str:
-    """The original model for onnxruntime: its own file when large, so it is not serialised again."""
-    return state.model_path if model_io.is_large(state.model) else state.model
+def _reference(state: PruneState) -> str:
+    """The original model for onnxruntime: its own file, so the loaded copy is not serialised again."""
+    return state.model_path
 
 
 def stage_verify(state: PruneState) -> None:
