@@ -96,11 +96,7 @@ class DataSource:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
     def _read(self, path: Path, with_labels: bool) -> dict[str, np.ndarray]:
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise BadInputError(f"{path} is not a readable .npz file: {e}", field="data") from e
-        with data:
+        with open_npz(path) as data:
             out: dict[str, np.ndarray] = {}
             for spec in self.inputs:
                 if spec.name not in data.files:
@@ -122,12 +118,48 @@ class DataSource:
         return out
 
 
-def _keys(path: Path) -> list[str]:
+def npz_files(source: str | os.PathLike[str], field: str = "data") -> list[Path]:
+    """The ``.npz`` files a DATA argument names: the file itself, or a directory's files sorted by name.
+
+    Raises:
+        BadInputError: the path does not exist or a directory holds no ``.npz``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
+        if not files:
+            raise BadInputError(f"directory {path} holds no .npz files", field=field)
+        return files
+    if path.is_file():
+        return [path]
+    raise BadInputError(f"data {os.fspath(source)!r} does not exist (expected .npz, a directory or 'random')",
+                        field=field)
+
+
+def open_npz(path: Path, field: str = "data") -> np.lib.npyio.NpzFile:
+    """``np.load`` of a ``.npz`` without pickles; arrays are read only when indexed.
+
+    Raises:
+        BadInputError: the file is not a readable ``.npz``.
+    """
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(data.files)
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise BadInputError(f"{path} is not a readable .npz file: {e}", field="data") from e
+        raise BadInputError(f"{path} is not a readable .npz file: {e}", field=field) from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise BadInputError(f"{path} holds one array, not a .npz of named arrays", field=field)
+    return data
+
+
+def read_npz(path: Path, field: str = "data") -> dict[str, np.ndarray]:
+    """Every array of one ``.npz`` file."""
+    with open_npz(path, field) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _keys(path: Path) -> list[str]:
+    with open_npz(path) as data:
+        return list(data.files)
 
 
 def _length(path: Path, name: str) -> int:
@@ -189,15 +221,7 @@ def open_data(
     common = dict(inputs=list(inputs), limit=limit, shapes=dict(shapes or {}), seed=seed)
     if os.fspath(source) == "random":
         return DataSource(**common)
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
-        if not files:
-            raise BadInputError(f"directory {path} holds no .npz files", field="data")
-        return DataSource(files=files, **common)
-    if path.is_file():
-        return DataSource(files=[path], **common)
-    raise BadInputError(f"data {os.fspath(source)!r} does not exist (expected .npz, a directory or 'random')", field="data")
+    return DataSource(files=npz_files(source), **common)
 
 
 def model_inputs(model: object) -> list[InputSpec]:

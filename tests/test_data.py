@@ -72,3 +72,11 @@ def test_wrong_rank(tmp_path: Path) -> None:
     np.savez(tmp_path / "r.npz", input=np.zeros((4, 64), np.float32))
     with pytest.raises(BadInputError, match="rank 2"):
         list(open_data(tmp_path / "r.npz", SPEC).batches(2))
+
+
+def test_single_array_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "one.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((2, 1, 8, 8), np.float32))  # an .npy under an .npz name
+    with pytest.raises(BadInputError, match="holds one array"):
+        list(open_data(path, SPEC).batches(2))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxprune.data import npz_files, read_npz
 from onnxprune.errors import BadInputError
 
 LABELS_KEY = "labels"
@@ -42,17 +43,8 @@ class TrainData:
         Raises:
             BadInputError: missing path, no ``.npz`` files, or files with different keys.
         """
-        p = Path(path)
-        files = sorted(p.glob("*.npz")) if p.is_dir() else [p]
-        if not files or not all(f.is_file() for f in files):
-            raise BadInputError(f"--train-data {path}: no .npz file found", field="train_data")
-        parts: list[dict[str, np.ndarray]] = []
-        for f in files:
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    parts.append({k: z[k] for k in z.files})
-            except (OSError, ValueError) as e:
-                raise BadInputError(f"--train-data {f}: not a readable .npz ({e})", field="train_data") from e
+        files = npz_files(path, field="train_data")
+        parts = [read_npz(f, field="train_data") for f in files]
         keys = set(parts[0])
         for f, part in zip(files, parts):
             if set(part) != keys:
