@@ -78,5 +78,5 @@ def test_single_array_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "one.npz"
     with open(path, "wb") as f:
         np.save(f, np.zeros((2, 1, 8, 8), np.float32))  # an .npy under an .npz name
-    with pytest.raises(BadInputError, match="holds one array"):
+    with pytest.raises(BadInputError, match="not a readable .npz file|holds one array"):
         list(open_data(path, SPEC).batches(2))
