@@ -431,7 +431,7 @@ STAGES: list[tuple[str, Stage]] = [
 
 def _run_stages(state: PruneState, stages: list[tuple[str, Stage]]) -> None:
     for k, (name, fn) in enumerate(stages):
-        state.reporter(name, k / len(stages), f"{name} ({k + 1}/{len(stages)})")
+        state.reporter(name, 0.0, f"{name} ({k + 1}/{len(stages)})")  # fraction is within the stage
         t0 = time.perf_counter()
         try:
             fn(state)
@@ -526,7 +526,9 @@ def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progr
 def _step_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | None:
     if progress is None:
         return None
-    return lambda ev: progress(Progress("iteration" if ev.stage == "done" else ev.stage, (k + ev.fraction) / n,
+    # Fractions stay within their stage (Progress's contract); the iteration goes into the message.
+    return lambda ev: progress(Progress("iteration" if ev.stage == "done" else ev.stage,
+                                        1.0 if ev.stage == "done" else ev.fraction,
                                         f"iteration {k + 1}/{n}: {ev.message}"))
 
 
