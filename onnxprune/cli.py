@@ -12,7 +12,7 @@ import logging
 import sys
 
 from onnxprune.errors import BadInputError, OnnxpruneError, PlanError, UnsupportedOpError
-from onnxprune.spec import CRITERIA, DEVICES, LOSSES, OPTIMIZERS
+from onnxprune.spec import CRITERIA, DEPTH_METHODS, DEVICES, HEADS, LOSSES, OPTIMIZERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +44,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="channel", help="channel, element or N:M (e.g. 2:4)")
     p.add_argument("--sparsity", type=float, help="fraction of zeros for element / N:M granularity")
     p.add_argument("--depth", type=int, default=0, help="remove the K least important residual blocks")
+    p.add_argument("--depth-method", choices=DEPTH_METHODS, default="ratio",
+                   help="block importance: |f(x)|/|x| (ratio) or the output change without the block (fidelity)")
+    p.add_argument("--heads", choices=HEADS, default="whole",
+                   help="attention: remove whole heads, or the same dims of every head")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224", help="fix symbolic input dims")
     p.add_argument("--calib", metavar="DATA", help=".npz, a directory of .npz, or 'random'")
     p.add_argument("--calib-samples", type=int, default=64)

@@ -27,7 +27,7 @@ from onnxprune import model as model_io
 from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
-from onnxprune.groups import Analysis, analyze_graph, group_to_dict
+from onnxprune.groups import Analysis, AnalysisOptions, analyze_graph, group_to_dict
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
@@ -98,7 +98,8 @@ def stage_depth(state: PruneState) -> None:
     spec = state.spec
     result = depth.prune_depth(
         state.model, spec.depth, model_io.static_shapes(state.model, spec.shapes), calib=spec.calib,
-        samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, device=spec.device, seed=spec.seed,
+        samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, method=spec.depth_method, device=spec.device,
+        seed=spec.seed,
     )
     state.extras["depth_model"] = result.model
     state.extras["depth"] = result.to_dict()
@@ -109,7 +110,8 @@ def stage_depth(state: PruneState) -> None:
 def stage_analyze(state: PruneState) -> None:
     state.shapes = model_io.static_shapes(state.working, state.spec.shapes)
     state.graph = gs.import_onnx(state.working)
-    state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude)
+    state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude,
+                                   options=AnalysisOptions(heads=state.spec.heads))
     if state.spec.granularity == "channel" and state.spec.depth == 0 and state.spec.ratio > 0:
         if not any(g.prunable for g in state.analysis.groups):
             reasons = sorted({r for g in state.analysis.groups for r in g.reasons})

@@ -17,6 +17,10 @@ CRITERIA = ("l1", "l2", "bn-scale", "apoz", "activation", "regression", "taylor"
 DEVICES = ("auto", "cuda", "cpu")
 LOSSES = ("ce", "distill", "mse")
 OPTIMIZERS = ("sgd", "adamw")
+HEADS = ("whole", "dims")
+"""Attention heads go as units (``whole``) or every head loses the same dims (``dims``)."""
+DEPTH_METHODS = ("ratio", "fidelity")
+"""Block importance: ‖f(x)‖/‖x‖ on calibration inputs, or the output change when the block is removed."""
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -48,6 +52,8 @@ class PruneSpec:
     device: str = "auto"
     seed: int = 0
     fidelity_samples: int = 8
+    heads: str = "whole"
+    depth_method: str = "ratio"
 
     def validate(self) -> PruneSpec:
         """Check every option; return self so calls can chain.
@@ -95,6 +101,11 @@ class PruneSpec:
             raise BadInputError(f"--iterations must be >= 1, got {self.iterations}", field="iterations")
         if self.device not in DEVICES:
             raise BadInputError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}", field="device")
+        if self.heads not in HEADS:
+            raise BadInputError(f"--heads must be one of {', '.join(HEADS)}, got {self.heads!r}", field="heads")
+        if self.depth_method not in DEPTH_METHODS:
+            raise BadInputError(f"--depth-method must be one of {', '.join(DEPTH_METHODS)}, got {self.depth_method!r}",
+                                field="depth_method")
         if self.fidelity_samples < 1:
             raise BadInputError("fidelity_samples must be >= 1", field="fidelity_samples")
         return self

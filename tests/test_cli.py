@@ -124,3 +124,31 @@ def test_export_artifacts_then_apply_checkpoint(tmp_path: Path) -> None:
     np.savez(unrelated, nothing=np.zeros(3))
     assert_one_line_error(cli("apply-checkpoint", str(tmp_path / "m.onnx"), str(unrelated), "-o", str(tmp_path / "x.onnx")),
                           "holds no parameter")
+
+
+def test_heads_dims_and_depth_fidelity_from_the_command_line(tmp_path: Path) -> None:
+    """--heads dims keeps the head count and shrinks every head; --depth-method fidelity removes a block."""
+    import numpy as np
+
+    from tests.models import build_resnet_bottleneck, build_transformer_block, random_inputs, run
+
+    model = build_transformer_block()
+    onnx.save(model, tmp_path / "t.onnx")
+    runs = {}
+    for heads in ("whole", "dims"):
+        out = tmp_path / f"{heads}.onnx"
+        proc = cli("prune", str(tmp_path / "t.onnx"), "-o", str(out), "--heads", heads, "--report", str(tmp_path / f"{heads}.json"))
+        assert proc.returncode == 0, proc.stderr
+        runs[heads] = json.loads((tmp_path / f"{heads}.json").read_text())
+        feeds = random_inputs(model)
+        assert run(str(out), feeds)["output"].shape == run(model, feeds)["output"].shape
+    assert runs["dims"]["spec"]["heads"] == "dims"
+    assert runs["dims"]["groups"] != runs["whole"]["groups"]  # a different unit of pruning
+    resnet = tmp_path / "r.onnx"
+    onnx.save(build_resnet_bottleneck(blocks=3), resnet)
+    proc = cli("prune", str(resnet), "-o", str(tmp_path / "rd.onnx"), "--depth", "1", "--depth-method", "fidelity",
+               "--ratio", "0", "--report", str(tmp_path / "rd.json"))
+    assert proc.returncode == 0, proc.stderr
+    depth = json.loads((tmp_path / "rd.json").read_text())["depth"]
+    assert depth["method"] == "fidelity" and len(depth["removed"]) == 1
+    assert_one_line_error(cli("prune", str(resnet), "-o", str(tmp_path / "x.onnx"), "--heads", "half"), "--heads")

@@ -76,7 +76,7 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("ratio", "criterion", "global_ranking", "target_macs", "target_params", "target_latency", "round_to", "exclude", "granularity", "sparsity", "depth", "shapes", "calib", "calib_samples", "reconstruct", "finetune_steps", "train_data", "lr", "batch_size", "iterations", "bench", "device", "seed", "fidelity_samples")
+    __slots__ = ("ratio", "criterion", "global_ranking", "target_macs", "target_params", "target_latency", "round_to", "exclude", "granularity", "sparsity", "depth", "shapes", "calib", "calib_samples", "reconstruct", "finetune_steps", "train_data", "lr", "batch_size", "iterations", "bench", "device", "seed", "fidelity_samples", "heads", "depth_method")
     class ShapesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,8 @@ class JobSpec(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_METHOD_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     criterion: str
     global_ranking: bool
@@ -132,7 +134,9 @@ class JobSpec(_message.Message):
     device: str
     seed: int
     fidelity_samples: int
-    def __init__(self, ratio: _Optional[float] = ..., criterion: _Optional[str] = ..., global_ranking: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency: _Optional[float] = ..., round_to: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., granularity: _Optional[str] = ..., sparsity: _Optional[float] = ..., depth: _Optional[int] = ..., shapes: _Optional[_Mapping[str, Shape]] = ..., calib: _Optional[str] = ..., calib_samples: _Optional[int] = ..., reconstruct: _Optional[bool] = ..., finetune_steps: _Optional[int] = ..., train_data: _Optional[str] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., iterations: _Optional[int] = ..., bench: _Optional[bool] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., fidelity_samples: _Optional[int] = ...) -> None: ...
+    heads: str
+    depth_method: str
+    def __init__(self, ratio: _Optional[float] = ..., criterion: _Optional[str] = ..., global_ranking: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency: _Optional[float] = ..., round_to: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., granularity: _Optional[str] = ..., sparsity: _Optional[float] = ..., depth: _Optional[int] = ..., shapes: _Optional[_Mapping[str, Shape]] = ..., calib: _Optional[str] = ..., calib_samples: _Optional[int] = ..., reconstruct: _Optional[bool] = ..., finetune_steps: _Optional[int] = ..., train_data: _Optional[str] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., iterations: _Optional[int] = ..., bench: _Optional[bool] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., fidelity_samples: _Optional[int] = ..., heads: _Optional[str] = ..., depth_method: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("model", "spec", "inputs", "output_name")
