@@ -181,6 +181,22 @@ def test_weights_in_constant_and_identity_nodes_are_pruned(tmp_path: Path) -> No
 # --- exactness: zeroed channels removed → same outputs -----------------------------------------
 
 
+def zero_classes(graph: gs.Graph, analysis: Analysis, classes: list[int] | np.ndarray) -> onnx.ModelProto:
+    """Zero the given channel classes in every weight that follows them (producer rows, biases, BN γ/β,
+    consumer columns; not BN statistics) and export the graph: those channels then contribute nothing."""
+    chosen = np.asarray(classes, dtype=np.int64)
+    tensors = graph.tensors()
+    for site in analysis.sites:
+        mask = np.isin(analysis.classes_of(site.ids), chosen)
+        if site.role != "stat" and mask.any():
+            values = np.array(tensors[site.tensor].values)
+            index = [slice(None)] * values.ndim
+            index[site.axis] = np.flatnonzero(mask)
+            values[tuple(index)] = 0
+            tensors[site.tensor].values = values
+    return gs.export_onnx(graph)
+
+
 def zero_channels_everywhere(model: onnx.ModelProto, ratio: float, seed: int = 0) -> tuple[onnx.ModelProto, int]:
     """Zero ``ratio`` of the prunable channels of every group in every tensor that follows them.
 
@@ -194,19 +210,7 @@ def zero_channels_everywhere(model: onnx.ModelProto, ratio: float, seed: int = 0
         if n:
             free = np.flatnonzero(~g.blocked)
             chosen.extend(g.classes[rng.choice(free, size=n, replace=False)].tolist())
-    chosen_arr = np.array(chosen, dtype=np.int64)
-    tensors = graph.tensors()
-    for site in a.sites:
-        if site.role == "stat":
-            continue
-        mask = np.isin(a.classes_of(site.ids), chosen_arr)
-        if mask.any():
-            values = np.array(tensors[site.tensor].values)
-            index = [slice(None)] * values.ndim
-            index[site.axis] = np.flatnonzero(mask)
-            values[tuple(index)] = 0
-            tensors[site.tensor].values = values
-    return gs.export_onnx(graph), len(chosen)
+    return zero_classes(graph, a, chosen), len(chosen)
 
 
 @pytest.mark.parametrize("name", [
@@ -319,16 +323,7 @@ def test_global_ranking_takes_dead_channels_from_the_group_that_has_them(tmp_pat
     graph, a = _analysis(model)
     target = next(g for g in a.groups if "conv1" in g.producers)
     dead = target.classes[: target.size // 2]
-    tensors = graph.tensors()
-    for site in a.sites:
-        mask = np.isin(a.classes_of(site.ids), dead)
-        if site.role != "stat" and mask.any():
-            values = np.array(tensors[site.tensor].values)
-            index = [slice(None)] * values.ndim
-            index[site.axis] = np.flatnonzero(mask)
-            values[tuple(index)] = 0
-            tensors[site.tensor].values = values
-    zeroed = gs.export_onnx(graph)
+    zeroed = zero_classes(graph, a, dead)
     total = sum(g.size for g in a.groups if g.prunable)
     ratio = (len(dead) - 0.5) / total  # just under the dead channels' share of all channels
     result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=ratio, global_ranking=True, device="cpu"))

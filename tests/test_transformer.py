@@ -34,7 +34,7 @@ from onnxprune.pipeline import analyze, export_graph, prune
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels
 from tests.models import NUM_CLASSES, _Graph, build_transformer_block, random_inputs, run
-from tests.test_groups import _analysis, _group_of, _save
+from tests.test_groups import _analysis, _group_of, _save, zero_classes
 
 
 # --- builders -----------------------------------------------------------------------------------------
@@ -223,16 +223,7 @@ def _zero_groups(model: onnx.ModelProto, pick: Callable[[PruningGroup], bool], r
         n = min(int(np.floor(ratio * g.size + 1e-9)), g.prunable, g.size - 1)
         if n and pick(g):
             chosen.extend(g.classes[rng.choice(np.flatnonzero(~g.blocked), size=n, replace=False)].tolist())
-    tensors = graph.tensors()
-    for site in a.sites:
-        mask = np.isin(a.classes_of(site.ids), np.array(chosen, dtype=np.int64))
-        if site.role != "stat" and mask.any():
-            values = np.array(tensors[site.tensor].values)
-            index = [slice(None)] * values.ndim
-            index[site.axis] = np.flatnonzero(mask)
-            values[tuple(index)] = 0
-            tensors[site.tensor].values = values
-    return gs.export_onnx(graph), chosen
+    return zero_classes(graph, a, chosen), chosen
 
 
 def _weights(model: onnx.ModelProto, layers: tuple[str, ...]) -> int:
