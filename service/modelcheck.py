@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 import posixpath
+from contextlib import contextmanager
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,15 +186,8 @@ def check_model(
     Raises:
         BadInputError: (field ``model``) for anything listed in the module docstring.
     """
-    with open(path, "rb") as f:
-        if f.seek(0, 2) == 0:
-            raise BadInputError("model file is empty", field="model")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            buf = memoryview(mm)
-            try:
-                return _check(buf, model_path, files, max_tensor_bytes)
-            finally:
-                buf.release()
+    with _mapped(path) as buf:
+        return _check(buf, model_path, files, max_tensor_bytes)
 
 
 def scan_tensors(path: Path) -> list[TensorInfo]:
@@ -203,13 +197,20 @@ def scan_tensors(path: Path) -> list[TensorInfo]:
     Raises:
         BadInputError: the file is empty, truncated or not an ONNX model.
     """
+    with _mapped(path) as buf:
+        return _scan(buf)
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[memoryview]:
+    """The file's bytes through a read-only mmap (no copy); an empty file is refused before mapping."""
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             raise BadInputError("model file is empty", field="model")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             buf = memoryview(mm)
             try:
-                return _scan(buf)
+                yield buf
             finally:
                 buf.release()
 
