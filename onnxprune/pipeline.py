@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,54 +327,50 @@ def _reference(state: PruneState) -> str:
 
 
 def stage_verify(state: PruneState) -> None:
-    """Run both models in onnxruntime on the same inputs and compare outputs."""
+    """Run both models in onnxruntime on the same inputs: every output keeps its shape, and the first
+    output's fidelity is measured over the ``--calib`` data when given, else one batch of random inputs."""
     from onnxprune import runtime
 
     assert state.pruned is not None
-    spec = state.spec
+    batches = _fidelity_batches(state)
+    if batches is None:
+        return
     choice = _device(state)
-    if spec.calib:
-        _verify_on_calibration(state, choice)
-        return
-    try:
-        feeds = runtime.random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
-    except BadInputError as e:
-        state.notes.append(f"fidelity not measured: {e}")
-        return
-    state.extras["fidelity_data"] = f"random inputs ({spec.fidelity_samples} samples)"
-    with runtime.make_session(_reference(state), choice) as ref, runtime.make_session(state.pruned, choice) as cand:
-        names = ref.output_names
-        if cand.output_names != names:
-            raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
-        a, b = ref.run(feeds), cand.run(feeds)
-    for name in names:
-        if a[name].shape != b[name].shape:
-            raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
-    state.fidelity = reporting.fidelity([a[n] for n in names], [b[n] for n in names])
-
-
-def _verify_on_calibration(state: PruneState, choice: Any) -> None:
-    """Fidelity of the first output over the ``--calib`` data (up to ``--calib-samples``), batch by batch."""
-    from onnxprune import calibration, runtime
-
-    assert state.pruned is not None
-    spec = state.spec
-    if "calib_source" not in state.extras:
-        source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
-        state.extras["calib_source"], state.extras["calib_what"] = source, what
     refs, cands = [], []
     with runtime.make_session(_reference(state), choice) as ref, runtime.make_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
-        for feeds in calibration.stream(state.extras["calib_source"], 64):
-            a, b = ref.run(feeds, names[:1])[names[0]], cand.run(feeds, names[:1])[names[0]]
-            if a.shape != b.shape:
-                raise InvariantError(f"output {names[0]} changed shape from {a.shape} to {b.shape}")
-            refs.append(a)
-            cands.append(b)
+        for feeds in batches:
+            a, b = ref.run(feeds), cand.run(feeds)
+            for name in names:
+                if a[name].shape != b[name].shape:
+                    raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
+            refs.append(a[names[0]])
+            cands.append(b[names[0]])
     state.fidelity = reporting.fidelity(refs, cands)
-    state.extras["fidelity_data"] = f"calibration data {state.extras['calib_what']}"
+
+
+def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
+    """The feeds verification runs: the calibration stream, or one random batch (None, with a note, when the
+    inputs cannot be drawn, e.g. symbolic dims without ``--shape``)."""
+    from onnxprune import calibration, runtime
+
+    spec = state.spec
+    if spec.calib:
+        if "calib_source" not in state.extras:
+            source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes,
+                                                        spec.seed)
+            state.extras["calib_source"], state.extras["calib_what"] = source, what
+        state.extras["fidelity_data"] = f"calibration data {state.extras['calib_what']}"
+        return calibration.stream(state.extras["calib_source"], 64)
+    try:
+        feeds = runtime.random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
+    except BadInputError as e:
+        state.notes.append(f"fidelity not measured: {e}")
+        return None
+    state.extras["fidelity_data"] = f"random inputs ({spec.fidelity_samples} samples)"
+    return [feeds]
 
 
 def stage_save(state: PruneState) -> None:

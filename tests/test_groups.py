@@ -341,3 +341,18 @@ def test_round_to_keeps_channel_counts_multiples(name: str, tmp_path: Path) -> N
     changed = [g for g in result.report["groups"] if g["kept"] != g["channels"]]
     assert changed
     assert all(g["kept"] % 4 == 0 for g in changed)
+
+
+def test_models_with_several_outputs_verify_each_output(tmp_path: Path) -> None:
+    """A second graph output of another shape: every output is checked, fidelity is on the first."""
+    from onnx import TensorProto, helper
+
+    model = BUILDERS["vgg"]()
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool").output[0]
+    model.graph.output.append(helper.make_tensor_value_info(pool, TensorProto.FLOAT, None))
+    result = prune(_save(model, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    assert result.report["fidelity"]["samples"] == 8
+    assert result.report["pruned"]["params"] < result.report["original"]["params"]
+    feeds = random_inputs(model)
+    before, after = run(model, feeds), run(onnx.load(result.output_path), feeds)
+    assert [v.shape for v in after.values()] == [v.shape for v in before.values()]
