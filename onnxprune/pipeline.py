@@ -571,7 +571,8 @@ def _removable_blocks(state: PruneState) -> list[dict[str, Any]]:
     """The residual blocks ``--depth`` could remove (importance is measured only when pruning)."""
     from onnxprune import depth
 
-    return [b.to_dict() for b in depth.find_residual_blocks(gs.import_onnx(state.model), state.shapes)]
+    assert state.graph is not None  # the graph stage_analyze imported; finding blocks only reads it
+    return [b.to_dict() for b in depth.find_residual_blocks(state.graph, state.shapes)]
 
 
 run = prune
