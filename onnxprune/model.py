@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +279,26 @@ def check_model(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless(model), full_check=True)
 
 
+def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Declare ``shapes`` (input name → full shape, as ``--shape`` gives them) on the model's inputs, in place.
+
+    Raises:
+        BadInputError: a name that is not an input, or a rank other than the input's declared one.
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise BadInputError(f"--shape names {name!r}, but the model's inputs are {sorted(inputs)}", field="shapes")
+        tensor_type = inputs[name].type.tensor_type
+        if tensor_type.HasField("shape") and len(tensor_type.shape.dim) != len(dims):
+            raise BadInputError(
+                f"--shape {name}: rank {len(dims)} but the input has rank {len(tensor_type.shape.dim)}", field="shapes"
+            )
+        tensor_type.shape.Clear()
+        for d in dims:
+            tensor_type.shape.dim.add().dim_value = int(d)
+
+
 def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, batch: int = 1) -> onnx.ModelProto:
     """A copy whose symbolic input dims are fixed: ``shapes`` first, then ``batch`` for a leading dim.
 
@@ -286,24 +307,13 @@ def with_static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | No
     """
     shapes = dict(shapes or {})
     copy = weightless(model)
-    inputs = {i.name: i for i in copy.graph.input}
-    for name in shapes:
-        if name not in inputs:
-            raise BadInputError(f"--shape names {name!r}, but the model's inputs are {sorted(inputs)}", field="shapes")
+    set_input_shapes(copy, shapes)
     init_names = {t.name for t in copy.graph.initializer}
     for inp in copy.graph.input:
-        if inp.name in init_names:
+        if inp.name in init_names or inp.name in shapes:
             continue
         dims = inp.type.tensor_type.shape.dim
-        if inp.name in shapes:
-            if len(shapes[inp.name]) != len(dims):
-                raise BadInputError(
-                    f"--shape {inp.name}: rank {len(shapes[inp.name])} but the input has rank {len(dims)}", field="shapes"
-                )
-            for d, v in zip(dims, shapes[inp.name]):
-                d.Clear()
-                d.dim_value = int(v)
-        elif dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
             dims[0].Clear()
             dims[0].dim_value = batch
     for out in copy.graph.output:  # inference keeps declared symbolic output dims; drop them so it infers

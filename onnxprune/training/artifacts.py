@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
+from onnxprune.model import set_input_shapes
 from onnxprune.training.autodiff import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
 from onnxprune.training.losses import LossGraph, LossSpec, add_loss
 from onnxprune.training.optimizers import (
@@ -104,16 +105,7 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
     out.CopyFrom(model)
     if not shapes:
         return out
-    inputs = {i.name: i for i in out.graph.input}
-    for name, dims in shapes.items():
-        if name not in inputs:
-            raise BadInputError(f"--shape names {name!r}, but the model's inputs are {sorted(inputs)}", field="shapes")
-        shape = inputs[name].type.tensor_type.shape
-        if len(shape.dim) and len(shape.dim) != len(dims):
-            raise BadInputError(f"--shape {name}: rank {len(dims)} but the input has rank {len(shape.dim)}", field="shapes")
-        shape.Clear()
-        for d in dims:
-            shape.dim.add().dim_value = int(d)
+    set_input_shapes(out, shapes)
     del out.graph.value_info[:]  # stale intermediate shapes would contradict the new ones
     return out
 
