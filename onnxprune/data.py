@@ -177,25 +177,9 @@ def _length(path: Path, name: str) -> int:
 
 
 def _random(spec: InputSpec, shapes: dict[str, list[int]], n: int, rng: np.random.Generator) -> np.ndarray:
-    if spec.name in shapes:
-        dims = list(shapes[spec.name])
-        dims[0] = n
-    else:
-        dims = []
-        for k, d in enumerate(spec.shape):
-            if isinstance(d, int) and d > 0 and k > 0:
-                dims.append(d)
-            elif k == 0:
-                dims.append(n)
-            else:
-                raise BadInputError(
-                    f"input {spec.name!r} has a symbolic dim {d!r}; pass --shape {spec.name}=1x...", field="shapes"
-                )
-    if np.issubdtype(spec.dtype, np.floating):
-        return rng.standard_normal(dims).astype(spec.dtype)
-    if spec.dtype == np.bool_:
-        return rng.integers(0, 2, dims).astype(np.bool_)
-    return rng.integers(0, 2, dims).astype(spec.dtype)
+    from onnxprune.runtime import random_array
+
+    return random_array(spec, shapes, n, rng)  # type: ignore[arg-type]  # same name/shape/dtype fields
 
 
 def open_data(

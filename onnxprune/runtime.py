@@ -587,16 +587,23 @@ def random_inputs(
             field="shapes",
         )
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in specs:
-        dims = _resolve_shape(spec, shapes, batch)
-        if spec.dtype == np.bool_:
-            feeds[spec.name] = rng.integers(0, 2, size=dims).astype(np.bool_)
-        elif np.issubdtype(spec.dtype, np.integer):
-            feeds[spec.name] = rng.integers(0, 2, size=dims).astype(spec.dtype)
-        else:
-            feeds[spec.name] = rng.standard_normal(size=dims).astype(spec.dtype)
-    return feeds
+    return {spec.name: random_array(spec, shapes, batch, rng) for spec in specs}
+
+
+def random_array(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int | None,
+                 rng: np.random.Generator) -> np.ndarray:
+    """One input's random feed (see :func:`random_inputs` for shapes and values); ``spec`` needs
+    ``name``, ``shape`` and ``dtype``, so the DATA reader's input specs work too.
+
+    Raises:
+        BadInputError: as :func:`random_inputs`.
+    """
+    dims = _resolve_shape(spec, shapes, batch)
+    if spec.dtype == np.bool_:
+        return rng.integers(0, 2, size=dims).astype(np.bool_)
+    if np.issubdtype(spec.dtype, np.integer):
+        return rng.integers(0, 2, size=dims).astype(spec.dtype)
+    return rng.standard_normal(size=dims).astype(spec.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
