@@ -190,7 +190,7 @@ def _budget_plan(state: PruneState) -> planning.Plan:
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
-    cost = planning.CostModel(state.graph, state.analysis, reporting.model_stats(state.model, spec.shapes or None))
+    cost = planning.CostModel(state.graph, state.analysis, _original_stats(state))
     targets = {k: v for k, v in (("macs", spec.target_macs), ("params", spec.target_params)) if v is not None}
     order = planning.global_order(state.analysis, state.scores)
     if spec.calib:
@@ -378,10 +378,17 @@ def stage_save(state: PruneState) -> None:
     model_io.save_model(state.pruned, state.output_path)
 
 
+def _original_stats(state: PruneState) -> reporting.ModelStats:
+    """Params/MACs/bytes of the input model, computed once (the budget plan and the report both need them)."""
+    if "original_stats" not in state.extras:
+        state.extras["original_stats"] = reporting.model_stats(state.model, state.spec.shapes or None)
+    return state.extras["original_stats"]
+
+
 def stage_report(state: PruneState) -> None:
     assert state.analysis is not None and state.pruned is not None and state.plan is not None
     shapes = state.spec.shapes or None
-    original = reporting.model_stats(state.model, shapes)
+    original = _original_stats(state)
     pruned = reporting.model_stats(state.pruned, shapes)
     kept = state.extras.get("group_kept", {})
     groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
