@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.data import DataSource, model_inputs, open_data
 from onnxprune.errors import BadInputError
-from onnxprune.groups import Analysis, PruningGroup, Site
+from onnxprune.analysis.core import Analysis, PruningGroup, Site
 
 if TYPE_CHECKING:
     from onnxprune.runtime import DeviceChoice

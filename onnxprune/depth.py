@@ -197,7 +197,7 @@ def find_residual_blocks(graph: gs.Graph, shapes: Mapping[str, list[int | str]])
         >>> [b.add for b in blocks]
         ['block1.add', 'block2.add']
     """
-    from onnxprune.shape_flow import complete_shapes
+    from onnxprune.analysis.shape_values import complete_shapes
 
     shapes = complete_shapes(graph, dict(shapes))
     graph.toposort()

@@ -27,7 +27,8 @@ from onnxprune import model as model_io
 from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
-from onnxprune.groups import Analysis, AnalysisOptions, analyze_graph, group_to_dict
+from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter

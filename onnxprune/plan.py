@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import PlanError
-from onnxprune.groups import Analysis, PruningGroup
+from onnxprune.analysis.core import Analysis, PruningGroup
 from onnxprune.report import ModelStats
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ import onnx_graphsurgeon as gs
 from onnxprune.calibration import LinearView, ProgressCallback, linear_view, progress_bar, stream
 from onnxprune.data import DataSource
 from onnxprune.errors import InvariantError
-from onnxprune.groups import Analysis, Site
-from onnxprune.index_mapping import keep_positions
+from onnxprune.analysis.core import Analysis, Site
+from onnxprune.analysis.index_mapping import keep_positions
 
 if TYPE_CHECKING:
     from onnxprune.runtime import DeviceChoice

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune import plan as planning
 from onnxprune.errors import BadInputError, OnnxpruneError
-from onnxprune.groups import Analysis
+from onnxprune.analysis.core import Analysis
 from onnxprune.surgery import cut_channels
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Physical channel removal with onnx-graphsurgeon.
 
-The analysis already says which constant slices follow which channel (:class:`~onnxprune.groups.Site`)
-and which shape constants count them (:class:`~onnxprune.groups.Fixup`). ``cut_channels`` first
+The analysis already says which constant slices follow which channel (:class:`~onnxprune.analysis.core.Site`)
+and which shape constants count them (:class:`~onnxprune.analysis.core.Fixup`). ``cut_channels`` first
 computes *every* new value and checks it (STYLE.md habit 3), then applies them all, so a failure leaves
 the graph untouched. Fixup handlers live in a registry keyed by kind, like the analysis rules.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import SurgeryError
-from onnxprune.groups import Analysis, Fixup
-from onnxprune.index_mapping import keep_positions
+from onnxprune.analysis.core import Analysis, Fixup
+from onnxprune.analysis.index_mapping import keep_positions
 
 log = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
     from onnxprune import plan as planning
     from onnxprune import report as reporting
     from onnxprune import sensitivity
-    from onnxprune.groups import analyze_graph
+    from onnxprune.analysis.driver import analyze_graph
     from onnxprune.importance import ScoringContext, score_groups
     from tests.data import write_npz
 

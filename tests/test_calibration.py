@@ -29,7 +29,7 @@ from onnxprune.calibration import (
     stream,
 )
 from onnxprune.errors import BadInputError, CancelledError
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import default_criteria
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec

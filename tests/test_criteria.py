@@ -17,7 +17,8 @@ from onnxprune import model as model_io
 from onnxprune import plan as planning
 from onnxprune.calibration import CalibrationStats, calibrate, open_calibration
 from onnxprune.errors import InvariantError
-from onnxprune.groups import Analysis, analyze_graph
+from onnxprune.analysis.core import Analysis
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.regression import lasso_scores, regression_scores
 from onnxprune.pipeline import prune

@@ -11,7 +11,7 @@ import pytest
 
 from onnxprune import model as model_io
 from onnxprune.data import model_inputs, open_data
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.pipeline import prune

@@ -16,7 +16,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxprune import model as model_io
-from onnxprune.groups import Analysis, analyze_graph
+from onnxprune.analysis.core import Analysis
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.pipeline import analyze, prune
 from onnxprune.spec import PruneSpec
 from tests.models import BUILDERS, VARIANTS, random_inputs, run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.index_mapping import (
+from onnxprune.analysis.index_mapping import (
     FIXED,
     ConcatMapping,
     GroupedMapping,

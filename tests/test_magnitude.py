@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import model as model_io
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.magnitude import elementwise_magnitude_mask
 

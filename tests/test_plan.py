@@ -11,7 +11,8 @@ from onnxprune import model as model_io
 from onnxprune import plan as planning
 from onnxprune import report
 from onnxprune.errors import PlanError
-from onnxprune.groups import Analysis, PruningGroup, analyze_graph
+from onnxprune.analysis.core import Analysis, PruningGroup
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, score_groups
 from onnxprune.pipeline import export_graph
 from onnxprune.surgery import cut_channels

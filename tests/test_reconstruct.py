@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune import model as model_io
 from onnxprune.calibration import open_calibration
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 from onnxprune.pipeline import export_graph, prune

@@ -17,7 +17,7 @@ from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune import sensitivity
 from onnxprune.errors import BadInputError
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, score_groups
 from tests.data import write_npz
 

@@ -29,7 +29,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxprune import model as model_io
-from onnxprune.groups import Analysis, AnalysisOptions, PruningGroup, analyze_graph
+from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.pipeline import analyze, export_graph, prune
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels

@@ -13,7 +13,7 @@ from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune import sensitivity
 from onnxprune.errors import PlanError
-from onnxprune.groups import analyze_graph
+from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.spec import parse_shape_args
 

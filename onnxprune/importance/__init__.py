@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import BadInputError
-from onnxprune.groups import Analysis, PruningGroup, Site
+from onnxprune.analysis.core import Analysis, PruningGroup, Site
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 
 from onnxprune.calibration import ACTIVATIONS, CalibrationStats, activation_tensors, channel_values, consumer_inputs
 from onnxprune.errors import InvariantError
-from onnxprune.groups import PruningGroup
+from onnxprune.analysis.core import PruningGroup
 from onnxprune.importance import CriterionRegistry, ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.groups import PruningGroup
+from onnxprune.analysis.core import PruningGroup
 from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
 
 WEIGHT_ROLES = ("out", "in", "param")

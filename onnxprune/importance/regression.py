@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.calibration import FEATURES, FeatureGram
-from onnxprune.groups import PruningGroup, Site
+from onnxprune.analysis.core import PruningGroup, Site
 from onnxprune.importance import CriterionRegistry, ScoringContext
 from onnxprune.importance.apoz import calibration_stats
 from onnxprune.importance.magnitude import lp_scores

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.groups import PruningGroup
+from onnxprune.analysis.core import PruningGroup
 from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
 from onnxprune.importance.magnitude import lp_scores
 

@@ -19,7 +19,7 @@ import onnx
 
 from onnxprune.data import DataSource
 from onnxprune.errors import BadInputError, InvariantError
-from onnxprune.groups import PruningGroup
+from onnxprune.analysis.core import PruningGroup
 from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
 
 GRADIENTS = "gradients"

@@ -1,0 +1,131 @@
+"""What the analysis finds: channel maps, weight sites, fixups, groups (the contract with planning and surgery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxprune.analysis.index_mapping import FIXED
+
+
+@dataclass
+class ChannelMap:
+    """The channel ids carried by a tensor: position ``p`` along ``axis`` belongs to id ``ids[p]``."""
+
+    axis: int
+    ids: np.ndarray
+
+
+@dataclass
+class Site:
+    """A constant tensor whose slices along ``axis`` follow channel ids.
+
+    ``role``: ``out`` (a producer's output rows), ``in`` (a consumer's input columns), ``param``
+    (per-channel parameters: bias, BN γ/β, broadcast constants) or ``stat`` (BN running statistics,
+    sliced but never used as importance).
+    """
+
+    tensor: str
+    axis: int
+    ids: np.ndarray
+    node: str
+    op: str
+    role: str
+
+
+@dataclass
+class Fixup:
+    """A non-weight edit a cut requires: ``kind`` names the surgery handler, ``ids`` the channels it counts."""
+
+    node: str
+    kind: str
+    ids: list[np.ndarray]
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PruningGroup:
+    """Channels that are removed together. ``classes[i]`` is channel ``i``'s union-find root."""
+
+    id: int
+    producers: list[str]
+    members: list[str]
+    classes: np.ndarray
+    blocked: np.ndarray
+    reasons: list[str]
+
+    @property
+    def size(self) -> int:
+        return int(len(self.classes))
+
+    @property
+    def prunable(self) -> int:
+        return int((~self.blocked).sum())
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Set when no channel of the group may be removed."""
+        return "; ".join(self.reasons) if self.prunable == 0 else None
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze_graph`: groups plus everything surgery and importance need."""
+
+    groups: list[PruningGroup]
+    sites: list[Site]
+    fixups: list[Fixup]
+    class_of: np.ndarray
+    maps: dict[str, ChannelMap]
+    notes: list[str] = field(default_factory=list)
+
+    def group_channel_index(self, group: PruningGroup) -> dict[int, int]:
+        return {int(c): i for i, c in enumerate(group.classes)}
+
+    def classes_of(self, ids: np.ndarray) -> np.ndarray:
+        """Class roots for an id array; fixed positions stay -1."""
+        return np.where(ids >= 0, self.class_of[np.maximum(ids, 0)], FIXED)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": [group_to_dict(g) for g in self.groups],
+            "prunable_groups": sum(1 for g in self.groups if g.prunable),
+            "prunable_channels": sum(g.prunable for g in self.groups),
+            "total_channels": sum(g.size for g in self.groups),
+            "notes": list(self.notes),
+        }
+
+
+def group_to_dict(group: PruningGroup, kept: int | None = None) -> dict[str, Any]:
+    return {
+        "id": group.id,
+        "channels": group.size,
+        "prunable": group.prunable,
+        "kept": group.size if kept is None else kept,
+        "producers": list(group.producers),
+        "members": list(group.members),
+        "blocked": group.blocked_reason,
+        "blocked_channels": int(group.blocked.sum()),
+        "reasons": list(group.reasons),
+    }
+
+
+HEAD_GRANULARITIES = ("whole", "dims")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Choices the graph leaves open.
+
+    ``heads``: ``whole`` prunes attention heads as units (a channel = a head: Q/K/V columns and the
+    output-projection rows of that head); ``dims`` prunes the same dims of every head instead (a channel =
+    dim j of every head; Q and K together, V with the output projection), keeping the head count.
+    """
+
+    heads: str = "whole"
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEAD_GRANULARITIES:
+            raise ValueError(f"heads must be one of {', '.join(HEAD_GRANULARITIES)}, got {self.heads!r}")

@@ -1,0 +1,235 @@
+"""Channel-preserving ops: activations, broadcasting arithmetic, pooling, reductions, Resize, Pad."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.analysis.analyzer import Analyzer
+from onnxprune.analysis.core import ChannelMap
+from onnxprune.analysis.graph import optional_input, producer
+from onnxprune.analysis.rules._common import (
+    first_input,
+    int_list,
+    is_static,
+)
+from onnxprune.analysis.shape_reads import shape_source
+
+UNARY = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Neg", "Abs", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast", "Clip",
+    "Shrink", "IsNaN", "IsInf", "Not", "CastLike",
+)
+
+
+POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+
+
+BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean", "Where",
+             "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod")
+
+
+REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+NO_CHANNELS = ("Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "EyeLike", "RandomNormalLike",
+               "RandomUniformLike")
+
+
+def unary(az: Analyzer, node: gs.Node) -> None:
+    xm = az.map(first_input(node))
+    if xm is None:
+        return
+    for t in node.inputs[1:]:
+        if not Analyzer.present(t):
+            continue
+        dims = az.shape(t)
+        if az.map(t) is not None or dims is None or not is_static(dims) or int(np.prod(dims, dtype=np.int64)) != 1:
+            az.block(xm.ids, f"{node.op} {node.name} has a non-scalar extra input {t.name}")
+            return
+    if node.op == "Cast" and int(node.attrs.get("to", 1)) not in (1, 10, 11, 16):
+        az.block(xm.ids, f"Cast {node.name} to a non-float type")
+        return
+    az.set_map(node.outputs[0], xm)
+
+
+def pool(az: Analyzer, node: gs.Node) -> None:
+    xm = az.map(first_input(node))
+    if xm is None:
+        return
+    if xm.axis != 1:
+        az.block(xm.ids, f"{node.op} {node.name} pools with channels on axis {xm.axis}")
+        return
+    az.set_map(node.outputs[0], xm)
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        az.block(xm.ids, f"{node.op} {node.name} indices output is used")
+
+
+def no_channels(az: Analyzer, node: gs.Node) -> None:
+    """Shape-like ops read a tensor's size, not its values; their outputs carry no channels."""
+
+
+def broadcast(az: Analyzer, node: gs.Node) -> None:
+    """Elementwise ops: mapped inputs are coupled; per-channel constants are sliced; the rest broadcast."""
+    out = node.outputs[0]
+    inputs = [t for t in node.inputs if Analyzer.present(t)]
+    ranks = [az.rank(t) for t in inputs]
+    out_rank = az.rank(out) or (max(r for r in ranks if r is not None) if any(r is not None for r in ranks) else None)
+    mapped = [(t, az.map(t), r) for t, r in zip(inputs, ranks) if az.map(t) is not None]
+    if not mapped:
+        return
+    if out_rank is None or any(r is None for _, _, r in mapped):
+        for _, m, _ in mapped:
+            az.block(m.ids, f"{node.op} {node.name}: ranks unknown")
+        return
+    axes = {out_rank - r + m.axis for _, m, r in mapped}
+    if len(axes) > 1:
+        for _, m, _ in mapped:
+            az.block(m.ids, f"{node.op} {node.name} combines channels on different axes")
+        return
+    axis = axes.pop()
+    ids = mapped[0][1].ids
+    for _, m, _ in mapped[1:]:
+        if len(m.ids) != len(ids):
+            az.block(ids, f"{node.op} {node.name} broadcasts a channel tensor")
+            az.block(m.ids, f"{node.op} {node.name} broadcasts a channel tensor")
+            return
+        ids = az.couple(ids, m.ids, f"{node.op} {node.name} couples them with unprunable channels")
+    for t, r in zip(inputs, ranks):
+        if az.map(t) is not None:
+            continue
+        if r is None:
+            az.block(ids, f"{node.op} {node.name}: shape of {t.name} unknown")
+            return
+        local = axis - (out_rank - r)
+        if local < 0:
+            continue
+        dim = az.shape(t)[local]
+        if dim == 1:
+            continue
+        source = _param_source(az, t, local, node, ids) if dim == len(ids) else None
+        if source is not None:
+            az.site(source[0], source[1], ids, source[2], "param")
+        else:
+            az.block(ids, f"{node.op} {node.name} combines them with {t.name}, which has no prunable channels")
+    az.set_map(out, ChannelMap(axis, ids))
+
+
+def _param_source(
+    az: Analyzer, t: gs.Tensor, axis: int, node: gs.Node, ids: np.ndarray
+) -> tuple[gs.Tensor, int, gs.Node] | None:
+    """The constant behind a per-channel operand: itself, or the data of an Expand/Cast/Identity (a class
+    token expanded to the batch). Returns (constant, its channel axis, the node reading it); an Expand
+    whose target shape names the channel count gets a fixup for it."""
+    if az.const(t) is not None:
+        return t, axis, node
+    src = producer(t)
+    rank = az.rank(t)
+    if src is None or rank is None or src.op not in ("Expand", "Cast", "Identity") or len(src.outputs[0].outputs) != 1:
+        return None
+    inner = src.inputs[0]
+    inner_rank, dims = az.rank(inner), az.shape(inner)
+    if inner_rank is None or dims is None or az.map(inner) is not None:
+        return None
+    local = axis - (rank - inner_rank)
+    if local < 0 or dims[local] != az.shape(t)[axis]:
+        return None
+    entry = None
+    if src.op == "Expand":
+        target = az.shape(src.inputs[1])
+        if target is None or not isinstance(target[0], int):
+            return None
+        pos = axis - (rank - target[0])
+        entry = shape_source(az, src, 1, pos) if pos >= 0 else None
+        if pos >= 0 and (entry is None or entry.of is not None):
+            computed = az.folded.get(src.inputs[1].name)
+            if computed is None or int(computed.reshape(-1)[pos]) != 1:
+                return None
+            entry = None  # computed at runtime, but from constants only (Shape reads are checked apart): 1 broadcasts
+    found = _param_source(az, inner, local, src, ids)
+    if found is not None and entry is not None and entry.value > 1:
+        az.fixup(entry.owner, "shape_value", [ids], input=entry.input, position=entry.position)
+    return found
+
+
+def reduce(az: Analyzer, node: gs.Node) -> None:
+    xm, rank = az.map(first_input(node)), az.rank(first_input(node))
+    if xm is None:
+        return
+    axes = int_list(az, node, 1, "axes")
+    if axes is None or rank is None:
+        az.block(xm.ids, f"{node.op} {node.name} reduces over unknown axes")
+        return
+    axes = sorted(a + rank if a < 0 else a for a in axes)
+    if axes == [xm.axis] and _is_norm_statistic(az, node):
+        return  # a LayerNorm/RMSNorm mean or variance: a per-token scalar, no channels
+    if xm.axis in axes or not axes:
+        az.block(xm.ids, f"{node.op} {node.name} reduces over the channel axis")
+        return
+    keep = int(node.attrs.get("keepdims", 1))
+    axis = xm.axis if keep else xm.axis - sum(1 for a in axes if a < xm.axis)
+    az.set_map(node.outputs[0], ChannelMap(axis, xm.ids))
+
+
+def _is_norm_statistic(az: Analyzer, node: gs.Node) -> bool:
+    """Whether a ReduceMean over the channel axis is the mean or variance of a decomposed LayerNorm
+    (``x - mean(x)``, ``mean((x - m)^2)``) or RMSNorm (``mean(x^2)``), with the dims kept."""
+    if node.op != "ReduceMean" or int(node.attrs.get("keepdims", 1)) != 1:
+        return False
+    x = node.inputs[0]
+    if any(c.op == "Sub" and c.inputs[0] is x and c.inputs[1] is node.outputs[0] for c in node.outputs[0].outputs):
+        return True
+    sq = producer(x)
+    if sq is None:
+        return False
+    if sq.op == "Pow":
+        exponent = az.const(sq.inputs[1])
+        return exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0
+    return sq.op == "Mul" and sq.inputs[0] is sq.inputs[1]
+
+
+def softmax(az: Analyzer, node: gs.Node) -> None:
+    xm, rank = az.map(first_input(node)), az.rank(first_input(node))
+    if xm is None:
+        return
+    axis = int(node.attrs.get("axis", -1))
+    if rank is None or (axis + rank if axis < 0 else axis) == xm.axis:
+        az.block(xm.ids, f"{node.op} {node.name} normalizes over the channel axis")
+        return
+    az.set_map(node.outputs[0], xm)
+
+
+def resize(az: Analyzer, node: gs.Node) -> None:
+    xm = az.map(first_input(node))
+    if xm is None:
+        return
+    scales = az.const(optional_input(node, 2)) if node.op == "Resize" else az.const(optional_input(node, 1))
+    sizes = az.const(optional_input(node, 3)) if node.op == "Resize" else None
+    if scales is not None and scales.size and float(scales.reshape(-1)[xm.axis]) == 1.0:
+        az.set_map(node.outputs[0], xm)
+    elif sizes is not None and sizes.size and int(sizes.reshape(-1)[xm.axis]) == len(xm.ids):
+        az.fixup(node, "resize_sizes", [xm.ids], axis=xm.axis)
+        az.set_map(node.outputs[0], xm)
+    else:
+        az.block(xm.ids, f"{node.op} {node.name} may rescale the channel axis")
+
+
+def pad(az: Analyzer, node: gs.Node) -> None:
+    xm, rank = az.map(first_input(node)), az.rank(first_input(node))
+    if xm is None:
+        return
+    pads = az.const(optional_input(node, 1))
+    axes = int_list(az, node, 3, "__none__")
+    if pads is None or rank is None:
+        az.block(xm.ids, f"Pad {node.name} pads are computed at runtime")
+        return
+    pads = pads.reshape(-1).tolist()
+    axes = list(range(rank)) if axes is None else [a + rank if a < 0 else a for a in axes]
+    n = len(axes)
+    for k, a in enumerate(axes):
+        if a == xm.axis and (pads[k] != 0 or pads[k + n] != 0):
+            az.block(xm.ids, f"Pad {node.name} pads the channel axis")
+            return
+    az.set_map(node.outputs[0], xm)
