@@ -193,7 +193,7 @@ def find_residual_blocks(graph: gs.Graph, shapes: Mapping[str, list[int | str]])
         shapes: tensor name → shape (``model.static_shapes``); blocks whose shapes are unknown are skipped.
 
     Example:
-        >>> blocks = find_residual_blocks(gs.import_onnx(model), model_io.static_shapes(model, None))
+        >>> blocks = find_residual_blocks(gs.import_onnx(model), static_shapes(model, None))
         >>> [b.add for b in blocks]
         ['block1.add', 'block2.add']
     """
@@ -342,7 +342,7 @@ def prune_depth(
         PlanError: fewer than ``k`` removable blocks.
 
     Example:
-        >>> result = prune_depth(model, 2, model_io.static_shapes(model, None))
+        >>> result = prune_depth(model, 2, static_shapes(model, None))
         >>> [b.add for b in result.removed]
     """
     from onnxprune import data

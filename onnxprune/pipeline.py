@@ -23,7 +23,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune import model as model_io
+from onnxprune.io.load import LoadedModel, load_model
+from onnxprune.io.save import save_model
+from onnxprune.io.shapes import check_model, infer_shapes, static_shapes
 from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
@@ -54,7 +56,7 @@ class PruneState:
     output_path: str
     spec: PruneSpec
     reporter: Reporter
-    loaded: model_io.LoadedModel | None = None
+    loaded: LoadedModel | None = None
     shapes: dict[str, list[int | str]] = field(default_factory=dict)
     graph: gs.Graph | None = None
     analysis: Analysis | None = None
@@ -86,7 +88,7 @@ Stage = Callable[[PruneState], None]
 
 
 def stage_load(state: PruneState) -> None:
-    state.loaded = model_io.load_model(state.model_path)
+    state.loaded = load_model(state.model_path)
     state.notes.extend(state.loaded.notes)
 
 
@@ -98,7 +100,7 @@ def stage_depth(state: PruneState) -> None:
 
     spec = state.spec
     result = depth.prune_depth(
-        state.model, spec.depth, model_io.static_shapes(state.model, spec.shapes), calib=spec.calib,
+        state.model, spec.depth, static_shapes(state.model, spec.shapes), calib=spec.calib,
         samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, method=spec.depth_method, device=spec.device,
         seed=spec.seed,
     )
@@ -109,7 +111,7 @@ def stage_depth(state: PruneState) -> None:
 
 
 def stage_analyze(state: PruneState) -> None:
-    state.shapes = model_io.static_shapes(state.working, state.spec.shapes)
+    state.shapes = static_shapes(state.working, state.spec.shapes)
     state.graph = gs.import_onnx(state.working)
     state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude,
                                    options=AnalysisOptions(heads=state.spec.heads))
@@ -290,8 +292,8 @@ def export_checked(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     try:
         del model.graph.value_info[:]
-        out = model_io.infer_shapes(model)
-        model_io.check_model(out)
+        out = infer_shapes(model)
+        check_model(out)
     except Exception as e:
         raise InvariantError(f"the pruned model fails onnx.checker: {e}") from e
     return out
@@ -310,7 +312,7 @@ def stage_finetune(state: PruneState) -> None:
     from onnxprune.training import FinetuneConfig, TrainData, finetune
 
     data = TrainData.load(spec.train_data)
-    teacher = model_io.load_model(state.teacher_path).model if state.teacher_path else state.model
+    teacher = load_model(state.teacher_path).model if state.teacher_path else state.model
     config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                             progress_bar=False)
     result = finetune(state.pruned, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
@@ -376,7 +378,7 @@ def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | No
 
 def stage_save(state: PruneState) -> None:
     assert state.pruned is not None
-    model_io.save_model(state.pruned, state.output_path)
+    save_model(state.pruned, state.output_path)
 
 
 def _original_stats(state: PruneState) -> reporting.ModelStats:
@@ -541,7 +543,7 @@ def _step_progress(progress: ProgressFn | None, k: int, n: int) -> ProgressFn | 
 def _kept_channels(first: PruneState, final_model: onnx.ModelProto) -> dict[int, int]:
     """Channels each group of the first analysis still has in the final model (read from inferred shapes)."""
     assert first.analysis is not None and first.graph is not None
-    shapes = model_io.static_shapes(final_model, first.spec.shapes)
+    shapes = static_shapes(final_model, first.spec.shapes)
     outputs = {n.name: n.outputs[0].name for n in first.graph.nodes if n.outputs}
     kept: dict[int, int] = {}
     for g in first.analysis.groups:

@@ -109,7 +109,8 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
     """Sensitivity-guided allocation vs the same share of every group, both at 50 % MACs, no fine-tuning."""
     import onnx_graphsurgeon as gs
 
-    from onnxprune import model as model_io
+    from onnxprune.io.load import load_model
+    from onnxprune.io.shapes import static_shapes
     from onnxprune import plan as planning
     from onnxprune import report as reporting
     from onnxprune import sensitivity
@@ -124,9 +125,9 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
     assert result.report["budget"]["strategy"] == "sensitivity-greedy"
     sens_macs = _fractions(result.report)[0]
 
-    model = model_io.load_model(digits_model_path).model
+    model = load_model(digits_model_path).model
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, {}))
+    analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
     cost = planning.CostModel(graph, analysis, reporting.model_stats(model))
     uniform = planning.fit_budget(analysis, scores, cost, planning.uniform_order(analysis, scores), {"macs": 0.5})

@@ -16,7 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from onnxprune import model as model_io
+from onnxprune.io.load import load_model
+from onnxprune.io.shapes import static_shapes
 from onnxprune import runtime
 from onnxprune.calibration import (
     ACTIVATIONS,
@@ -46,7 +47,7 @@ def _one_blas_thread() -> Iterator[None]:
 
 def analyzed(model: onnx.ModelProto) -> tuple[gs.Graph, object]:
     graph = gs.import_onnx(model)
-    return graph, analyze_graph(graph, model_io.static_shapes(model, None))
+    return graph, analyze_graph(graph, static_shapes(model, None))
 
 
 def conv_model(auto_pad: str = "NOTSET", **attrs: object) -> onnx.ModelProto:
@@ -187,7 +188,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path: Path, digits_model_p
 
 @pytest.mark.gpu
 def test_calibration_on_gpu_matches_cpu(digits_model_path: Path) -> None:
-    model = model_io.load_model(digits_model_path).model
+    model = load_model(digits_model_path).model
     graph, analysis = analyzed(model)
     stats = []
     for device in ("cpu", "cuda"):

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from onnxprune import model as model_io
+from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
 from onnxprune.calibration import CalibrationStats, calibrate, open_calibration
 from onnxprune.errors import InvariantError
@@ -71,7 +71,7 @@ def scaled_copy(model: onnx.ModelProto, node_name: str, src: int, dst: int, scal
 def scored(model: onnx.ModelProto, criterion: str, samples: int = 64) -> tuple[Analysis, dict[str, np.ndarray], list[str]]:
     """Scores per group (keyed by the group's first producer) after calibrating on random inputs."""
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     registry = default_criteria()
     extras: dict[str, object] = {}
     if registry.needs[criterion]:
@@ -135,7 +135,7 @@ def test_apoz_counts_relu6_clip() -> None:
 def test_missing_calibration_is_an_invariant_error() -> None:
     model = build_mlp()
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     with pytest.raises(InvariantError, match="needs calibration statistics"):
         score_groups(ScoringContext(graph, analysis), "apoz")
 
@@ -219,7 +219,7 @@ def test_regression_copy_cut_and_reconstructed_leaves_outputs_unchanged(tmp_path
 def test_regression_without_consumers_falls_back() -> None:
     model = build_mlp()
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     ctx = ScoringContext(graph, analysis, extras={"calibration": CalibrationStats(0, "", "cpu")})
     group = analysis.groups[0]
     np.testing.assert_allclose(regression_scores(ctx, group), score_groups(ctx, "l2")[group.id])

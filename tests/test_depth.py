@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune import model as model_io
+from onnxprune.io.shapes import static_shapes
 from onnxprune.depth import find_residual_blocks, prune_depth, remove_blocks
 from onnxprune.errors import PlanError
 from onnxprune.pipeline import analyze, prune
@@ -21,7 +21,7 @@ from tests.test_shuffle_grouped import build_shufflenet_v1
 
 
 def _blocks(model: onnx.ModelProto):
-    return find_residual_blocks(gs.import_onnx(model), model_io.static_shapes(model, None))
+    return find_residual_blocks(gs.import_onnx(model), static_shapes(model, None))
 
 
 def _zero_branch(model: onnx.ModelProto, bn: str) -> onnx.ModelProto:
@@ -68,7 +68,7 @@ def test_depth_2_on_resnet_removes_two_blocks(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["ratio", "fidelity"])
 def test_a_block_with_zero_branch_is_removed_first_without_output_change(method: str) -> None:
     model = _zero_branch(build_resnet_bottleneck(blocks=3), "block2.conv3.bn")
-    result = prune_depth(model, 1, model_io.static_shapes(model, None), method=method)
+    result = prune_depth(model, 1, static_shapes(model, None), method=method)
     assert [b.add for b in result.removed] == ["block2.add"]
     assert min(b.importance for b in result.candidates) == pytest.approx(0.0, abs=1e-9)
     feeds = random_inputs(model, batch=3, seed=5)
@@ -98,7 +98,7 @@ def test_depth_and_width_in_one_call(tmp_path: Path) -> None:
 def test_consecutive_blocks_removed_together_stay_wired() -> None:
     model = build_transformer_block(blocks=1)
     graph = gs.import_onnx(model)
-    blocks = find_residual_blocks(graph, model_io.static_shapes(model, None))
+    blocks = find_residual_blocks(graph, static_shapes(model, None))
     remove_blocks(graph, blocks)  # the MLP block's skip is the attention block's output
     out = gs.export_onnx(graph)
     feeds = random_inputs(model, batch=2)
@@ -110,7 +110,7 @@ def test_calibration_data_from_npz(tmp_path: Path) -> None:
     model = build_resnet_bottleneck(blocks=2)
     data = tmp_path / "calib.npz"
     np.savez(data, input=np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32))
-    result = prune_depth(model, 1, model_io.static_shapes(model, None), calib=str(data), samples=6)
+    result = prune_depth(model, 1, static_shapes(model, None), calib=str(data), samples=6)
     assert len(result.removed) == 1 and all(b.importance is not None for b in result.candidates)
 
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune import model as model_io
+from onnxprune.io.shapes import static_shapes
 from onnxprune.data import model_inputs, open_data
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, score_groups
@@ -30,7 +30,7 @@ def test_dead_channels_score_zero_and_go_first(criterion: str, tmp_path: Path) -
     x = random_inputs(model, batch=16)["input"]
     write_npz(tmp_path / "calib.npz", x, np.arange(16) % 10)
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     source = open_data(tmp_path / "calib.npz", model_inputs(model))
     ctx = ScoringContext(graph, analysis, extras={GRADIENTS: collect_gradients(model, source, device="cpu")})
     group = next(g for g in analysis.groups if "conv1" in g.producers)

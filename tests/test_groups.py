@@ -15,7 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune import model as model_io
+from onnxprune.io.load import LoadedModel, normalize
+from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.core import Analysis
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.pipeline import analyze, prune
@@ -44,10 +45,10 @@ def _save(model: onnx.ModelProto, tmp_path: Path, name: str = "model.onnx") -> P
 
 
 def _analysis(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[gs.Graph, Analysis]:
-    loaded = model_io.LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
-    model_io.normalize(loaded)
+    loaded = LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
+    normalize(loaded)
     graph = gs.import_onnx(loaded.model)
-    return graph, analyze_graph(graph, model_io.static_shapes(loaded.model, shapes))
+    return graph, analyze_graph(graph, static_shapes(loaded.model, shapes))
 
 
 def _params(model: onnx.ModelProto) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import model as model_io
+from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.magnitude import elementwise_magnitude_mask
@@ -29,7 +29,7 @@ def _two_gemms(w1: np.ndarray, w2: np.ndarray) -> tuple[gs.Graph, object]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     g = gs.import_onnx(model)
-    return g, analyze_graph(g, model_io.static_shapes(model, None))
+    return g, analyze_graph(g, static_shapes(model, None))
 
 
 def test_l1_l2_aggregate_producer_rows_and_consumer_columns() -> None:

@@ -10,7 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from onnxprune import model as model_io
+from onnxprune.io.limits import MAX_IR_VERSION, default_opset
+from onnxprune.io.load import LoadedModel, load_model, normalize
+from onnxprune.io.save import initializer_bytes, save_model
 from onnxprune.errors import BadInputError
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec
@@ -74,7 +76,7 @@ def test_recent_opsets_keep_their_opset(opset: int, tmp_path: Path) -> None:
     onnx.save(model, src)
     result = prune(src, tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
     pruned = onnx.load(result.output_path)
-    assert model_io.default_opset(pruned) == opset
+    assert default_opset(pruned) == opset
     assert pruned.ir_version <= 11
     assert run(pruned, random_inputs(model))["output"].shape == (2, 10)
 
@@ -83,8 +85,8 @@ def test_saved_ir_version_is_readable_by_onnxruntime(tmp_path: Path) -> None:
     model = build_vgg()
     model.ir_version = 14
     out = tmp_path / "m.onnx"
-    model_io.save_model(model, out)
-    assert onnx.load(out).ir_version == model_io.MAX_IR_VERSION
+    save_model(model, out)
+    assert onnx.load(out).ir_version == MAX_IR_VERSION
     assert run(str(out), random_inputs(model))["output"].shape == (2, 10)
 
 
@@ -116,7 +118,7 @@ def test_external_data_escaping_the_folder_is_refused(location: str, tmp_path: P
     path = tmp_path / "evil.onnx"
     path.write_bytes(model.SerializeToString())
     with pytest.raises(BadInputError, match="outside the model's folder"):
-        model_io.load_model(path)
+        load_model(path)
 
 
 def test_constant_of_shape_weights_become_initializers() -> None:
@@ -127,8 +129,8 @@ def test_constant_of_shape_weights_become_initializers() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
         [numpy_helper.from_array(np.array([3, 2, 1, 1], np.int64), "shape")],
     )
-    loaded = model_io.LoadedModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "", 13, 0)
-    model_io.normalize(loaded)
+    loaded = LoadedModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "", 13, 0)
+    normalize(loaded)
     assert [n.op_type for n in loaded.model.graph.node] == ["Conv"]
     assert {t.name for t in loaded.model.graph.initializer} >= {"w"}
 
@@ -150,7 +152,7 @@ def _big_mlp(width: int, hidden: int) -> onnx.ModelProto:
 @pytest.mark.slow
 def test_model_over_2gb_round_trips_with_external_data(tmp_path: Path) -> None:
     model = _big_mlp(width=24576, hidden=12288)  # 2 × 24576 × 12288 × 4 B ≈ 2.25 GiB
-    assert model_io.initializer_bytes(model) > 2**31
+    assert initializer_bytes(model) > 2**31
     src = tmp_path / "big.onnx"
     onnx.save(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="big.data")
     del model

@@ -7,7 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune import model as model_io
+from onnxprune.io.load import load_model
+from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
 from onnxprune import report
 from onnxprune.errors import PlanError
@@ -27,7 +28,7 @@ def _group(gid: int, size: int, blocked: int = 0) -> PruningGroup:
 
 def _setup(model: onnx.ModelProto) -> tuple[gs.Graph, Analysis, dict[int, np.ndarray], planning.CostModel]:
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, {}))
+    analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
     return graph, analysis, scores, planning.CostModel(graph, analysis, report.model_stats(model))
 
@@ -89,7 +90,7 @@ def test_cost_model_matches_cut_models(name: str) -> None:
 
 
 def test_cost_model_digits(digits_model_path) -> None:
-    model = model_io.load_model(digits_model_path).model
+    model = load_model(digits_model_path).model
     _, analysis, scores, cost = _setup(model)
     plan = planning.uniform(analysis, scores, 0.5)
     real = _cut_stats(model, analysis, plan)

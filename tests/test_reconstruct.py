@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
-from onnxprune import model as model_io
+from onnxprune.io.shapes import static_shapes
 from onnxprune.calibration import open_calibration
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext
@@ -44,7 +44,7 @@ def cut_and_refit(model: onnx.ModelProto, removed: dict[str, list[int]] | float,
                   refit: bool = True) -> tuple[onnx.ModelProto, ReconstructResult]:
     """Cut ``removed`` (producer → channels, or a uniform l2 ratio), optionally reconstruct, export."""
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     if isinstance(removed, float):
         ctx = ScoringContext(graph, analysis)
         plan = uniform(analysis, {g.id: lp_scores(ctx, g, 2) for g in analysis.groups if g.prunable}, removed)
@@ -134,7 +134,7 @@ def test_dead_kept_channel_keeps_the_solve_finite() -> None:
 def test_waves_refit_upstream_first() -> None:
     model = build_vgg()
     original, graph = gs.import_onnx(model), gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     removed = Plan({g.id: np.array([0]) for g in analysis.groups if g.prunable}).removed_classes(analysis)
     cut_channels(graph, analysis, removed)
     fits = plan_fits(original, graph, analysis, removed, [])
@@ -166,7 +166,7 @@ def test_too_few_rows_keeps_sliced_weights_and_says_so() -> None:
 def test_progress_and_bar(capsys: pytest.CaptureFixture[str]) -> None:
     model = build_vgg()
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     removed = Plan({g.id: np.array([0]) for g in analysis.groups if g.prunable}).removed_classes(analysis)
     cut_channels(graph, analysis, removed)
     source, _ = open_calibration(model, None, 32, {})
@@ -180,7 +180,7 @@ def test_progress_and_bar(capsys: pytest.CaptureFixture[str]) -> None:
 def test_layers_above_max_features_are_skipped() -> None:
     model = build_vgg()
     graph, original = gs.import_onnx(model), gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, None))
+    analysis = analyze_graph(graph, static_shapes(model, None))
     removed = Plan({g.id: np.array([0]) for g in analysis.groups if g.prunable}).removed_classes(analysis)
     cut_channels(graph, analysis, removed)
     notes: list[str] = []

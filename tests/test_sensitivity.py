@@ -12,7 +12,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune import model as model_io
+from onnxprune.io.load import load_model
+from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune import sensitivity
@@ -26,9 +27,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def digits_setup(digits_model_path: Path) -> tuple:
-    model = model_io.load_model(digits_model_path).model
+    model = load_model(digits_model_path).model
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, {}))
+    analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
     cost = planning.CostModel(graph, analysis, reporting.model_stats(model))
     return model, analysis, scores, cost

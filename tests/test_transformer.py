@@ -28,7 +28,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
-from onnxprune import model as model_io
+from onnxprune.io.load import LoadedModel, normalize
+from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.pipeline import analyze, export_graph, prune
@@ -205,10 +206,10 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 
 def _analysis_with(model: onnx.ModelProto, options: AnalysisOptions | None = None) -> tuple[gs.Graph, Analysis]:
-    loaded = model_io.LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
-    model_io.normalize(loaded)
+    loaded = LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
+    normalize(loaded)
     graph = gs.import_onnx(loaded.model)
-    return graph, analyze_graph(graph, model_io.static_shapes(loaded.model, None), options=options)
+    return graph, analyze_graph(graph, static_shapes(loaded.model, None), options=options)
 
 
 def _zero_groups(model: onnx.ModelProto, pick: Callable[[PruningGroup], bool], ratio: float = 0.5, seed: int = 0,

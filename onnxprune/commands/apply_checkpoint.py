@@ -9,7 +9,8 @@ from onnxprune.errors import BadInputError
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxprune.model import load_model, save_model
+    from onnxprune.io.load import load_model
+    from onnxprune.io.save import save_model
     from onnxprune.training import apply_checkpoint
     from onnxprune.training.artifacts import load_checkpoint
 

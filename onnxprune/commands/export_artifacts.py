@@ -9,7 +9,7 @@ from onnxprune.spec import parse_shape_args
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxprune.model import load_model
+    from onnxprune.io.load import load_model
     from onnxprune.training import LossSpec, OptimizerSpec, export_artifacts
 
     loaded = load_model(args.model)

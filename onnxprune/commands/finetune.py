@@ -7,7 +7,8 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxprune.model import load_model, save_model
+    from onnxprune.io.load import load_model
+    from onnxprune.io.save import save_model
     from onnxprune.training import FinetuneConfig, TrainData, finetune
 
     model = load_model(args.model).model

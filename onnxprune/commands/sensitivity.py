@@ -8,7 +8,8 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from onnxprune import model as model_io
+from onnxprune.io.load import load_model
+from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
 from onnxprune import report as reporting
 from onnxprune import sensitivity
@@ -20,10 +21,10 @@ from onnxprune.spec import parse_shape_args
 
 def run(args: argparse.Namespace) -> int:
     shapes = parse_shape_args(args.shape)
-    loaded = model_io.load_model(args.model)
+    loaded = load_model(args.model)
     model = loaded.model
     graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, model_io.static_shapes(model, shapes))
+    analysis = analyze_graph(graph, static_shapes(model, shapes))
     criteria = default_criteria()
     extras: dict[str, Any] = {}
     needs = criteria.needs.get(args.criterion, set())

@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
-from onnxprune.model import set_input_shapes
+from onnxprune.io.shapes import set_input_shapes
 from onnxprune.training.autodiff import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
 from onnxprune.training.losses import LossGraph, LossSpec, add_loss
 from onnxprune.training.optimizers import (
@@ -190,7 +190,7 @@ class TrainingArtifacts:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the artifacts into ``directory`` (created); returns its path."""
-        from onnxprune.model import save_model  # external data above 2 GB, IR capped for onnxruntime
+        from onnxprune.io.save import save_model
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
