@@ -23,7 +23,7 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxprune import runtime  # noqa: E402
+from onnxprune.runtime.session import make_session
 from onnxprune.pipeline import prune  # noqa: E402
 from onnxprune.spec import PruneSpec  # noqa: E402
 from tests.data import digits_split, write_npz  # noqa: E402
@@ -32,7 +32,7 @@ CRITERIA = ("l2", "bn-scale", "apoz", "regression")
 
 
 def accuracy(model: onnx.ModelProto | Path, x: np.ndarray, y: np.ndarray, device: str) -> float:
-    with runtime.make_session(model if isinstance(model, onnx.ModelProto) else str(model), device) as sess:
+    with make_session(model if isinstance(model, onnx.ModelProto) else str(model), device) as sess:
         logits = sess.run({"input": x})["logits"]
     return float((logits.argmax(axis=1) == y).mean())
 

@@ -28,7 +28,9 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import BadInputError
-from onnxprune.runtime import DeviceChoice, Session, make_session, random_inputs, select_device
+from onnxprune.runtime.device import DeviceChoice, select_device
+from onnxprune.runtime.session import Session, make_session
+from onnxprune.runtime.feeds import random_inputs
 
 logger = logging.getLogger(__name__)
 

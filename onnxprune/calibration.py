@@ -38,7 +38,7 @@ from onnxprune.errors import BadInputError
 from onnxprune.analysis.core import Analysis, PruningGroup, Site
 
 if TYPE_CHECKING:
-    from onnxprune.runtime import DeviceChoice
+    from onnxprune.runtime.device import DeviceChoice
 
 log = logging.getLogger(__name__)
 
@@ -469,9 +469,10 @@ def calibrate(
         >>> stats = calibrate(model, graph, analysis, src, needs={"activations"}, device="cpu")
         >>> stats.tensors["relu_0_out"].zero_fraction
     """
-    from onnxprune import runtime
+    from onnxprune.runtime.capture import iter_capture
+    from onnxprune.runtime.device import select_device
 
-    choice = runtime.select_device(device) if isinstance(device, str) else device
+    choice = select_device(device) if isinstance(device, str) else device
     plan = plan_capture(graph, analysis, needs, max_features)
     stats = CalibrationStats(0, description, choice.name, notes=list(plan.notes))
     stats.tensors = {name: TensorStats(analysis.maps[name].axis, size) for name, size in plan.tensors.items()}
@@ -490,7 +491,7 @@ def calibrate(
                 sizes.append(len(next(iter(feeds.values()))))
                 yield feeds
 
-        for captured in runtime.iter_capture(model, names, counted(), choice):
+        for captured in iter_capture(model, names, counted(), choice):
             for name, ts in stats.tensors.items():
                 ts.update(captured[name])
             for fg in stats.grams.values():

@@ -177,7 +177,7 @@ def _length(path: Path, name: str) -> int:
 
 
 def _random(spec: InputSpec, shapes: dict[str, list[int]], n: int, rng: np.random.Generator) -> np.ndarray:
-    from onnxprune.runtime import random_array
+    from onnxprune.runtime.feeds import random_array
 
     return random_array(spec, shapes, n, rng)  # type: ignore[arg-type]  # same name/shape/dtype fields
 
@@ -210,6 +210,6 @@ def open_data(
 
 def model_inputs(model: object) -> list[InputSpec]:
     """The inputs to feed for an ``onnx.ModelProto`` (graph inputs that are not initializers)."""
-    from onnxprune.runtime import model_input_specs
+    from onnxprune.runtime.session import model_input_specs
 
     return [InputSpec(s.name, tuple(s.shape), np.dtype(s.dtype)) for s in model_input_specs(model)]  # type: ignore[arg-type]

@@ -217,11 +217,11 @@ def ratio_importance(
     model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Iterable[Mapping[str, np.ndarray]], device: str = "cpu"
 ) -> dict[str, float]:
     """‖f(x)‖ / ‖x‖ per block (keyed by its Add), accumulated over ``batches``."""
-    from onnxprune import runtime
+    from onnxprune.runtime.capture import iter_capture
 
     names = sorted({b.skip for b in blocks} | {b.branch for b in blocks})
     sq = dict.fromkeys(names, 0.0)
-    for values in runtime.iter_capture(model, names, batches, device=device):
+    for values in iter_capture(model, names, batches, device=device):
         for name in names:
             sq[name] += float(np.sum(np.square(values[name].astype(np.float64))))
     return {b.add: float(np.sqrt(sq[b.branch]) / max(np.sqrt(sq[b.skip]), 1e-12)) for b in blocks}
@@ -231,16 +231,16 @@ def fidelity_importance(
     model: onnx.ModelProto, blocks: list[ResidualBlock], feeds: Mapping[str, np.ndarray], device: str = "cpu"
 ) -> dict[str, float]:
     """1 − cosine similarity of all outputs (flattened together) with each block removed alone."""
-    from onnxprune import runtime
+    from onnxprune.runtime.session import make_session
 
-    with runtime.make_session(model, device) as sess:
+    with make_session(model, device) as sess:
         reference = sess.run(feeds)
     ref = np.concatenate([np.ravel(reference[k]).astype(np.float64) for k in sorted(reference)])
     scores: dict[str, float] = {}
     for block in blocks:
         graph = gs.import_onnx(model)
         remove_blocks(graph, [block])
-        with runtime.make_session(_export(graph, model), device) as sess:
+        with make_session(_export(graph, model), device) as sess:
             out = sess.run(feeds)
         cand = np.concatenate([np.ravel(out[k]).astype(np.float64) for k in sorted(out)])
         denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))

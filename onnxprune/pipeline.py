@@ -123,11 +123,11 @@ def stage_analyze(state: PruneState) -> None:
 
 
 def _device(state: PruneState) -> Any:
-    """The job's resolved device (``runtime.DeviceChoice``), probed once and shared by every stage."""
-    from onnxprune import runtime
+    """The job's resolved device (``DeviceChoice``), probed once and shared by every stage."""
+    from onnxprune.runtime.device import select_device
 
     if "device_choice" not in state.extras:
-        state.extras["device_choice"] = runtime.select_device(state.spec.device)
+        state.extras["device_choice"] = select_device(state.spec.device)
     state.device = state.extras["device_choice"].name
     return state.extras["device_choice"]
 
@@ -332,7 +332,8 @@ def _reference(state: PruneState) -> str:
 def stage_verify(state: PruneState) -> None:
     """Run both models in onnxruntime on the same inputs: every output keeps its shape, and the first
     output's fidelity is measured over the ``--calib`` data when given, else one batch of random inputs."""
-    from onnxprune import runtime
+    from onnxprune.runtime.session import make_session
+
 
     assert state.pruned is not None
     batches = _fidelity_batches(state)
@@ -340,7 +341,7 @@ def stage_verify(state: PruneState) -> None:
         return
     choice = _device(state)
     refs, cands = [], []
-    with runtime.make_session(_reference(state), choice) as ref, runtime.make_session(state.pruned, choice) as cand:
+    with make_session(_reference(state), choice) as ref, make_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
@@ -357,7 +358,8 @@ def stage_verify(state: PruneState) -> None:
 def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
     """The feeds verification runs: the calibration stream, or one random batch (None, with a note, when the
     inputs cannot be drawn, e.g. symbolic dims without ``--shape``)."""
-    from onnxprune import calibration, runtime
+    from onnxprune import calibration
+    from onnxprune.runtime.feeds import random_inputs
 
     spec = state.spec
     if spec.calib:
@@ -368,7 +370,7 @@ def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | No
         state.extras["fidelity_data"] = f"calibration data {state.extras['calib_what']}"
         return calibration.stream(state.extras["calib_source"], 64)
     try:
-        feeds = runtime.random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
+        feeds = random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
     except BadInputError as e:
         state.notes.append(f"fidelity not measured: {e}")
         return None

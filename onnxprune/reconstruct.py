@@ -34,7 +34,7 @@ from onnxprune.analysis.core import Analysis, Site
 from onnxprune.analysis.index_mapping import keep_positions
 
 if TYPE_CHECKING:
-    from onnxprune.runtime import DeviceChoice
+    from onnxprune.runtime.device import DeviceChoice
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,9 @@ def reconstruct(
         >>> result.layers["conv2"]   # (error before, error after)
         (0.41, 0.03)
     """
-    from onnxprune import runtime
+    from onnxprune.runtime.device import select_device
 
-    choice = runtime.select_device(device) if isinstance(device, str) else device
+    choice = select_device(device) if isinstance(device, str) else device
     export = export or (lambda g: gs.export_onnx(g, do_type_check=False))
     result = ReconstructResult()
     orig_graph = gs.import_onnx(original)
@@ -277,7 +277,7 @@ def _refit_wave(k: int, wave: list[LayerFit], original: onnx.ModelProto, graph: 
                 export: Callable[[gs.Graph], onnx.ModelProto], result: ReconstructResult, *,
                 batch_size: int, positions: int, ridge: float, seed: int) -> None:
     """Accumulate one wave's normal equations over the stream, solve, and write the weights that improve."""
-    from onnxprune import runtime
+    from onnxprune.runtime.capture import iter_capture
 
     nodes = {n.name: n for n in graph.nodes}
     names = sorted({f.original.input for f in wave})
@@ -287,8 +287,8 @@ def _refit_wave(k: int, wave: list[LayerFit], original: onnx.ModelProto, graph: 
         w_o = f.original.matrix(np.asarray(orig_nodes[f.node].inputs[1].values))
         weights[f.node] = (w_o, _bias(orig_nodes[f.node], f.original, w_o.shape[1]))
     rng = np.random.default_rng((seed, k))
-    pairs = zip(runtime.iter_capture(original, names, stream(source, batch_size), choice),
-                runtime.iter_capture(pruned_model, names, stream(source, batch_size), choice))
+    pairs = zip(iter_capture(original, names, stream(source, batch_size), choice),
+                iter_capture(pruned_model, names, stream(source, batch_size), choice))
     for got_o, got_p in pairs:
         for f in wave:
             _accumulate(f, *weights[f.node], got_o[f.original.input], got_p[f.pruned.input], positions, rng)

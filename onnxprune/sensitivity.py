@@ -152,7 +152,7 @@ class Evaluator:
     def from_data(cls, model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]],
                   labels: np.ndarray | None = None, device: Any = "auto") -> Evaluator:
         """Run the original on ``batches`` once; later candidates are compared with these outputs."""
-        from onnxprune.runtime import select_device
+        from onnxprune.runtime.device import select_device
 
         if not batches:
             raise BadInputError("sensitivity needs at least one calibration sample", field="calib")
@@ -184,9 +184,9 @@ class Evaluator:
 
 
 def _run(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], device: Any) -> list[np.ndarray]:
-    from onnxprune import runtime
+    from onnxprune.runtime.session import make_session
 
-    with runtime.make_session(model, device) as session:
+    with make_session(model, device) as session:
         name = session.output_names[0]
         return [session.run(b, [name])[name] for b in batches]
 
@@ -351,7 +351,7 @@ def latency_measure(model: onnx.ModelProto, analysis: Analysis, device: str = "a
                     shapes: dict[str, list[int]] | None = None, runs: int = 30) -> Callable[[planning.Plan], float]:
     """``plan -> latency of the cut model / latency of the original``, measured interleaved in one run."""
     from onnxprune import bench
-    from onnxprune.runtime import select_device
+    from onnxprune.runtime.device import select_device
 
     choice = select_device(device)
 

@@ -122,7 +122,7 @@ def cuda_probe() -> tuple[bool, str]:
     if os.environ.get("ONNXPRUNE_NO_GPU"):
         return False, "ONNXPRUNE_NO_GPU is set"
     try:
-        from onnxprune.runtime import probe_cuda
+        from onnxprune.runtime.device import probe_cuda
     except ImportError:
         return _local_cuda_probe()
     info = probe_cuda()

@@ -14,7 +14,8 @@ from onnxprune import bench
 from onnxprune.bench import Comparison, LatencyStats, compare, measure_latency
 from onnxprune.cli import main
 from onnxprune.errors import BadInputError
-from onnxprune.runtime import CPU, make_session
+from onnxprune.runtime.device import CPU
+from onnxprune.runtime.session import make_session
 
 RUNS = 5
 

@@ -18,7 +18,8 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
-from onnxprune import runtime
+from onnxprune.runtime.capture import capture
+from onnxprune.runtime.device import CUDA, DeviceInfo, probe_cuda, select_device
 from onnxprune.calibration import (
     ACTIVATIONS,
     FEATURES,
@@ -114,7 +115,7 @@ def test_activation_stats_and_gram_match_direct_computation(tmp_path: Path) -> N
     stats = calibrate(model, graph, analysis, source, needs={ACTIVATIONS, FEATURES}, device="cpu", batch_size=7)
     assert stats.samples == 40 and stats.device == "cpu"
     relu = next(n for n in graph.nodes if n.op == "Relu").outputs[0].name
-    h = runtime.capture(model, [relu], {"input": x}, "cpu")[relu].astype(np.float64)
+    h = capture(model, [relu], {"input": x}, "cpu")[relu].astype(np.float64)
     np.testing.assert_allclose(stats.tensors[relu].zero_fraction, (h == 0).mean(axis=0))
     np.testing.assert_allclose(stats.tensors[relu].mean_abs, np.abs(h).mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats.grams["fc2"].gram, h.T @ h, rtol=1e-6)
@@ -169,10 +170,10 @@ def test_cuda_choice_runs_the_same_code() -> None:
     """A CUDA DeviceChoice goes through the same calibration code; without a GPU onnxruntime runs it on CPU."""
     model = build_vgg()
     graph, analysis = analyzed(model)
-    cuda = runtime.select_device("cuda", probe=lambda: runtime.DeviceInfo(True))
-    assert cuda.providers[0] == runtime.CUDA and cuda.name == "cuda"
+    cuda = select_device("cuda", probe=lambda: DeviceInfo(True))
+    assert cuda.providers[0] == CUDA and cuda.name == "cuda"
     results = []
-    for choice in (runtime.select_device("cpu"), cuda):
+    for choice in (select_device("cpu"), cuda):
         source, _ = open_calibration(model, None, 16, {})
         results.append(calibrate(model, graph, analysis, source, needs={ACTIVATIONS}, device=choice))
     assert results[1].device == "cuda"
@@ -180,7 +181,7 @@ def test_cuda_choice_runs_the_same_code() -> None:
         np.testing.assert_allclose(results[1].tensors[name].mean_abs, ts.mean_abs, rtol=1e-4)
 
 
-@pytest.mark.skipif(runtime.probe_cuda().cuda_usable, reason="a usable CUDA provider is present")
+@pytest.mark.skipif(probe_cuda().cuda_usable, reason="a usable CUDA provider is present")
 def test_device_cuda_without_gpu_is_a_clear_error(tmp_path: Path, digits_model_path: Path) -> None:
     with pytest.raises(BadInputError, match="--device cuda: the CUDA provider is not usable"):
         prune(digits_model_path, tmp_path / "o.onnx", PruneSpec(criterion="apoz", device="cuda"))
@@ -272,7 +273,7 @@ def test_cli_calib_reconstruct_and_report(tmp_path: Path, digits_model_path: Pat
     assert len(report["reconstruct"]) == 6 and report["device"] == "cpu"
 
 
-@pytest.mark.skipif(runtime.probe_cuda().cuda_usable, reason="a usable CUDA provider is present")
+@pytest.mark.skipif(probe_cuda().cuda_usable, reason="a usable CUDA provider is present")
 def test_cli_device_cuda_without_gpu_exits_2(tmp_path: Path, digits_model_path: Path) -> None:
     proc = _cli("prune", str(digits_model_path), "-o", str(tmp_path / "o.onnx"), "--criterion", "apoz",
                 "--device", "cuda")

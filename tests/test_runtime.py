@@ -10,21 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import runtime
+from onnxprune.runtime.session import MAX_IR_VERSION, Session, _file_ir_version, build_session
 from onnxprune.errors import BadInputError
-from onnxprune.runtime import (
-    CPU,
-    CUDA,
-    DeviceChoice,
-    DeviceInfo,
-    capture,
-    iter_capture,
-    make_session,
-    probe_cuda,
-    random_inputs,
-    resolve_providers,
-    select_device,
-)
+from onnxprune.runtime.device import CPU, CUDA, DeviceChoice, DeviceInfo, probe_cuda, resolve_providers, select_device
+from onnxprune.runtime.capture import capture, iter_capture
+from onnxprune.runtime.session import make_session
+from onnxprune.runtime import capture as capture_module
+from onnxprune.runtime import session as session_module
+from onnxprune.runtime.feeds import random_inputs
 
 
 def _affine_model(batch: str | int = "N", ir_version: int | None = None) -> onnx.ModelProto:
@@ -125,7 +118,7 @@ def test_session_on_a_cuda_choice_reports_the_provider_that_ran() -> None:
 
 def test_session_from_proto_caps_ir_and_describes_io() -> None:
     model = _affine_model()
-    assert model.ir_version > runtime.MAX_IR_VERSION
+    assert model.ir_version > MAX_IR_VERSION
     with make_session(model, "cpu", threads=1) as sess:
         assert sess.provider == CPU
         assert sess.output_names == ["y"]
@@ -133,7 +126,7 @@ def test_session_from_proto_caps_ir_and_describes_io() -> None:
         assert (spec.name, spec.shape, spec.dtype) == ("x", ("N", 3), np.dtype(np.float32))
         out = sess.run({"x": np.full((2, 3), 1.5, np.float32)})
     np.testing.assert_allclose(out["y"], [[3, 4, 5], [3, 4, 5]])
-    assert model.ir_version > runtime.MAX_IR_VERSION  # the caller's proto is untouched
+    assert model.ir_version > MAX_IR_VERSION  # the caller's proto is untouched
 
 
 def test_session_from_path(tmp_path: Path) -> None:
@@ -175,7 +168,7 @@ def _big_weight_model() -> onnx.ModelProto:
 
 def test_models_over_the_proto_limit_go_through_external_data(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend 1 KB is the 2 GB limit: the session is built from a temp dir with external data.
-    monkeypatch.setattr(runtime, "_PROTO_LIMIT", 1024)
+    monkeypatch.setattr(session_module, "_PROTO_LIMIT", 1024)
     model = _big_weight_model()
     sess = make_session(model, "cpu", threads=1)
     tmp = Path(sess._tmpdir.name)  # noqa: SLF001 - checking the temp dir is cleaned up
@@ -207,7 +200,7 @@ def test_ir_version_read_from_file_head(tmp_path: Path) -> None:
     for ir in (3, 9, 14):
         path = tmp_path / f"m{ir}.onnx"
         onnx.save(_affine_model(ir_version=ir), path)
-        assert runtime._file_ir_version(path) == ir  # noqa: SLF001
+        assert _file_ir_version(path) == ir  # noqa: SLF001
 
 
 # -- random inputs ----------------------------------------------------------------------------
@@ -323,13 +316,13 @@ def test_capture_unknown_tensor() -> None:
 
 def test_iter_capture_builds_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = runtime._make  # noqa: SLF001
+    real = build_session  # noqa: SLF001
 
-    def counting(*args: object, **kwargs: object) -> runtime.Session:
+    def counting(*args: object, **kwargs: object) -> Session:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runtime, "_make", counting)
+    monkeypatch.setattr(capture_module, "build_session", counting)
     batches = [{"x": np.full((n, 3), n, np.float32)} for n in (1, 2, 3)]
     results = list(iter_capture(_affine_model(), ["t"], batches, "cpu", threads=1))
     assert len(calls) == 1
@@ -338,7 +331,7 @@ def test_iter_capture_builds_one_session(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_capture_over_the_proto_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "_PROTO_LIMIT", 1024)
+    monkeypatch.setattr(session_module, "_PROTO_LIMIT", 1024)
     model = _big_weight_model()
     graph = model.graph
     graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-log = logging.getLogger(__name__)
 from onnxprune.analysis.core import AnalysisOptions, ChannelMap, Fixup, Site
+
+log = logging.getLogger(__name__)
 
 
 class UnionFind:

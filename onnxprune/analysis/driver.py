@@ -24,12 +24,12 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.analysis.analyzer import Analyzer, RuleRegistry, UnionFind
+from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup, Site
 from onnxprune.analysis.shape_reads import check_shape_reads, follow_shape_reads
 from onnxprune.analysis.shape_values import shape_facts
 
 log = logging.getLogger(__name__)
-from onnxprune.analysis.analyzer import Analyzer, RuleRegistry, UnionFind
-from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup, Site
 
 
 def analyze_graph(

@@ -23,8 +23,9 @@ import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
     from onnxprune.analysis.analyzer import Analyzer
-log = logging.getLogger(__name__)
 from onnxprune.analysis.graph import optional_input, producer
+
+log = logging.getLogger(__name__)
 
 SHAPE_PASS = ("Cast", "Identity", "Unsqueeze", "Squeeze")
 

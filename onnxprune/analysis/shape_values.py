@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     pass
-log = logging.getLogger(__name__)
 
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from onnxprune.bench import Comparison, LatencyStats, compare, fixed_batch, measure_latency
 from onnxprune.errors import BadInputError
-from onnxprune.runtime import Session, make_session, select_device
+from onnxprune.runtime.session import Session, make_session
+from onnxprune.runtime.device import select_device
 from onnxprune.spec import parse_shape_args
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: obj
         BadInputError: no labels, and an output that is not class scores [N, K]; or symbolic input
             dims other than the batch that ``--shape`` does not fix.
     """
-    from onnxprune.runtime import make_session
+    from onnxprune.runtime.session import make_session
     from onnxprune.training import accumulate_gradients
 
     labelled = source.has_labels

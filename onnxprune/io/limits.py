@@ -9,6 +9,7 @@ import onnx
 log = logging.getLogger(__name__)
 
 
+
 MIN_OPSET = 13
 
 

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
-
-from onnxprune.errors import BadInputError
-
-log = logging.getLogger(__name__)
 from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
 
+from onnxprune.errors import BadInputError
 from onnxprune.io.limits import MIN_OPSET, default_opset
 from onnxprune.io.safety import check_external_paths
 from onnxprune.io.save import readable_ir_version
+
+log = logging.getLogger(__name__)
 
 G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon warns about its own optional deps on every import
 

@@ -14,6 +14,7 @@ from onnxprune.errors import BadInputError
 log = logging.getLogger(__name__)
 
 
+
 def check_external_paths(model: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> None:
     """Refuse external-data locations that leave ``base_dir`` (absolute paths, ``..``, symlinks out).
 

@@ -7,9 +7,10 @@ import os
 
 import onnx
 
-log = logging.getLogger(__name__)
 from onnxprune.io.limits import EXTERNAL_THRESHOLD, MAX_IR_VERSION
 from onnxprune.io.weightless import tensor_bytes
+
+log = logging.getLogger(__name__)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

@@ -9,9 +9,9 @@ import onnx
 from onnx import shape_inference
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.weightless import weightless
 
 log = logging.getLogger(__name__)
-from onnxprune.io.weightless import weightless
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -10,6 +10,7 @@ import onnx
 log = logging.getLogger(__name__)
 
 
+
 WEIGHTLESS_MIN_BYTES = 1 << 20
 
 

@@ -73,7 +73,8 @@ def accumulate_gradients(
         >>> stats = accumulate_gradients(model, [{"input": x, "labels": y}])  # doctest: +SKIP
         >>> taylor = np.abs(stats.mean("conv1.weight") * w)  # doctest: +SKIP
     """
-    from onnxprune.runtime import make_session, select_device
+    from onnxprune.runtime.session import make_session
+    from onnxprune.runtime.device import select_device
 
     if loss not in ("ce", "distill"):
         raise BadInputError(f"gradient loss must be ce or distill, got {loss!r}", field="loss")

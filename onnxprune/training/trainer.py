@@ -255,7 +255,7 @@ def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec, ter
 def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: TrainData, device: object,
                      batch_size: int, threads: int | None) -> dict[str, np.ndarray]:
     """The teacher's outputs for every sample, keyed by the student's output names (by position)."""
-    from onnxprune.runtime import make_session
+    from onnxprune.runtime.session import make_session
 
     names = [o.name for o in student.graph.output]
     chunks: list[list[np.ndarray]] = [[] for _ in names]
@@ -319,7 +319,7 @@ def finetune(
         >>> res = finetune(model, TrainData.load("train.npz"), FinetuneConfig(steps=300))  # doctest: +SKIP
         >>> res.final_metrics["accuracy"]  # doctest: +SKIP
     """
-    from onnxprune.runtime import select_device
+    from onnxprune.runtime.device import select_device
 
     config = (config or FinetuneConfig()).validate()
     model = constants_to_initializers(model)

@@ -1,0 +1,1 @@
+"""onnxruntime at the edge: device choice, sessions, feeds and intermediate-tensor capture."""
