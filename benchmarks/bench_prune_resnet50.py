@@ -19,7 +19,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from onnxprune.bench import compare
+from onnxprune.measure.bench import compare
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec
 

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxprune.bench import compare  # noqa: E402
+from onnxprune.measure.bench import compare
 from onnxprune.pipeline import prune  # noqa: E402
 from onnxprune.spec import PruneSpec  # noqa: E402
 from tests.data import light_model_dir  # noqa: E402

@@ -27,7 +27,9 @@ from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
 from onnxprune.io.shapes import check_model, infer_shapes, static_shapes
 from onnxprune import plan as planning
-from onnxprune import report as reporting
+from onnxprune.measure.fidelity import Fidelity, fidelity
+from onnxprune.measure.stats import ModelStats, model_stats
+from onnxprune.report import build_report
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
 from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
 from onnxprune.analysis.driver import analyze_graph
@@ -64,7 +66,7 @@ class PruneState:
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     plan: planning.Plan | None = None
     pruned: onnx.ModelProto | None = None
-    fidelity: reporting.Fidelity | None = None
+    fidelity: Fidelity | None = None
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -352,7 +354,7 @@ def stage_verify(state: PruneState) -> None:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
             refs.append(a[names[0]])
             cands.append(b[names[0]])
-    state.fidelity = reporting.fidelity(refs, cands)
+    state.fidelity = fidelity(refs, cands)
 
 
 def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
@@ -383,10 +385,10 @@ def stage_save(state: PruneState) -> None:
     save_model(state.pruned, state.output_path)
 
 
-def _original_stats(state: PruneState) -> reporting.ModelStats:
+def _original_stats(state: PruneState) -> ModelStats:
     """Params/MACs/bytes of the input model, computed once (the budget plan and the report both need them)."""
     if "original_stats" not in state.extras:
-        state.extras["original_stats"] = reporting.model_stats(state.model, state.spec.shapes or None)
+        state.extras["original_stats"] = model_stats(state.model, state.spec.shapes or None)
     return state.extras["original_stats"]
 
 
@@ -394,11 +396,11 @@ def stage_report(state: PruneState) -> None:
     assert state.analysis is not None and state.pruned is not None and state.plan is not None
     shapes = state.spec.shapes or None
     original = _original_stats(state)
-    pruned = reporting.model_stats(state.pruned, shapes)
+    pruned = model_stats(state.pruned, shapes)
     kept = state.extras.get("group_kept", {})
     groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
     latency = _bench(state) if state.spec.bench else None
-    state.report = reporting.build_report(
+    state.report = build_report(
         original, pruned, groups, state.fidelity, state.spec.criterion, state.device, latency=latency,
         extra={"budget": state.extras.get("budget"), "sparsity": state.extras.get("sparsity"),
                "latency_speedup": state.extras.get("latency_speedup"),
@@ -412,7 +414,7 @@ def stage_report(state: PruneState) -> None:
 
 def _bench(state: PruneState) -> dict[str, Any]:
     """``--bench``: original and pruned latency (ms, batch 1) measured interleaved in one run."""
-    from onnxprune import bench
+    from onnxprune.measure import bench
 
     assert state.pruned is not None
     result = bench.compare(state.model, state.pruned, device=state.spec.device, batch=1, runs=50,

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import PlanError
 from onnxprune.analysis.core import Analysis, PruningGroup
-from onnxprune.report import ModelStats
+from onnxprune.measure.stats import ModelStats
 
 log = logging.getLogger(__name__)
 

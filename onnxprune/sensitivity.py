@@ -350,7 +350,7 @@ def budget_order(
 def latency_measure(model: onnx.ModelProto, analysis: Analysis, device: str = "auto",
                     shapes: dict[str, list[int]] | None = None, runs: int = 30) -> Callable[[planning.Plan], float]:
     """``plan -> latency of the cut model / latency of the original``, measured interleaved in one run."""
-    from onnxprune import bench
+    from onnxprune.measure import bench
     from onnxprune.runtime.device import select_device
 
     choice = select_device(device)

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import bench
-from onnxprune.bench import Comparison, LatencyStats, compare, measure_latency
+from onnxprune.measure import bench
+from onnxprune.measure.bench import Comparison, LatencyStats, compare, measure_latency
 from onnxprune.cli import main
 from onnxprune.errors import BadInputError
 from onnxprune.runtime.device import CPU

@@ -10,7 +10,7 @@ import pytest
 from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
-from onnxprune import report
+from onnxprune.measure.stats import ModelStats, model_stats
 from onnxprune.errors import PlanError
 from onnxprune.analysis.core import Analysis, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
@@ -30,13 +30,13 @@ def _setup(model: onnx.ModelProto) -> tuple[gs.Graph, Analysis, dict[int, np.nda
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
-    return graph, analysis, scores, planning.CostModel(graph, analysis, report.model_stats(model))
+    return graph, analysis, scores, planning.CostModel(graph, analysis, model_stats(model))
 
 
-def _cut_stats(model: onnx.ModelProto, analysis: Analysis, plan: planning.Plan) -> report.ModelStats:
+def _cut_stats(model: onnx.ModelProto, analysis: Analysis, plan: planning.Plan) -> ModelStats:
     graph = gs.import_onnx(model)
     cut_channels(graph, analysis, plan.removed_classes(analysis))
-    return report.model_stats(export_graph(graph, model))
+    return model_stats(export_graph(graph, model))
 
 
 # --- counts and rounding -------------------------------------------------------------------

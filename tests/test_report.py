@@ -12,18 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import __version__
 from onnxprune.errors import BadInputError, InvariantError
-from onnxprune.report import (
-    Fidelity,
-    MacsRegistry,
-    ModelStats,
-    build_report,
-    conv_macs,
-    default_macs_registry,
-    fidelity,
-    model_bytes,
-    model_stats,
-    render_table,
-)
+from onnxprune.measure.fidelity import Fidelity, fidelity
+from onnxprune.measure.stats import MacsRegistry, ModelStats, conv_macs, default_macs_registry, model_bytes, model_stats
+from onnxprune.report import build_report, render_table
 
 RNG = np.random.default_rng(0)
 
@@ -216,7 +207,7 @@ def test_bytes_match_serialized_size(tmp_path: Path) -> None:
 
 
 def test_big_weights_are_not_copied_for_shape_inference() -> None:
-    from onnxprune.report import _light_model  # noqa: PLC2701 - checking the 2 GB strategy
+    from onnxprune.measure.stats import _light_model
 
     model = _cnn(c1=512)  # w1 has 512*4*9 = 18432 > 4096 elements; b1 (512) stays
     light = _light_model(model, {})
@@ -229,7 +220,7 @@ def test_big_weights_are_not_copied_for_shape_inference() -> None:
 
 def test_bytes_of_big_tensors_are_estimated_closely() -> None:
     # Above 1M elements the size comes from dtype x count (protobuf's ByteSize would walk the data).
-    from onnxprune.report import _tensor_bytes  # noqa: PLC2701
+    from onnxprune.measure.stats import _tensor_bytes
 
     t = numpy_helper.from_array(np.zeros((1100, 1000), np.float16), "big_weight")
     assert abs(_tensor_bytes(t) - t.ByteSize()) <= 16

@@ -15,7 +15,7 @@ import pytest
 from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
 from onnxprune import plan as planning
-from onnxprune import report as reporting
+from onnxprune.measure.stats import model_stats
 from onnxprune import sensitivity
 from onnxprune.errors import BadInputError
 from onnxprune.analysis.driver import analyze_graph
@@ -31,7 +31,7 @@ def digits_setup(digits_model_path: Path) -> tuple:
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
-    cost = planning.CostModel(graph, analysis, reporting.model_stats(model))
+    cost = planning.CostModel(graph, analysis, model_stats(model))
     return model, analysis, scores, cost
 
 

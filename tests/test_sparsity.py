@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
-from onnxprune import report as reporting
+from onnxprune.measure.stats import model_stats
 from onnxprune import sparsity
 from onnxprune.errors import BadInputError
 from onnxprune.pipeline import prune
@@ -137,7 +137,7 @@ def test_sparse_initializers_only_when_smaller() -> None:
     feeds = random_inputs(dense)
     for a, b in zip(run(dense, feeds).values(), run(sparse, feeds).values(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert reporting.model_stats(sparse).params < reporting.model_stats(dense).params
+    assert model_stats(sparse).params < model_stats(dense).params
     half = gs.import_onnx(model)
     sparsity.sparsify(half, "element", 0.5)
     assert sparsity.to_sparse_initializers(gs.export_onnx(half)) == []  # 50 % zeros: indices cost more

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from onnxprune.bench import Comparison, LatencyStats, compare, fixed_batch, measure_latency
+from onnxprune.measure.bench import Comparison, LatencyStats, compare, fixed_batch, measure_latency
 from onnxprune.errors import BadInputError
 from onnxprune.runtime.session import Session, make_session
 from onnxprune.runtime.device import select_device

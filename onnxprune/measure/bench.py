@@ -29,8 +29,8 @@ import onnx
 
 from onnxprune.errors import BadInputError
 from onnxprune.runtime.device import DeviceChoice, select_device
-from onnxprune.runtime.session import Session, make_session
 from onnxprune.runtime.feeds import random_inputs
+from onnxprune.runtime.session import Session, make_session
 
 logger = logging.getLogger(__name__)
 

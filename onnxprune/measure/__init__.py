@@ -1,0 +1,1 @@
+"""Measuring models: parameters, bytes and MACs, fidelity against the original, latency."""
