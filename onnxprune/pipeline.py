@@ -26,7 +26,9 @@ import onnx_graphsurgeon as gs
 from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
 from onnxprune.io.shapes import check_model, infer_shapes, static_shapes
-from onnxprune import plan as planning
+from onnxprune.planning.budget import fit_budget, fit_latency, global_order
+from onnxprune.planning.cost import CostModel
+from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
 from onnxprune.measure.fidelity import Fidelity, fidelity
 from onnxprune.measure.stats import ModelStats, model_stats
 from onnxprune.report import build_report
@@ -64,7 +66,7 @@ class PruneState:
     analysis: Analysis | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     scores: dict[int, np.ndarray] = field(default_factory=dict)
-    plan: planning.Plan | None = None
+    plan: Plan | None = None
     pruned: onnx.ModelProto | None = None
     fidelity: Fidelity | None = None
     device: str = "cpu"
@@ -179,25 +181,25 @@ def stage_plan(state: PruneState) -> None:
     assert state.analysis is not None
     spec = state.spec
     if spec.granularity != "channel":
-        state.plan = planning.Plan()  # fine-grained: weights are zeroed in stage_cut, no channel goes
+        state.plan = Plan()  # fine-grained: weights are zeroed in stage_cut, no channel goes
         return
     if _uses_budget(spec):
         plan = _budget_plan(state)
     else:
-        choose = planning.global_ranking if spec.global_ranking else planning.uniform
+        choose = global_ranking if spec.global_ranking else uniform
         plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
-    state.plan = planning.keep_every_tensor(state.analysis, plan, state.scores)
+    state.plan = keep_every_tensor(state.analysis, plan, state.scores)
 
 
-def _budget_plan(state: PruneState) -> planning.Plan:
+def _budget_plan(state: PruneState) -> Plan:
     """``--target-macs/params/latency``: global ranking, or the calibrated greedy allocation with ``--calib``."""
-    from onnxprune import sensitivity
+    from onnxprune.planning import sensitivity
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
-    cost = planning.CostModel(state.graph, state.analysis, _original_stats(state))
+    cost = CostModel(state.graph, state.analysis, _original_stats(state))
     targets = {k: v for k, v in (("macs", spec.target_macs), ("params", spec.target_params)) if v is not None}
-    order = planning.global_order(state.analysis, state.scores)
+    order = global_order(state.analysis, state.scores)
     if spec.calib:
         metric, target = next(iter(targets.items())) if targets else ("macs", spec.target_latency or 1.0)
         evaluate = sensitivity.evaluator_for(state.working, spec.calib, spec.calib_samples, spec.shapes,
@@ -206,10 +208,10 @@ def _budget_plan(state: PruneState) -> planning.Plan:
                                          round_to=spec.round_to)
     if spec.target_latency is not None:
         measure = sensitivity.latency_measure(state.working, state.analysis, spec.device, spec.shapes or None)
-        result = planning.fit_latency(state.analysis, state.scores, cost, order, spec.target_latency, measure,
+        result = fit_latency(state.analysis, state.scores, cost, order, spec.target_latency, measure,
                                       spec.round_to)
     else:
-        result = planning.fit_budget(state.analysis, state.scores, cost, order, targets, spec.round_to)
+        result = fit_budget(state.analysis, state.scores, cost, order, targets, spec.round_to)
     state.extras["budget"] = result.to_dict()
     state.notes.append("budget " + ", ".join(f"{k} {v:.4f} (target {result.targets.get(k)})"
                                              for k, v in result.achieved.items() if k in result.targets)
@@ -527,7 +529,7 @@ def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progr
     final = PruneState(model_path, output_path, spec, Reporter(progress, cancel), analysis=first.analysis)
     stage_load(final)
     final.pruned = onnx.load(output_path)
-    final.plan = planning.Plan()
+    final.plan = Plan()
     final.extras["group_kept"] = _kept_channels(first, final.pruned)
     final.notes.append(f"pruned in {n} iterations of ratio {steps[0]['ratio']:.4f} each")
     _run_stages(final, [("verify", stage_verify), ("report", stage_report)])

@@ -111,9 +111,10 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
 
     from onnxprune.io.load import load_model
     from onnxprune.io.shapes import static_shapes
-    from onnxprune import plan as planning
+    from onnxprune.planning.budget import fit_budget, uniform_order
+    from onnxprune.planning.cost import CostModel
     from onnxprune.measure.stats import model_stats
-    from onnxprune import sensitivity
+    from onnxprune.planning import sensitivity
     from onnxprune.analysis.driver import analyze_graph
     from onnxprune.importance import ScoringContext, score_groups
     from tests.data import write_npz
@@ -129,8 +130,8 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
-    cost = planning.CostModel(graph, analysis, model_stats(model))
-    uniform = planning.fit_budget(analysis, scores, cost, planning.uniform_order(analysis, scores), {"macs": 0.5})
+    cost = CostModel(graph, analysis, model_stats(model))
+    uniform = fit_budget(analysis, scores, cost, uniform_order(analysis, scores), {"macs": 0.5})
     test = sensitivity.Evaluator.from_data(model, [{"input": x_test}], y_test, "cpu")
     acc_uniform, _ = test(sensitivity.cut_copy(model, analysis, uniform.plan))
     acc_sens, _ = test(onnx.load(str(tmp_path / "sens.onnx")))

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
 from onnxprune.io.shapes import static_shapes
-from onnxprune import plan as planning
+from onnxprune.planning.plan import uniform
 from onnxprune.calibration import CalibrationStats, calibrate, open_calibration
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import Analysis
@@ -106,7 +106,7 @@ def test_apoz_dead_channel_scores_zero_and_is_cut_first() -> None:
     assert s[5] == 0.0  # APoZ 1.0
     assert (np.delete(s, 5) > 0).all() and not notes
     group = next(g for g in analysis.groups if g.producers == ["fc1"])
-    plan = planning.uniform(analysis, {group.id: s}, 1 / 32)
+    plan = uniform(analysis, {group.id: s}, 1 / 32)
     assert plan.removed[group.id].tolist() == [5]
 
 
@@ -153,7 +153,7 @@ def test_bn_scale_ranks_by_abs_gamma() -> None:
     assert notes == ["bn-scale: group 3 (fc1): no BatchNormalization follows; scored by l2"]
     np.testing.assert_allclose(scores["conv2"], np.abs(gamma) / np.abs(gamma).mean(), rtol=1e-6)
     group = next(g for g in analysis.groups if g.producers == ["conv2"])
-    plan = planning.uniform(analysis, {group.id: scores["conv2"]}, 0.25)
+    plan = uniform(analysis, {group.id: scores["conv2"]}, 0.25)
     assert plan.removed[group.id].tolist() == sorted(np.argsort(np.abs(gamma))[:4].tolist())
 
 

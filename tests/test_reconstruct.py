@@ -18,7 +18,7 @@ from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 from onnxprune.pipeline import export_graph, prune
-from onnxprune.plan import Plan, uniform
+from onnxprune.planning.plan import Plan, uniform
 from onnxprune.reconstruct import ReconstructResult, plan_fits, reconstruct, waves
 from onnxprune.spec import PruneSpec
 from onnxprune.surgery import cut_channels

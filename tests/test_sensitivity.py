@@ -14,9 +14,10 @@ import pytest
 
 from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
-from onnxprune import plan as planning
+from onnxprune.planning.budget import fit_budget, sensitivity_order, uniform_order
+from onnxprune.planning.cost import CostModel
 from onnxprune.measure.stats import model_stats
-from onnxprune import sensitivity
+from onnxprune.planning import sensitivity
 from onnxprune.errors import BadInputError
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, score_groups
@@ -31,7 +32,7 @@ def digits_setup(digits_model_path: Path) -> tuple:
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, {}))
     scores = score_groups(ScoringContext(graph, analysis), "l2")
-    cost = planning.CostModel(graph, analysis, model_stats(model))
+    cost = CostModel(graph, analysis, model_stats(model))
     return model, analysis, scores, cost
 
 
@@ -94,9 +95,9 @@ def test_one_shot_curves_beat_uniform_on_held_out_digits(digits_setup: tuple, di
     result = sensitivity.scan(model, analysis, scores, calib, cost=cost)
     test = sensitivity.Evaluator.from_data(model, [{"input": x_test}], y_test, "cpu")
     accuracy = {}
-    for order in (planning.uniform_order(analysis, scores),
-                  planning.sensitivity_order(analysis, scores, result.curves_for_plan(), cost)):
-        fit = planning.fit_budget(analysis, scores, cost, order, {"macs": 0.7})
+    for order in (uniform_order(analysis, scores),
+                  sensitivity_order(analysis, scores, result.curves_for_plan(), cost)):
+        fit = fit_budget(analysis, scores, cost, order, {"macs": 0.7})
         assert 0.63 <= fit.achieved["macs"] <= 0.7
         accuracy[order.strategy], _ = test(sensitivity.cut_copy(model, analysis, fit.plan))
     print(f"held-out accuracy at 70% MACs: {accuracy}")

@@ -10,9 +10,9 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
-from onnxprune import plan as planning
+from onnxprune.planning.cost import CostModel
 from onnxprune.measure.stats import model_stats
-from onnxprune import sensitivity
+from onnxprune.planning import sensitivity
 from onnxprune.errors import PlanError
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext, default_criteria, score_groups
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     scores = score_groups(ctx, args.criterion, criteria)
     if not scores:
         raise PlanError("the model has no prunable channel groups (see `onnxprune analyze`)")
-    cost = planning.CostModel(graph, analysis, model_stats(model, shapes or None))
+    cost = CostModel(graph, analysis, model_stats(model, shapes or None))
     evaluate = sensitivity.evaluator_for(model, args.calib, args.calib_samples, shapes, args.device)
     result = sensitivity.scan(model, analysis, scores, evaluate, criterion=args.criterion, cost=cost)
     result.notes.extend(ctx.notes)

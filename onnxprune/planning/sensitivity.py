@@ -30,12 +30,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune import plan as planning
-from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.analysis.core import Analysis
+from onnxprune.errors import BadInputError, OnnxpruneError
+from onnxprune.planning.budget import RemovalOrder, greedy_order
+from onnxprune.planning.cost import CostModel
+from onnxprune.planning.plan import Plan, feasible_removal, lowest
 from onnxprune.surgery import cut_channels
 
 log = logging.getLogger(__name__)
+
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -198,7 +201,7 @@ def export_candidate(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def cut_copy(model: onnx.ModelProto, analysis: Analysis, plan: planning.Plan) -> onnx.ModelProto:
+def cut_copy(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """``model`` with ``plan`` applied, leaving ``model`` untouched (re-importing is cheap)."""
     graph = gs.import_onnx(model)
     cut_channels(graph, analysis, plan.removed_classes(analysis))
@@ -214,7 +217,7 @@ def scan(
     *,
     round_to: int = 1,
     criterion: str = "l2",
-    cost: planning.CostModel | None = None,
+    cost: CostModel | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SensitivityResult:
     """Prune every scored group alone at each ratio (lowest-scoring channels first) and evaluate.
@@ -243,8 +246,8 @@ def scan(
         curve = GroupCurve(g.id, list(g.producers), g.size)
         seen: dict[int, tuple[float, float]] = {0: (evaluate.baseline, 0.0)}
         for r in ratios:
-            n = planning.feasible_removal(g, int(np.floor(r * g.size + 1e-9)), round_to)
-            plan = planning.Plan({g.id: planning.lowest(g, scores[g.id], n)} if n else {})
+            n = feasible_removal(g, int(np.floor(r * g.size + 1e-9)), round_to)
+            plan = Plan({g.id: lowest(g, scores[g.id], n)} if n else {})
             if n not in seen:
                 try:
                     seen[n] = evaluate(cut_copy(model, analysis, plan))
@@ -330,32 +333,32 @@ def budget_order(
     model: onnx.ModelProto,
     analysis: Analysis,
     scores: dict[int, np.ndarray],
-    cost: planning.CostModel,
+    cost: CostModel,
     metric: str,
     target: float,
     evaluate: Evaluator,
     *,
     round_to: int = 1,
     time_budget_s: float = 300.0,
-) -> planning.RemovalOrder:
+) -> RemovalOrder:
     """The calibrated allocation for a budget: :func:`onnxprune.plan.greedy_order` with real cuts as the loss."""
 
-    def loss(plan: planning.Plan) -> float:
+    def loss(plan: Plan) -> float:
         return evaluate(cut_copy(model, analysis, plan))[1]
 
-    return planning.greedy_order(analysis, scores, cost, metric, target, loss, round_to=round_to,
+    return greedy_order(analysis, scores, cost, metric, target, loss, round_to=round_to,
                                  time_budget_s=time_budget_s)
 
 
 def latency_measure(model: onnx.ModelProto, analysis: Analysis, device: str = "auto",
-                    shapes: dict[str, list[int]] | None = None, runs: int = 30) -> Callable[[planning.Plan], float]:
+                    shapes: dict[str, list[int]] | None = None, runs: int = 30) -> Callable[[Plan], float]:
     """``plan -> latency of the cut model / latency of the original``, measured interleaved in one run."""
     from onnxprune.measure import bench
     from onnxprune.runtime.device import select_device
 
     choice = select_device(device)
 
-    def measure(plan: planning.Plan) -> float:
+    def measure(plan: Plan) -> float:
         result = bench.compare(model, cut_copy(model, analysis, plan), device=choice, batch=1, runs=runs,
                                warmup=3, shapes=shapes)
         return 1.0 / result.speedup if result.speedup > 0 else float("inf")

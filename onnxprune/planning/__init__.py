@@ -1,0 +1,1 @@
+"""Planning the cut: how many channels each group loses (uniform, global, budgets, sensitivity)."""
