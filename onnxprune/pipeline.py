@@ -39,7 +39,7 @@ from onnxprune.importance import ScoringContext, default_criteria, score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
-from onnxprune.surgery import cut_channels
+from onnxprune.transform.surgery import cut_channels
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def stage_depth(state: PruneState) -> None:
     """``--depth K``: remove the K least important residual blocks; width pruning then works on the rest."""
     if state.spec.depth <= 0:
         return
-    from onnxprune import depth
+    from onnxprune.transform import depth
 
     spec = state.spec
     result = depth.prune_depth(
@@ -138,7 +138,7 @@ def _device(state: PruneState) -> Any:
 
 def stage_calibrate(state: PruneState) -> None:
     """Open calibration data when the criterion or ``--reconstruct`` needs it; gather the criterion's statistics."""
-    from onnxprune import calibration
+    from onnxprune.repair import calibration
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
@@ -231,7 +231,7 @@ def stage_cut(state: PruneState) -> None:
 
 def _sparsify(state: PruneState) -> None:
     """``--granularity element|N:M``: zero weights in place (shapes unchanged) and record the sparsity per layer."""
-    from onnxprune import sparsity
+    from onnxprune.transform import sparsity
 
     assert state.graph is not None
     spec = state.spec
@@ -260,7 +260,7 @@ def stage_reconstruct(state: PruneState) -> None:
     """``--reconstruct``: refit the layers after the cut by least squares on the calibration data."""
     if not state.spec.reconstruct or state.plan is None or not state.plan.total_removed:
         return
-    from onnxprune import reconstruct as refit
+    from onnxprune.repair import reconstruct as refit
 
     assert state.graph is not None and state.analysis is not None
     result = refit.reconstruct(
@@ -362,7 +362,7 @@ def stage_verify(state: PruneState) -> None:
 def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
     """The feeds verification runs: the calibration stream, or one random batch (None, with a note, when the
     inputs cannot be drawn, e.g. symbolic dims without ``--shape``)."""
-    from onnxprune import calibration
+    from onnxprune.repair import calibration
     from onnxprune.runtime.feeds import random_inputs
 
     spec = state.spec
@@ -585,7 +585,7 @@ def analyze(
 
 def _removable_blocks(state: PruneState) -> list[dict[str, Any]]:
     """The residual blocks ``--depth`` could remove (importance is measured only when pruning)."""
-    from onnxprune import depth
+    from onnxprune.transform import depth
 
     assert state.graph is not None  # the graph stage_analyze imported; finding blocks only reads it
     return [b.to_dict() for b in depth.find_residual_blocks(state.graph, state.shapes)]

@@ -20,7 +20,7 @@ from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
 from onnxprune.runtime.capture import capture
 from onnxprune.runtime.device import CUDA, DeviceInfo, probe_cuda, select_device
-from onnxprune.calibration import (
+from onnxprune.repair.calibration import (
     ACTIVATIONS,
     FEATURES,
     TensorStats,

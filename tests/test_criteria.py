@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from onnxprune.io.shapes import static_shapes
 from onnxprune.planning.plan import uniform
-from onnxprune.calibration import CalibrationStats, calibrate, open_calibration
+from onnxprune.repair.calibration import CalibrationStats, calibrate, open_calibration
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import Analysis
 from onnxprune.analysis.driver import analyze_graph

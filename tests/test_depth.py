@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxprune.io.shapes import static_shapes
-from onnxprune.depth import find_residual_blocks, prune_depth, remove_blocks
+from onnxprune.transform.depth import find_residual_blocks, prune_depth, remove_blocks
 from onnxprune.errors import PlanError
 from onnxprune.pipeline import analyze, prune
 from onnxprune.spec import PruneSpec

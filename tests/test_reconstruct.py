@@ -13,15 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
 from onnxprune.io.shapes import static_shapes
-from onnxprune.calibration import open_calibration
+from onnxprune.repair.calibration import open_calibration
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 from onnxprune.pipeline import export_graph, prune
 from onnxprune.planning.plan import Plan, uniform
-from onnxprune.reconstruct import ReconstructResult, plan_fits, reconstruct, waves
+from onnxprune.repair.reconstruct import ReconstructResult, plan_fits, reconstruct, waves
 from onnxprune.spec import PruneSpec
-from onnxprune.surgery import cut_channels
+from onnxprune.transform.surgery import cut_channels
 from tests.models import (
     build_mlp,
     build_mlp_matmul,

@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.measure.stats import model_stats
-from onnxprune import sparsity
+from onnxprune.transform import sparsity
 from onnxprune.errors import BadInputError
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec

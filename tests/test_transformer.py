@@ -34,7 +34,7 @@ from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.pipeline import analyze, export_graph, prune
 from onnxprune.spec import PruneSpec
-from onnxprune.surgery import cut_channels
+from onnxprune.transform.surgery import cut_channels
 from tests.models import NUM_CLASSES, _Graph, build_transformer_block, random_inputs, run
 from tests.test_groups import _analysis, _group_of, _save, zero_classes
 

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     extras: dict[str, Any] = {}
     needs = criteria.needs.get(args.criterion, set())
     if needs:  # activation-based criteria score from the same calibration data
-        from onnxprune import calibration
+        from onnxprune.repair import calibration
 
         source, what = calibration.open_calibration(model, args.calib, args.calib_samples, shapes)
         extras["calibration"] = calibration.calibrate(model, graph, analysis, source, needs=needs, device=args.device,

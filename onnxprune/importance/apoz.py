@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.calibration import ACTIVATIONS, CalibrationStats, activation_tensors, channel_values, consumer_inputs
+from onnxprune.repair.calibration import (
+    ACTIVATIONS,
+    CalibrationStats,
+    activation_tensors,
+    channel_values,
+    consumer_inputs,
+)
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import PruningGroup
 from onnxprune.importance import CriterionRegistry, ScoringContext

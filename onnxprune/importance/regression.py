@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration import FEATURES, FeatureGram
+from onnxprune.repair.calibration import FEATURES, FeatureGram
 from onnxprune.analysis.core import PruningGroup, Site
 from onnxprune.importance import CriterionRegistry, ScoringContext
 from onnxprune.importance.apoz import calibration_stats

@@ -35,7 +35,7 @@ from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.planning.budget import RemovalOrder, greedy_order
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, feasible_removal, lowest
-from onnxprune.surgery import cut_channels
+from onnxprune.transform.surgery import cut_channels
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.calibration import LinearView, ProgressCallback, linear_view, progress_bar, stream
+from onnxprune.repair.calibration import LinearView, ProgressCallback, linear_view, progress_bar, stream
 from onnxprune.data import DataSource
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import Analysis, Site

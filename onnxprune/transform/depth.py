@@ -282,7 +282,7 @@ def remove_blocks(graph: gs.Graph, blocks: list[ResidualBlock]) -> None:
 
 
 def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxprune.surgery import clear_inferred_shapes
+    from onnxprune.transform.surgery import clear_inferred_shapes
 
     clear_inferred_shapes(graph)
     out = gs.export_onnx(graph, do_type_check=False)

@@ -1,0 +1,1 @@
+"""Repairing the damage of a cut: calibration statistics and least-squares reconstruction."""

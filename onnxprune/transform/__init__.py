@@ -1,0 +1,1 @@
+"""Changing the graph: channel surgery, depth (block) removal, element and N:M sparsity."""
