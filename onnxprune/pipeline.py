@@ -35,7 +35,9 @@ from onnxprune.report import build_report
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
 from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.importance import score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import default_criteria
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec

@@ -116,7 +116,8 @@ def test_calibrated_budget_beats_uniform_on_held_out_digits(digits_model_path: P
     from onnxprune.measure.stats import model_stats
     from onnxprune.planning import sensitivity
     from onnxprune.analysis.driver import analyze_graph
-    from onnxprune.importance import ScoringContext, score_groups
+    from onnxprune.importance.base import ScoringContext
+    from onnxprune.importance import score_groups
     from tests.data import write_npz
 
     x_train, y_train, x_test, y_test = digits

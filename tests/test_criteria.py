@@ -19,7 +19,8 @@ from onnxprune.repair.calibration import CalibrationStats, calibrate, open_calib
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import Analysis
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import default_criteria, score_groups
 from onnxprune.importance.regression import lasso_scores, regression_scores
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec

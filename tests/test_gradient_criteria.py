@@ -12,7 +12,8 @@ import pytest
 from onnxprune.io.shapes import static_shapes
 from onnxprune.data import model_inputs, open_data
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import score_groups
 from onnxprune.importance.taylor import GRADIENTS, collect_gradients
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import default_criteria, score_groups
 from onnxprune.importance.magnitude import elementwise_magnitude_mask
 
 

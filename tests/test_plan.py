@@ -24,7 +24,8 @@ from onnxprune.measure.stats import ModelStats, model_stats
 from onnxprune.errors import PlanError
 from onnxprune.analysis.core import Analysis, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import score_groups
 from onnxprune.pipeline import export_graph
 from onnxprune.transform.surgery import cut_channels
 from tests.models import BUILDERS

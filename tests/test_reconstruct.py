@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from onnxprune.io.shapes import static_shapes
 from onnxprune.repair.calibration import open_calibration
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext
+from onnxprune.importance.base import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 from onnxprune.pipeline import export_graph, prune
 from onnxprune.planning.plan import Plan, uniform

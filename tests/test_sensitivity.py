@@ -20,7 +20,8 @@ from onnxprune.measure.stats import model_stats
 from onnxprune.planning import sensitivity
 from onnxprune.errors import BadInputError
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import score_groups
 from tests.data import write_npz
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,8 @@ from onnxprune.measure.stats import model_stats
 from onnxprune.planning import sensitivity
 from onnxprune.errors import PlanError
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance import ScoringContext, default_criteria, score_groups
+from onnxprune.importance.base import ScoringContext
+from onnxprune.importance import default_criteria, score_groups
 from onnxprune.spec import parse_shape_args
 
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.analysis.core import PruningGroup
+from onnxprune.errors import InvariantError
+from onnxprune.importance.base import CriterionRegistry, ScoringContext
+from onnxprune.importance.magnitude import lp_scores
 from onnxprune.repair.calibration import (
     ACTIVATIONS,
     CalibrationStats,
@@ -20,10 +24,6 @@ from onnxprune.repair.calibration import (
     channel_values,
     consumer_inputs,
 )
-from onnxprune.errors import InvariantError
-from onnxprune.analysis.core import PruningGroup
-from onnxprune.importance import CriterionRegistry, ScoringContext
-from onnxprune.importance.magnitude import lp_scores
 
 
 def calibration_stats(ctx: ScoringContext, criterion: str) -> CalibrationStats:

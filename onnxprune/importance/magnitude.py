@@ -11,7 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.analysis.core import PruningGroup
-from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
+from onnxprune.importance.base import (
+    CriterionRegistry,
+    ScoringContext,
+    group_sites,
+    per_channel,
+)
 
 WEIGHT_ROLES = ("out", "in", "param")
 

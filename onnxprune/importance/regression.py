@@ -27,11 +27,11 @@ import warnings
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.repair.calibration import FEATURES, FeatureGram
 from onnxprune.analysis.core import PruningGroup, Site
-from onnxprune.importance import CriterionRegistry, ScoringContext
 from onnxprune.importance.apoz import calibration_stats
+from onnxprune.importance.base import CriterionRegistry, ScoringContext
 from onnxprune.importance.magnitude import lp_scores
+from onnxprune.repair.calibration import FEATURES, FeatureGram
 
 RIDGE = 1e-6
 """Relative ridge of the least-squares weights (times mean diag(G)): only guards singular Grams."""

@@ -17,10 +17,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxprune.analysis.core import PruningGroup
 from onnxprune.data import DataSource
 from onnxprune.errors import BadInputError, InvariantError
-from onnxprune.analysis.core import PruningGroup
-from onnxprune.importance import CriterionRegistry, ScoringContext, group_sites, per_channel
+from onnxprune.importance.base import (
+    CriterionRegistry,
+    ScoringContext,
+    group_sites,
+    per_channel,
+)
 
 GRADIENTS = "gradients"
 ROLES = ("out", "in", "param")
