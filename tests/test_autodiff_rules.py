@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UnsupportedOpError
-from onnxprune.training.autodiff import build_gradients
+from onnxprune.training.grad.driver import build_gradients
 from onnxprune.training.gradcheck import check_gradients
-from onnxprune.training.vjp import VJPRegistry, default_registry
+from onnxprune.training.grad.rules import VJPRegistry, default_registry
 
 RNG = np.random.default_rng(1234)
 TOL64 = 1e-6

@@ -2,19 +2,19 @@
 
 Public entry points: :func:`finetune` (train a model, get a model back), :func:`export_artifacts` /
 :func:`apply_checkpoint` (the DESIGN.md artifact directory), :func:`accumulate_gradients` (gradient
-statistics for Taylor/OBD importance). The per-op VJP rules live in :mod:`onnxprune.training.vjp`.
+statistics for Taylor/OBD importance). The per-op VJP rules live in :mod:`onnxprune.training.grad.rules`.
 """
 
 from __future__ import annotations
 
 from onnxprune.training.artifacts import TrainingArtifacts, apply_checkpoint, export_artifacts, select_trainable
-from onnxprune.training.autodiff import GradientResult, build_gradients
+from onnxprune.training.grad.driver import GradientResult, build_gradients
 from onnxprune.training.data import TrainData
 from onnxprune.training.grads import GradStats, accumulate_gradients
 from onnxprune.training.losses import LossSpec
 from onnxprune.training.optimizers import OptimizerSpec
 from onnxprune.training.trainer import FinetuneConfig, FinetuneResult, finetune
-from onnxprune.training.vjp import VJPRegistry, default_registry
+from onnxprune.training.grad.rules import VJPRegistry, default_registry
 
 __all__ = [
     "FinetuneConfig", "FinetuneResult", "GradStats", "GradientResult", "LossSpec", "OptimizerSpec", "TrainData",

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
 from onnxprune.io.shapes import set_input_shapes
-from onnxprune.training.autodiff import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
+from onnxprune.training.grad.driver import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
 from onnxprune.training.losses import LossGraph, LossSpec, add_loss
 from onnxprune.training.optimizers import (
     LR_INPUT,

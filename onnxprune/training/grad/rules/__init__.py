@@ -2,7 +2,7 @@
 
 Each rule gets the forward node and the gradients of its outputs (None where no gradient flows) and
 returns one gradient name (or None) per input. Rules emit nodes through the
-:class:`~onnxprune.training.autodiff.GradContext` and never touch the graph; the driver wires them.
+:class:`~onnxprune.training.grad.driver.GradContext` and never touch the graph; the driver wires them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune.errors import UnsupportedOpError
-from onnxprune.training.autodiff import GradContext, attr, attr_float, attr_int, attr_ints, attr_str
+from onnxprune.training.grad.driver import GradContext, attr, attr_float, attr_int, attr_ints, attr_str
 
 Grads = Sequence[str | None]
 Rule = Callable[[GradContext, onnx.NodeProto, Grads], list[str | None]]

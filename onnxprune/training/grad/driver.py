@@ -2,7 +2,7 @@
 
 Current onnxruntime wheels ship no gradient kernels, so the backward pass is written with the same
 default-domain ops the forward uses (DESIGN.md, "Training artifacts"). The driver here walks the graph
-backwards and asks a :class:`~onnxprune.training.vjp.VJPRegistry` for one rule per op; rules only emit
+backwards and asks a :class:`~onnxprune.training.grad.rules.VJPRegistry` for one rule per op; rules only emit
 nodes through a :class:`GradContext`, the driver decides what is differentiated and wires the results.
 """
 
@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune.errors import BadInputError, UnsupportedOpError
 
 if TYPE_CHECKING:
-    from onnxprune.training.vjp import VJPRegistry
+    from onnxprune.training.grad.rules import VJPRegistry
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ def build_gradients(
         >>> res.grads["fc.weight"]
         'fc.weight__grad'
     """
-    from onnxprune.training.vjp import default_registry
+    from onnxprune.training.grad.rules import default_registry
 
     reg = registry if registry is not None else default_registry()
     wrt = list(dict.fromkeys(wrt))
