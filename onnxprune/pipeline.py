@@ -23,9 +23,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.io.export import export_checked, export_graph
 from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
-from onnxprune.io.shapes import check_model, infer_shapes, static_shapes
+from onnxprune.io.shapes import static_shapes
 from onnxprune.planning.budget import fit_budget, fit_latency, global_order
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
@@ -274,35 +275,6 @@ def stage_reconstruct(state: PruneState) -> None:
     state.notes.append(f"reconstructed {len(result.layers)} layers on {state.extras['calib_what']}")
     state.extras["reconstruct"] = {n: {"error_before": b, "error_after": a} for n, (b, a) in result.layers.items()}
     state.pruned = export_graph(state.graph, state.model)
-
-
-def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export an edited graph, re-infer shapes and run the full checker.
-
-    Raises:
-        InvariantError: the checker rejects the result.
-    """
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = like.ir_version
-    out.producer_name = "onnxprune"
-    del out.metadata_props[:]
-    out.metadata_props.extend(like.metadata_props)
-    return export_checked(out)
-
-
-def export_checked(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Re-infer shapes (stale ones dropped first) and run the full checker.
-
-    Raises:
-        InvariantError: the checker rejects the model.
-    """
-    try:
-        del model.graph.value_info[:]
-        out = infer_shapes(model)
-        check_model(out)
-    except Exception as e:
-        raise InvariantError(f"the pruned model fails onnx.checker: {e}") from e
-    return out
 
 
 def stage_finetune(state: PruneState) -> None:

@@ -26,7 +26,7 @@ from onnxprune.analysis.core import Analysis, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance.base import ScoringContext
 from onnxprune.importance import score_groups
-from onnxprune.pipeline import export_graph
+from onnxprune.io.export import export_graph
 from onnxprune.transform.surgery import cut_channels
 from tests.models import BUILDERS
 

@@ -17,7 +17,8 @@ from onnxprune.repair.calibration import open_calibration
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance.base import ScoringContext
 from onnxprune.importance.magnitude import lp_scores
-from onnxprune.pipeline import export_graph, prune
+from onnxprune.io.export import export_graph
+from onnxprune.pipeline import prune
 from onnxprune.planning.plan import Plan, uniform
 from onnxprune.repair.reconstruct import ReconstructResult, plan_fits, reconstruct, waves
 from onnxprune.spec import PruneSpec

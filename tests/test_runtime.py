@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.runtime.session import MAX_IR_VERSION, Session, _file_ir_version, build_session
+from onnxprune.io.limits import MAX_IR_VERSION
+from onnxprune.runtime.session import Session, _file_ir_version, build_session
 from onnxprune.errors import BadInputError
 from onnxprune.runtime.device import CPU, CUDA, DeviceChoice, DeviceInfo, probe_cuda, resolve_providers, select_device
 from onnxprune.runtime.capture import capture, iter_capture

@@ -32,7 +32,8 @@ from onnxprune.io.load import LoadedModel, normalize
 from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.pipeline import analyze, export_graph, prune
+from onnxprune.io.export import export_graph
+from onnxprune.pipeline import analyze, prune
 from onnxprune.spec import PruneSpec
 from onnxprune.transform.surgery import cut_channels
 from tests.models import NUM_CLASSES, _Graph, build_transformer_block, random_inputs, run

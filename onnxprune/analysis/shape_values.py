@@ -15,10 +15,6 @@ if TYPE_CHECKING:
     pass
 
 
-
-
-
-
 SHAPE_PASSES = 8
 
 

@@ -71,8 +71,6 @@ class CriterionRegistry:
         return sorted(self._criteria)
 
 
-
-
 def channel_positions(ctx: ScoringContext, group: PruningGroup, ids: np.ndarray) -> np.ndarray:
     """For each position of an id array, the group channel it belongs to, or -1 (fixed / other group)."""
     classes = ctx.analysis.classes_of(ids)

@@ -20,7 +20,7 @@ from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
 from onnxprune.errors import BadInputError
 from onnxprune.io.limits import MIN_OPSET, default_opset
 from onnxprune.io.safety import check_external_paths
-from onnxprune.io.save import readable_ir_version
+from onnxprune.io.limits import readable_ir_version
 
 log = logging.getLogger(__name__)
 

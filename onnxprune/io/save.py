@@ -7,7 +7,7 @@ import os
 
 import onnx
 
-from onnxprune.io.limits import EXTERNAL_THRESHOLD, MAX_IR_VERSION
+from onnxprune.io.limits import EXTERNAL_THRESHOLD, readable_ir_version
 from onnxprune.io.weightless import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -17,10 +17,6 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
-def readable_ir_version(model: onnx.ModelProto) -> int:
-    """The model's IR version capped at :data:`MAX_IR_VERSION`, but never below what its opsets need."""
-    floor = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    return max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.io.export import export_graph
 from onnxprune.analysis.core import Analysis
 from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.planning.budget import RemovalOrder, greedy_order
@@ -194,18 +195,11 @@ def _run(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], device: A
         return [session.run(b, [name])[name] for b in batches]
 
 
-def export_candidate(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """A cut graph as a model onnxruntime can run (no checker: candidates are thrown away)."""
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = like.ir_version
-    return out
-
-
 def cut_copy(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     """``model`` with ``plan`` applied, leaving ``model`` untouched (re-importing is cheap)."""
     graph = gs.import_onnx(model)
     cut_channels(graph, analysis, plan.removed_classes(analysis))
-    return export_candidate(graph, model)
+    return export_graph(graph, model, check=False)
 
 
 def scan(

@@ -12,8 +12,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.weightless import weightless
 from onnxprune.runtime.device import DeviceChoice
-from onnxprune.runtime.session import build_session, light_copy, read_model
+from onnxprune.runtime.session import build_session, read_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,7 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def _infer_types(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     """Element types of ``names`` via shape inference on a weight-free copy (works above 2 GB)."""
-    light = light_copy(model, [])
-    known_inputs = {vi.name for vi in light.graph.input}
-    for t in model.graph.initializer:
-        if t.name not in known_inputs:
-            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    light = weightless(model, min_bytes=0)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception as e:  # onnx raises several types; inference is best effort here

@@ -29,14 +29,13 @@ import onnx
 from onnx import helper
 
 from onnxprune.errors import BadInputError, InvariantError
+from onnxprune.io.limits import MAX_IR_VERSION, readable_ir_version
+from onnxprune.io.weightless import without_initializers
 from onnxprune.runtime.device import DeviceChoice, as_choice, ort_module
 
 logger = logging.getLogger(__name__)
 
 
-# onnxruntime 1.31 rejects IR 14 (what onnx 1.23 writes by default); the IR bump adds no op semantics,
-# so sessions get a copy capped at this version (DESIGN.md, packaging pitfalls).
-MAX_IR_VERSION = 13
 
 
 # Protobuf cannot serialize a message of 2 GiB or more; above this we go through a temp dir.
@@ -181,26 +180,10 @@ class Session:
 
 
 def light_copy(model: onnx.ModelProto, extra_outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-    """A copy of everything but the graph's initializers (which the caller adds), IR capped."""
-    light = onnx.ModelProto()
-    light.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    light.producer_name = model.producer_name
-    light.producer_version = model.producer_version
-    light.domain = model.domain
-    light.model_version = model.model_version
-    light.doc_string = model.doc_string
-    light.opset_import.extend(model.opset_import)
-    light.metadata_props.extend(model.metadata_props)
-    light.functions.extend(model.functions)
-    g, src = light.graph, model.graph
-    g.name = src.name
-    g.doc_string = src.doc_string
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.output.extend(extra_outputs)
-    g.value_info.extend(src.value_info)
-    g.sparse_initializer.extend(src.sparse_initializer)
+    """A copy of everything but the graph's initializers (which the caller adds), IR capped, outputs added."""
+    light = without_initializers(model)
+    light.ir_version = readable_ir_version(model)
+    light.graph.output.extend(extra_outputs)
     return light
 
 
@@ -294,7 +277,7 @@ def _session_source(
             return model.SerializeToString(), None
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+        copy.ir_version = readable_ir_version(copy)
         copy.graph.output.extend(extra_outputs)
         return copy.SerializeToString(), None
     tmpdir = tempfile.TemporaryDirectory(prefix="onnxprune-session-")

@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import BadInputError, PlanError
+from onnxprune.io.export import export_graph
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def fidelity_importance(
     for block in blocks:
         graph = gs.import_onnx(model)
         remove_blocks(graph, [block])
-        with make_session(_export(graph, model), device) as sess:
+        with make_session(export_graph(graph, model, check=False), device) as sess:
             out = sess.run(feeds)
         cand = np.concatenate([np.ravel(out[k]).astype(np.float64) for k in sorted(out)])
         denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
@@ -279,17 +280,6 @@ def remove_blocks(graph: gs.Graph, blocks: list[ResidualBlock]) -> None:
         add.outputs.clear()
         bypassed[block.output] = skip
     graph.cleanup().toposort()
-
-
-def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxprune.transform.surgery import clear_inferred_shapes
-
-    clear_inferred_shapes(graph)
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = like.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(like.opset_import)
-    return out
 
 
 def select(blocks: list[ResidualBlock], scores: Mapping[str, float], k: int) -> list[ResidualBlock]:
@@ -366,4 +356,4 @@ def prune_depth(
     chosen = select(blocks, scores, k)
     remove_blocks(graph, chosen)
     log.info("removed residual blocks %s", ", ".join(b.add for b in chosen))
-    return DepthResult(model=_export(graph, model), removed=chosen, candidates=blocks, method=method)
+    return DepthResult(model=export_graph(graph, model, check=False), removed=chosen, candidates=blocks, method=method)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import SurgeryError
+from onnxprune.io.export import clear_inferred_shapes
 from onnxprune.analysis.core import Analysis, Fixup
 from onnxprune.analysis.index_mapping import keep_positions
 
@@ -231,10 +232,3 @@ def _merge_updates(edits: list[Edit], nodes: dict[str, gs.Node]) -> list[Edit]:
         plain.append(Edit(name, input_index=index, array=flat.reshape(array.shape)))
     return plain
 
-
-def clear_inferred_shapes(graph: gs.Graph) -> None:
-    """Forget intermediate shapes: graphsurgeon keeps stale ones on edited tensors (DESIGN.md pitfalls)."""
-    keep = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Variable) and id(t) not in keep:
-            t.shape = None

@@ -13,8 +13,6 @@ def first_input(node: gs.Node) -> gs.Tensor:
     return node.inputs[0]
 
 
-
-
 def int_list(az: Analyzer, node: gs.Node, i: int, attr: str) -> list[int] | None:
     """An axes-like list given as input ``i`` (newer opsets) or attribute ``attr`` (older ones)."""
     t = optional_input(node, i)
