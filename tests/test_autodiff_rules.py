@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UnsupportedOpError
+from onnxprune.training.grad.context import VJPRegistry
 from onnxprune.training.grad.driver import build_gradients
+from onnxprune.training.grad.rules import default_registry
 from onnxprune.training.gradcheck import check_gradients
-from onnxprune.training.grad.rules import VJPRegistry, default_registry
 
 RNG = np.random.default_rng(1234)
 TOL64 = 1e-6
@@ -396,6 +400,34 @@ def test_registry_rejects_duplicates_and_missing_rule_names_node() -> None:
         build_gradients(m, "y0", ["x"], registry=reg)
     assert err.value.op_type == "Mul" and err.value.node == "mul_node"
     assert "mul_node" in str(err.value)
+
+
+def test_default_registry_is_a_fresh_object_each_call() -> None:
+    reg = default_registry()
+    reg.register("MyOp", lambda ctx, node, g: [g[0]])
+    assert "MyOp" in reg and "MyOp" not in default_registry()
+
+
+def test_rule_families_import_only_the_context_and_shared_helpers() -> None:
+    """Rules never import the driver or the package front, so the driver can import them without a circle."""
+    import onnxprune.training.grad.rules as rules
+
+    allowed = {
+        "onnxprune.errors", "onnxprune.training.grad.context",
+        "onnxprune.training.grad.rules._common", "onnxprune.training.grad.rules._window",
+    }
+    found: dict[str, list[str]] = {}
+    for path in sorted(Path(rules.__file__).parent.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                ["." * node.level + (node.module or "")] if isinstance(node, ast.ImportFrom) else [])
+            found[path.name] = found.get(path.name, []) + [n for n in names if n.startswith(("onnxprune", "."))]
+    assert {name: [m for m in mods if m not in allowed] for name, mods in found.items()} == {
+        name: [] for name in found
+    }
+    assert len(found) >= 9  # every family file was read
 
 
 def test_every_issue_op_has_a_rule() -> None:

@@ -1,4 +1,4 @@
-"""Training artifacts that stock onnxruntime can run (DESIGN.md, "Training artifacts").
+"""Training artifacts that stock onnxruntime can run: two graphs, a checkpoint and a manifest.
 
 ``training_model.onnx``: batch inputs, loss inputs (labels / teacher outputs / targets), params,
 optimizer state, ``lr``, ``step`` → ``loss``, ``<param>__new``…, ``<state>__new``….
@@ -22,7 +22,8 @@ from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
 from onnxprune.io.shapes import set_input_shapes
-from onnxprune.training.grad.driver import FLOAT_TYPES, GradientResult, build_gradients, upgrade_opset
+from onnxprune.training.grad.context import FLOAT_TYPES
+from onnxprune.training.grad.driver import GradientResult, build_gradients, upgrade_opset
 from onnxprune.training.losses import LossGraph, LossSpec, add_loss
 from onnxprune.training.optimizers import (
     LR_INPUT,

@@ -15,7 +15,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.training.artifacts import constants_to_initializers, params_to_inputs
-from onnxprune.training.grad.driver import build_gradients, collect_tensor_info, upgrade_opset
+from onnxprune.training.grad.context import collect_tensor_info
+from onnxprune.training.grad.driver import build_gradients, upgrade_opset
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import BadInputError
-from onnxprune.training.grad.driver import FLOAT_TYPES, TensorInfo, collect_tensor_info
+from onnxprune.training.grad.context import FLOAT_TYPES, TensorInfo, collect_tensor_info
 
 LOSS_OUTPUT = "loss"
 LABELS_INPUT = "labels"

@@ -28,8 +28,8 @@ from onnxprune.training.artifacts import (
     export_artifacts,
     params_to_inputs,
 )
-from onnxprune.training.grad.driver import upgrade_opset
 from onnxprune.training.data import TrainData
+from onnxprune.training.grad.driver import upgrade_opset
 from onnxprune.training.losses import LossSpec
 from onnxprune.training.optimizers import LR_INPUT, STEP_INPUT, OptimizerSpec
 

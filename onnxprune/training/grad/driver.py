@@ -1,36 +1,38 @@
 """Reverse-mode differentiation of an ONNX graph into standard ONNX ops.
 
 Current onnxruntime wheels ship no gradient kernels, so the backward pass is written with the same
-default-domain ops the forward uses (DESIGN.md, "Training artifacts"). The driver here walks the graph
-backwards and asks a :class:`~onnxprune.training.grad.rules.VJPRegistry` for one rule per op; rules only emit
-nodes through a :class:`GradContext`, the driver decides what is differentiated and wires the results.
+default-domain ops the forward uses, and the training graph runs on any stock onnxruntime build. The
+driver walks the graph backwards and asks a :class:`~onnxprune.training.grad.context.VJPRegistry` for one
+rule per op; rules only emit nodes through a :class:`~onnxprune.training.grad.context.GradContext`, the
+driver decides what is differentiated and wires the results.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError, UnsupportedOpError
-
-if TYPE_CHECKING:
-    from onnxprune.training.grad.rules import VJPRegistry
+from onnxprune.training.grad.context import (
+    FLOAT_TYPES,
+    GradContext,
+    TensorInfo,
+    VJPRegistry,
+    collect_tensor_info,
+    constant_node_value,
+)
+from onnxprune.training.grad.rules import default_registry
 
 log = logging.getLogger(__name__)
 
 #: The backward graph needs ReduceSum-with-axes-input (13), ScatterElements reduction (16) and
 #: LayerNormalization (17); older models are converted up to this opset first.
 MIN_OPSET = 17
-
-FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
-
-Dim = int | str | None
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -59,296 +61,6 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Mode
         ) from e
 
 
-@dataclass
-class TensorInfo:
-    """What shape inference knows about one tensor."""
-
-    dtype: int
-    shape: list[Dim] | None  # None: rank unknown
-
-
-def _info_from_type(tp: onnx.TypeProto) -> TensorInfo | None:
-    if not tp.HasField("tensor_type"):
-        return None
-    tt = tp.tensor_type
-    shape: list[Dim] | None = None
-    if tt.HasField("shape"):
-        shape = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                shape.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                shape.append(d.dim_param)
-            else:
-                shape.append(None)
-    return TensorInfo(int(tt.elem_type), shape)
-
-
-def collect_tensor_info(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    """dtype and shape of every tensor shape inference can see (runs inference on a copy)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - inference is best effort; rules say what they miss
-        log.warning("shape inference failed (%s); gradient rules may need static shapes", e)
-        inferred = model
-    g = inferred.graph
-    info: dict[str, TensorInfo] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        ti = _info_from_type(vi.type)
-        if ti is not None:
-            info[vi.name] = ti
-    for init in g.initializer:
-        info[init.name] = TensorInfo(int(init.data_type), [int(d) for d in init.dims])
-    for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = _constant_node_value(node)
-            if value is not None:
-                info[node.output[0]] = TensorInfo(
-                    helper.np_dtype_to_tensor_dtype(value.dtype), [int(d) for d in value.shape]
-                )
-    return info
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_float":
-            return np.array(a.f, np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), np.float32)
-        if a.name == "value_int":
-            return np.array(a.i, np.int64)
-        if a.name == "value_ints":
-            return np.array(list(a.ints), np.int64)
-    return None
-
-
-@dataclass
-class GradContext:
-    """Everything a VJP rule may use: tensor facts, constants, and a node emitter.
-
-    Rules never touch the graph directly; they call :meth:`emit` and friends, which append to
-    ``nodes``/``initializers`` with names that cannot clash with the forward graph.
-    """
-
-    info: dict[str, TensorInfo]
-    constants: dict[str, np.ndarray]
-    opset: int
-    taken: set[str]
-    nodes: list[onnx.NodeProto] = field(default_factory=list)
-    initializers: list[onnx.TensorProto] = field(default_factory=list)
-    scope: str = "grad"
-    _counter: int = 0
-    _const_cache: dict[tuple[bytes, str, tuple[int, ...]], str] = field(default_factory=dict)
-    _shape_cache: dict[str, str] = field(default_factory=dict)
-
-    # -- naming and emission -------------------------------------------------------------------
-    def fresh(self, hint: str = "t") -> str:
-        """A tensor name unused in the forward and backward graphs."""
-        while True:
-            self._counter += 1
-            name = f"{self.scope}/{hint}_{self._counter}"
-            if name not in self.taken:
-                self.taken.add(name)
-                return name
-
-    def emit(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs: object) -> str:
-        """Append one node; return its first output (see :meth:`emit_multi` for several)."""
-        return self.emit_multi(op_type, inputs, n_out, **attrs)[0]
-
-    def emit_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs: object) -> list[str]:
-        outs = [self.fresh(op_type) for _ in range(n_out)]
-        clean = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **clean))
-        return outs
-
-    def const(self, value: np.ndarray, hint: str = "c") -> str:
-        """An initializer holding ``value`` (deduplicated)."""
-        value = np.asarray(value)
-        key = (value.tobytes(), str(value.dtype), tuple(value.shape))
-        if key not in self._const_cache:
-            name = self.fresh(hint)
-            self.initializers.append(numpy_helper.from_array(value, name))
-            self.info[name] = TensorInfo(helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-            self._const_cache[key] = name
-        return self._const_cache[key]
-
-    def ints(self, values: Sequence[int]) -> str:
-        """A 1-D int64 constant (axes, shapes, starts...)."""
-        return self.const(np.asarray(list(values), np.int64), "ints")
-
-    def int_scalar(self, value: int) -> str:
-        return self.const(np.asarray(value, np.int64), "i")
-
-    def scalar(self, value: float, like: str) -> str:
-        """A rank-0 constant with the float dtype of tensor ``like``."""
-        return self.const(np.asarray(value, dtype=self.np_dtype(like)), "s")
-
-    # -- tensor facts ----------------------------------------------------------------------------
-    def dtype(self, name: str) -> int:
-        ti = self.info.get(name)
-        if ti is None:
-            raise UnsupportedOpError(f"no type known for tensor {name!r}; run shape inference on the model")
-        return ti.dtype
-
-    def np_dtype(self, name: str) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.dtype(name)))
-
-    def shape(self, name: str) -> list[Dim] | None:
-        ti = self.info.get(name)
-        return None if ti is None else ti.shape
-
-    def rank(self, name: str, node: onnx.NodeProto | None = None) -> int:
-        """Rank of ``name``; raises when shape inference could not tell."""
-        shape = self.shape(name)
-        if shape is None:
-            raise UnsupportedOpError(
-                f"gradient needs the rank of {name!r}; fix the input shapes (--shape)",
-                op_type=node.op_type if node else None,
-                node=node.name if node else None,
-            )
-        return len(shape)
-
-    def static_shape(self, name: str, node: onnx.NodeProto | None = None) -> list[int]:
-        """Fully known shape of ``name``; raises with a hint when a dim is symbolic."""
-        shape = self.shape(name)
-        if shape is None or not all(isinstance(d, int) for d in shape):
-            where = f" (node {node.name!r}, {node.op_type})" if node else ""
-            raise UnsupportedOpError(
-                f"gradient{where} needs static dims for {name!r}, got {shape}; fix input shapes with --shape",
-                op_type=node.op_type if node else None,
-                node=node.name if node else None,
-            )
-        return [int(d) for d in shape]  # type: ignore[arg-type]
-
-    def const_value(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or Constant output, else None."""
-        return self.constants.get(name) if name else None
-
-    # -- small op helpers ------------------------------------------------------------------------
-    def shape_of(self, name: str) -> str:
-        if name not in self._shape_cache:
-            self._shape_cache[name] = self.emit("Shape", [name])
-        return self._shape_cache[name]
-
-    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool) -> str:
-        """ReduceSum/ReduceMean over ``axes`` in the form the opset wants (input vs attribute)."""
-        axes_input = op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18
-        if axes_input:
-            return self.emit(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
-        return self.emit(op_type, [x], keepdims=int(keepdims), axes=list(axes))
-
-    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
-        return self.emit("Unsqueeze", [x, self.ints(axes)])
-
-    def reshape(self, x: str, shape: str | Sequence[int]) -> str:
-        target = shape if isinstance(shape, str) else self.ints(shape)
-        return self.emit("Reshape", [x, target])
-
-    def reshape_like(self, x: str, like: str) -> str:
-        """Reshape ``x`` to the shape of ``like`` (static constant when known)."""
-        shape = self.shape(like)
-        if shape is not None and all(isinstance(d, int) for d in shape):
-            return self.reshape(x, [int(d) for d in shape])  # type: ignore[arg-type]
-        return self.reshape(x, self.shape_of(like))
-
-    def zeros_like(self, name: str) -> str:
-        """Zeros with the shape and dtype of ``name``."""
-        value = helper.make_tensor("v", self.dtype(name), [1], [0])
-        return self.emit("ConstantOfShape", [self.shape_of(name)], value=value)
-
-    def transpose(self, x: str, perm: Sequence[int]) -> str:
-        return self.emit("Transpose", [x], perm=list(perm))
-
-    def reduce_to(self, grad: str, target: str, out: str, node: onnx.NodeProto | None = None) -> str:
-        """Sum a gradient shaped like broadcast result ``out`` down to the shape of ``target``.
-
-        Static where shape inference decides which axes were broadcast; otherwise the axes are
-        found at run time (Shape/Equal/NonZero), so symbolic dims still work.
-        """
-        ts, os_ = self.shape(target), self.shape(out)
-        if ts is None or os_ is None:
-            raise UnsupportedOpError(
-                f"gradient needs the ranks of {target!r} and {out!r} to undo broadcasting",
-                op_type=node.op_type if node else None,
-                node=node.name if node else None,
-            )
-        if ts == os_ and all(d is not None for d in ts):
-            return grad
-        lead = len(os_) - len(ts)
-        axes = list(range(lead))
-        decidable = True
-        for i, td in enumerate(ts):
-            od = os_[lead + i]
-            if td == od and td is not None:
-                continue
-            if td == 1:
-                if od != 1:
-                    axes.append(lead + i)
-            elif isinstance(td, int) and isinstance(od, int) and td == od:
-                continue
-            elif isinstance(td, int) and td > 1:
-                continue  # broadcasting never grows a dim > 1
-            else:
-                decidable = False
-        if decidable:
-            if not axes:
-                return grad if lead == 0 else self.reshape_like(grad, target)
-            summed = self.reduce("ReduceSum", grad, axes, keepdims=True)
-            return self.reshape_like(summed, target)
-        # dynamic: reduce every axis where the (front-padded) target dim is 1 and the grad's is not
-        gshape = self.shape_of(grad)
-        tshape = self.shape_of(target)
-        padded = self.emit("Concat", [self.ints([1] * lead), tshape], axis=0) if lead else tshape
-        one = self.int_scalar(1)
-        mask = self.emit(
-            "And", [self.emit("Equal", [padded, one]), self.emit("Not", [self.emit("Equal", [gshape, one])])]
-        )
-        axes_t = self.reshape(self.emit("NonZero", [mask]), [-1])
-        summed = self.emit("ReduceSum", [grad, axes_t], keepdims=1, noop_with_empty_axes=1)
-        return self.reshape(summed, tshape)
-
-    def forward_output(self, node: onnx.NodeProto, index: int, dtype: int, shape: list[Dim] | None) -> str:
-        """Name of optional output ``index`` of forward ``node``, adding it when the model left it off."""
-        while len(node.output) <= index:
-            node.output.append("")
-        if not node.output[index]:
-            node.output[index] = self.fresh(f"{node.op_type}_out{index}")
-            self.info[node.output[index]] = TensorInfo(dtype, shape)
-        return node.output[index]
-
-
-def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    """Value of attribute ``name`` of ``node`` (ints/floats as lists), or ``default``."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    return int(attr(node, name, default))  # type: ignore[call-overload]
-
-
-def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
-    return float(attr(node, name, default))  # type: ignore[arg-type]
-
-
-def attr_ints(node: onnx.NodeProto, name: str, default: Sequence[int] | None = None) -> list[int]:
-    """A list-of-ints attribute; raises when required (``default`` None) and missing."""
-    value = attr(node, name, default)
-    if value is None:
-        raise UnsupportedOpError(f"{node.op_type} {node.name!r} lacks attribute {name!r}",
-                                 op_type=node.op_type, node=node.name)
-    return [int(v) for v in value]  # type: ignore[union-attr]
-
-
-def attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
-    value = attr(node, name, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 @dataclass(frozen=True)
 class GradientResult:
     """A model whose outputs are the loss followed by one gradient per differentiated tensor."""
@@ -363,7 +75,7 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = _constant_node_value(node)
+            value = constant_node_value(node)
             if value is not None:
                 values[node.output[0]] = value
     return values
@@ -422,7 +134,8 @@ def build_gradients(
 
     ``loss`` must be a scalar float tensor of the graph; ``wrt`` are graph inputs or initializers.
     The result's outputs are ``loss`` followed by one ``<name>__grad`` output per tensor that
-    reaches the loss (``missing`` lists the others). ``registry`` defaults to :func:`default_registry`.
+    reaches the loss (``missing`` lists the others). ``registry`` defaults to
+    :func:`~onnxprune.training.grad.rules.default_registry`.
 
     Raises:
         UnsupportedOpError: an op on a path from ``wrt`` to ``loss`` has no VJP rule (names op and node).
@@ -433,8 +146,6 @@ def build_gradients(
         >>> res.grads["fc.weight"]
         'fc.weight__grad'
     """
-    from onnxprune.training.grad.rules import default_registry
-
     reg = registry if registry is not None else default_registry()
     wrt = list(dict.fromkeys(wrt))
     model = upgrade_opset(model)
