@@ -21,9 +21,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.limits import readable_ir_version
 from onnxprune.io.shapes import set_input_shapes
 from onnxprune.training.grad.context import FLOAT_TYPES
-from onnxprune.training.grad.driver import GradientResult, build_gradients, upgrade_opset
+from onnxprune.training.grad.driver import (
+    GradientResult,
+    build_gradients,
+    upgrade_opset,
+)
 from onnxprune.training.losses import LossGraph, LossSpec, add_loss
 from onnxprune.training.optimizers import (
     LR_INPUT,
@@ -38,7 +43,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "onnxprune-training/1"
 STEP_KEY = "__step__"
-MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR ≤ 13; 10 covers every opset we emit
 
 #: (op type, input positions) that hold weights: the tensors fine-tuning trains by default.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
@@ -126,12 +130,6 @@ def params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Model
             t = moved[name]
             out.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     return out
-
-
-def _cap_ir(model: onnx.ModelProto) -> onnx.ModelProto:
-    floor = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    model.ir_version = max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), floor)
-    return model
 
 
 @dataclass(frozen=True)
@@ -275,12 +273,12 @@ def export_artifacts(
     ]
     states = add_optimizer(graph, slots, opt_spec)
     train.graph.name = f"{model.graph.name or 'model'}_training"
-    _cap_ir(train)
+    train.ir_version = readable_ir_version(train)
     if train.ByteSize() < 2**31 - 2**24:  # the checker cannot take larger protos in memory
         onnx.checker.check_model(train)
 
     evaluation = params_to_inputs(gm.base, list(gm.params))
-    _cap_ir(evaluation)
+    evaluation.ir_version = readable_ir_version(evaluation)
     checkpoint: dict[str, np.ndarray] = dict(gm.params)
     for s in states:
         checkpoint[s.name] = np.zeros(s.shape, helper.tensor_dtype_to_np_dtype(s.dtype))

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.errors import BadInputError, UnsupportedOpError
+from onnxprune.io.limits import default_opset
 from onnxprune.training.grad.context import (
     FLOAT_TYPES,
     GradContext,
@@ -35,21 +36,13 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 17
 
 
-def model_opset(model: onnx.ModelProto) -> int:
-    """The default-domain opset a model imports (1 when it declares none)."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
-
-
 def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
     """Return ``model`` at opset ``minimum`` or above (the backward graph needs recent ops).
 
     Raises:
         UnsupportedOpError: when the onnx version converter cannot convert the model.
     """
-    if model_opset(model) >= minimum:
+    if default_opset(model) >= minimum:
         return model
     from onnx import version_converter
 
@@ -57,7 +50,7 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Mode
         return version_converter.convert_version(model, minimum)
     except Exception as e:  # the converter raises bare RuntimeErrors
         raise UnsupportedOpError(
-            f"cannot convert the model from opset {model_opset(model)} to {minimum} for training: {e}"
+            f"cannot convert the model from opset {default_opset(model)} to {minimum} for training: {e}"
         ) from e
 
 
@@ -163,7 +156,7 @@ def build_gradients(
     ctx = GradContext(
         info=info,
         constants=_constants(graph),
-        opset=model_opset(out),
+        opset=default_opset(out),
         taken=names | {vi.name for vi in graph.value_info},
     )
     reach = _differentiable(graph, wrt, info, reg.non_differentiable)
