@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
+from onnxprune.commands._output import write_report
 from onnxprune.commands._progress import StageBar
 from onnxprune.spec import PruneSpec, parse_shape_args
 
@@ -21,13 +20,6 @@ def spec_from_args(args: argparse.Namespace) -> PruneSpec:
         batch_size=args.batch_size, iterations=args.iterations, bench=args.bench, device=args.device, seed=args.seed,
         heads=args.heads, depth_method=args.depth_method,
     ).validate()
-
-
-def write_report(report: dict, path: str | None) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """``onnxprune prune/analyze --server``: the same commands, run as jobs on a compression service.
 
-Output matches the embedded run (same files, same report, same summary). Exit codes: 0 success; 2 when the
-request is wrong (bad option, bad model, unknown job, bad token: the status codes in ``USER_ERROR_CODES``) or
-when the job failed with an error the embedded run would also exit 2 on; 1 when the job or service failed.
+Output matches the embedded run (same files, same report, same summary: both print through
+``onnxprune.commands._output``). Exit codes: 0 success; 2 when the service refused a request the user must
+change (bad option, bad model, unknown job, bad token: the status codes in ``USER_ERROR_CODES``); 1 when the
+service failed. A job that failed raises the job's own error, which ``onnxprune.cli`` maps as it maps the
+embedded run's errors (2 for the user's input, 1 for internal errors).
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from onnxprune.client import USER_ERROR_CODES, Client, JobFailedError, ServiceError
-from onnxprune.errors import BadInputError, OnnxpruneError, PlanError, UnsupportedOpError
+from onnxprune.client import USER_ERROR_CODES, Client, ServiceError
+from onnxprune.commands._output import render_analysis, write_report
+from onnxprune.commands._progress import StageBar
 from onnxprune.spec import PruneSpec, parse_shape_args
-
-T = TypeVar("T")
-_USER_ERRORS = (BadInputError, PlanError, UnsupportedOpError)
 
 
 def connect(args: argparse.Namespace) -> Client:
@@ -40,28 +39,20 @@ def connect(args: argparse.Namespace) -> Client:
     )
 
 
-def exit_code(e: OnnxpruneError) -> int:
-    """2 for requests the user must change, 1 for failures of the job or the service."""
-    if isinstance(e, ServiceError):
-        return 2 if e.code in USER_ERROR_CODES else 1
-    if isinstance(e, JobFailedError):
-        return 1
-    return 2 if isinstance(e, _USER_ERRORS) else 1
-
-
 def guarded(action: Callable[[], int]) -> int:
-    """Run ``action``; print one line and return the exit code for onnxprune errors."""
+    """Run ``action``; a request the service refused prints one line and returns 2 (user's) or 1 (service's).
+
+    Every other error goes up to ``onnxprune.cli``, which reports it like the embedded run's.
+    """
     try:
         return action()
-    except OnnxpruneError as e:
+    except ServiceError as e:
         print(f"onnxprune: error: {e}", file=sys.stderr)
-        return exit_code(e)
+        return 2 if e.code in USER_ERROR_CODES else 1
 
 
 def prune(args: argparse.Namespace, spec: PruneSpec) -> int:
     """Upload ``args.model``, run the job with a progress bar, download the results, print the summary."""
-    from onnxprune.commands._progress import StageBar
-    from onnxprune.commands.prune import write_report
     from onnxprune.report import render_table
 
     def action() -> int:
@@ -86,12 +77,11 @@ def prune(args: argparse.Namespace, spec: PruneSpec) -> int:
 
 def analyze(args: argparse.Namespace) -> int:
     """``onnxprune analyze --server``: the analysis runs on the service, the output is the embedded one."""
-    from onnxprune.commands.analyze import render
 
     def action() -> int:
         with connect(args) as client:
             result = client.analyze(args.model, parse_shape_args(args.shape))
-        print(json.dumps(result, indent=2) if args.json else render(result))
+        print(json.dumps(result, indent=2) if args.json else render_analysis(result))
         return 0
 
     return guarded(action)
