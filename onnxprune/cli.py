@@ -1,7 +1,8 @@
 """The ``onnxprune`` command: argument parsing and dispatch only.
 
 Each subcommand lives in ``onnxprune.commands.<name>`` as ``run(args) -> int`` and calls library
-functions; nothing here knows how pruning works. Deliberate errors become one line on stderr.
+functions; nothing here knows how pruning works. Every error becomes one line on stderr and an exit code:
+2 for input the user must change, 1 for everything else (internal errors say so and ask for a report).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+from traceback import print_exception
 
-from onnxprune.errors import BadInputError, OnnxpruneError, PlanError, UnsupportedOpError
+from onnxprune.errors import USER_ERRORS, OnnxpruneError, is_internal
 from onnxprune.spec import CRITERIA, DEPTH_METHODS, DEVICES, HEADS, LOSSES, OPTIMIZERS
 
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (glob) to leave intact")
+    p.add_argument("--heads", choices=HEADS, default="whole",
+                   help="attention: scan whole heads, or the same dims of every head")
 
     p = sub.add_parser("export-artifacts", help="write training artifacts for a model")
     p.add_argument("model")
@@ -150,18 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnxprune").setLevel(min(level, logging.INFO))
-    module = importlib.import_module(f"onnxprune.commands.{args.command.replace('-', '_')}")
     try:
+        module = importlib.import_module(f"onnxprune.commands.{args.command.replace('-', '_')}")
         return int(module.run(args) or 0)
-    except (BadInputError, PlanError, UnsupportedOpError) as e:
-        print(f"onnxprune: error: {e}", file=sys.stderr)
-        return 2
-    except OnnxpruneError as e:
-        print(f"onnxprune: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line on stderr and an exit code
+        return _fail(e, traceback=args.verbose >= 2)
+
+
+def _fail(exc: Exception, *, traceback: bool = False) -> int:
+    """Print one line for ``exc`` on stderr; return 2 for what the user must change, 1 for anything else.
+
+    Internal errors (onnxprune's own bugs, see :func:`onnxprune.errors.is_internal`) say so, because telling a
+    user to fix an input that was fine sends them the wrong way; ``-vv`` adds the traceback for the report.
+    """
+    if is_internal(exc):
+        what = str(exc) if isinstance(exc, OnnxpruneError) else f"{type(exc).__name__}: {exc}"
+        what = " ".join(what.split())  # one line, whatever a runtime put in its message
+        if traceback:
+            print_exception(exc, file=sys.stderr)
+        print(f"onnxprune: internal error: {what}; please report it (-vv shows the traceback)", file=sys.stderr)
+        return 1
+    print(f"onnxprune: error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

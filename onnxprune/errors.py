@@ -1,7 +1,15 @@
 """One exception tree for everything onnxprune raises on purpose.
 
-Front doors map these to exit codes (CLI: 2 for :class:`BadInputError`) and gRPC status codes
-(``service.errors``); anything else escaping a stage is a bug and keeps its traceback.
+Front doors sort errors into two kinds and report each the same way everywhere:
+
+- :data:`USER_ERRORS`: the user's model, data or options must change. CLI exit code 2; gRPC
+  INVALID_ARGUMENT (bad input) or FAILED_PRECONDITION (nothing to prune, unsupported op).
+- internal errors (:func:`is_internal`): :data:`INTERNAL_ERRORS` and any exception outside this tree. The
+  input was acceptable and onnxprune failed it, e.g. a pruned model onnxruntime cannot load: that is a bug to
+  report, not something the user can fix. CLI exit code 1 with "internal error: …; please report";
+  gRPC INTERNAL.
+
+The gRPC mapping is ``onnxprune.service.errors.to_status``; the CLI's is in ``onnxprune.cli``.
 """
 
 from __future__ import annotations
@@ -42,3 +50,12 @@ class InvariantError(OnnxpruneError):
 
 class CancelledError(OnnxpruneError):
     """The caller asked the running job to stop."""
+
+
+USER_ERRORS: tuple[type[OnnxpruneError], ...] = (BadInputError, PlanError, UnsupportedOpError)
+INTERNAL_ERRORS: tuple[type[OnnxpruneError], ...] = (SurgeryError, InvariantError)
+
+
+def is_internal(exc: BaseException) -> bool:
+    """Whether ``exc`` is onnxprune's own failure: an internal error class, or no onnxprune error at all."""
+    return isinstance(exc, INTERNAL_ERRORS) or not isinstance(exc, OnnxpruneError)

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from onnxprune.errors import BadInputError, InvariantError, PlanError, SurgeryError, UnsupportedOpError
 from tests.models import BUILDERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,3 +153,46 @@ def test_heads_dims_and_depth_fidelity_from_the_command_line(tmp_path: Path) -> 
     depth = json.loads((tmp_path / "rd.json").read_text())["depth"]
     assert depth["method"] == "fidelity" and len(depth["removed"]) == 1
     assert_one_line_error(cli("prune", str(resnet), "-o", str(tmp_path / "x.onnx"), "--heads", "half"), "--heads")
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        # what the verify stage raises when onnxruntime cannot load the pruned model (onnxruntime's messages
+        # run over several lines; the CLI still prints one)
+        (InvariantError("onnxruntime cannot load the pruned model:\n  Node conv1: channel mismatch"),
+         "onnxruntime cannot load the pruned model: Node conv1: channel mismatch"),
+        (SurgeryError("slicing conv1.weight failed"), "slicing conv1.weight failed"),
+        (KeyError("groups"), "KeyError: 'groups'"),  # a plain bug
+    ],
+)
+def test_internal_failures_exit_1_and_ask_for_a_report(
+    error: Exception, shown: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's input was fine and onnxprune failed it: exit 1 and say so, never blame the input (exit 2)."""
+    from onnxprune import cli as cli_module
+
+    def failing_prune(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr("onnxprune.pipeline.prune", failing_prune)
+    argv = ["prune", str(REPO / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx")]
+    assert cli_module.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"onnxprune: internal error: {shown}; please report it (-vv shows the traceback)"]
+    assert cli_module.main(["-vv", *argv]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_user_errors_keep_exit_2_and_blame_the_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxprune import cli as cli_module
+
+    for error in (BadInputError("--calib x.npz does not exist", field="calib"), PlanError("nothing to prune"),
+                  UnsupportedOpError("no rule for Foo", op_type="Foo")):
+        def failing_prune(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr("onnxprune.pipeline.prune", failing_prune)
+        assert cli_module.main(["prune", str(REPO / "examples" / "digits_cnn.onnx"), "-o", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == f"onnxprune: error: {error}\n"
