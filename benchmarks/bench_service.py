@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from onnxprune.progress import ProgressFn  # noqa: E402
-from service.tasks import TaskRequest, TaskResult  # noqa: E402
+from onnxprune.service.tasks import TaskRequest, TaskResult  # noqa: E402
 
 
 def copy_task(request: TaskRequest, in_dir: Path, out_dir: Path, progress: ProgressFn,
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import bench_service
 
     from onnxprune.client import Client
-    from service.server import ServerConfig, create_server
+    from onnxprune.service.server import ServerConfig, create_server
 
     size = args.size_mb << 20
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 ``Client.prune`` and ``Client.analyze`` mirror :func:`onnxprune.pipeline.prune` / ``analyze``: same arguments,
 same results, same exceptions, but the work runs on a server. Everything grpc stays in this module (and
-``service/``); callers get plain dataclasses and onnxprune exceptions.
+``onnxprune.service``); callers get plain dataclasses and onnxprune exceptions.
 
 Example:
     >>> with Client("127.0.0.1:50051", token="s3cret") as client:       # doctest: +SKIP
@@ -16,7 +16,6 @@ import builtins
 import dataclasses
 import hashlib
 import os
-import posixpath
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from onnxprune import errors as onnxprune_errors
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune._proto.convert import spec_from_proto, spec_to_proto
-from onnxprune.errors import BadInputError, CancelledError, OnnxpruneError
+from onnxprune.errors import INTERNAL_ERRORS, BadInputError, CancelledError, OnnxpruneError
+from onnxprune.io.safety import external_files
 from onnxprune.progress import Progress, ProgressFn
 from onnxprune.spec import PruneSpec
 
@@ -121,7 +121,7 @@ def job_from_proto(job: pb.Job) -> JobInfo:
 
 
 def error_from_rpc(e: grpc.RpcError) -> OnnxpruneError:
-    """The one mapping from a failed call to an onnxprune exception (the reverse of ``service.errors``)."""
+    """The one mapping from a failed call to an onnxprune exception (the reverse of ``onnxprune.service.errors``)."""
     code = e.code().name if isinstance(e, grpc.Call) and e.code() else "UNKNOWN"
     message = (e.details() if isinstance(e, grpc.Call) else "") or str(e)
     if code == "INVALID_ARGUMENT":
@@ -137,7 +137,24 @@ def error_from_rpc(e: grpc.RpcError) -> OnnxpruneError:
         return BadInputError(message, field=field_name)
     if code == "CANCELLED":
         return CancelledError(message)
+    if code == "INTERNAL":
+        rebuilt = _internal_error(e)
+        if rebuilt is not None:
+            return rebuilt
     return ServiceError(f"{code}: {message}", code=code)
+
+
+def _internal_error(e: grpc.RpcError) -> OnnxpruneError | None:
+    """The library's internal error (SurgeryError, InvariantError) an INTERNAL status names in its ErrorInfo,
+    so a remote call raises what the embedded call raises; None for other internal failures."""
+    status = rpc_status.from_call(e) if isinstance(e, grpc.Call) else None
+    for detail in status.details if status else []:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and detail.Unpack(info):
+            cls = next((c for c in INTERNAL_ERRORS if c.__name__ == info.reason), None)
+            if cls is not None and info.domain == "onnxprune":
+                return cls(info.metadata.get("error", "") or e.details())
+    return None
 
 
 def job_error(job: JobInfo) -> OnnxpruneError:
@@ -156,30 +173,6 @@ def _sha256(path: Path) -> str:
         while block := f.read(CHUNK_SIZE):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _external_locations(model_path: Path) -> list[str]:
-    """External-data files a model names, found by scanning the file without parsing or loading tensor data
-    (a 2 GB single-file model costs no memory here).
-
-    Raises:
-        BadInputError: not an ONNX model, or a location that leaves the model's folder (the client will not
-            upload such a file: a model must not make the client send arbitrary local files to a server).
-    """
-    from service.modelcheck import scan_tensors
-
-    locations: set[str] = set()
-    for tensor in scan_tensors(model_path):
-        if tensor.data_location == 1 or tensor.external:
-            location = tensor.external.get("location", "")
-            norm = posixpath.normpath(location.replace(os.sep, "/"))
-            if not location or posixpath.isabs(norm) or norm.split("/")[0] == "..":
-                raise BadInputError(
-                    f"tensor {tensor.name!r} points to external data {location!r} outside the model's folder",
-                    field="model",
-                )
-            locations.add(norm)
-    return sorted(locations)
 
 
 class Client:
@@ -247,10 +240,16 @@ class Client:
             return self._stub.UploadBlob(messages(), metadata=self._metadata).blob_id
 
     def upload_model(self, model: str | os.PathLike[str]) -> pb.ModelInput:
-        """Upload a model and every external-data file it names."""
+        """Upload a model and every external-data file it names.
+
+        Raises:
+            BadInputError: not an ONNX model, or an external-data location outside the model's folder (a model
+                must not make the client send arbitrary local files to a server); nothing is uploaded then.
+        """
         model = Path(model)
+        locations = external_files(model)  # checked before any byte leaves this machine
         files = [pb.InputFile(path=model.name, blob_id=self.upload(model))]
-        for location in _external_locations(model):
+        for location in locations:
             files.append(pb.InputFile(path=location, blob_id=self.upload(model.parent / location, location)))
         return pb.ModelInput(model_path=model.name, files=files)
 

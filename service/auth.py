@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from onnxprune.errors import BadInputError
-from service.logs import log_event
+from onnxprune.service.logs import log_event
 
 log = logging.getLogger(__name__)
 

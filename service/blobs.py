@@ -1,8 +1,8 @@
 """Content-addressed blob storage for uploaded models and job results.
 
 A blob's id is the sha256 of its bytes, so identical uploads are stored once and a downloaded file can be
-verified against its id. :class:`BlobStore` is the interface (DESIGN.md "Scale-out": shared object storage
-later); :class:`DirBlobStore` keeps blobs in ``ROOT/ab/abcdef…`` files and streams everything through fixed
+verified against its id. :class:`BlobStore` is the interface (so shared object storage can replace the
+directory later); :class:`DirBlobStore` keeps blobs in ``ROOT/ab/abcdef…`` files and streams everything through fixed
 size buffers, so no upload or download is ever held in memory whole.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from onnxprune.errors import BadInputError
-from service.errors import NotFoundError, ResourceExhaustedError
+from onnxprune.service.errors import NotFoundError, ResourceExhaustedError
 
 CHUNK_SIZE = 1 << 20  # the wire limit per message, 1 MiB
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")

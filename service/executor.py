@@ -1,7 +1,7 @@
 """Running jobs: a bounded queue feeding a fixed number of worker slots, each job in its own process.
 
-:class:`Executor` is the interface (submit, cancel, status — DESIGN.md "Scale-out"; a Ray-backed one can
-replace the local pool). :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
+:class:`Executor` is the interface (submit, cancel, status), so an executor for a fleet (e.g. Ray tasks)
+can replace the local pool without touching job records or the servicer. :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
 
 - CPU-heavy pruning never holds the server's GIL or its gRPC threads;
 - cancellation is cooperative first (an Event the pipeline checks at stage and batch boundaries) and forced
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from onnxprune.progress import Progress
-from service.blobs import BlobStore
-from service.errors import ResourceExhaustedError, UnavailableError
-from service.logs import log_event
-from service.store import CANCELLED, FAILED, SUCCEEDED, ResultFile
-from service.tasks import TaskFn, TaskRequest
-from service.worker import CANCEL, encode_job
+from onnxprune.service.blobs import BlobStore
+from onnxprune.service.errors import ResourceExhaustedError, UnavailableError
+from onnxprune.service.logs import log_event
+from onnxprune.service.store import CANCELLED, FAILED, SUCCEEDED, ResultFile
+from onnxprune.service.tasks import TaskFn, TaskRequest
+from onnxprune.service.worker import CANCEL, encode_job
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class LocalProcessExecutor:
             stdout = None
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.worker", str(write_fd)],
+                [sys.executable, "-m", "onnxprune.service.worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=stdout, pass_fds=(write_fd,), env=env,
             )
         finally:

@@ -20,12 +20,18 @@ from onnxprune import errors as onnxprune_errors
 from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.progress import Progress
 from onnxprune.spec import PruneSpec
-from service.blobs import BlobInfo, BlobStore, check_blob_id
-from service.errors import NotFoundError, NotReadyError, ResourceExhaustedError, UnavailableError
-from service.executor import INTERRUPTED, ExecJob, Executor, Outcome
-from service.logs import log_event
-from service.modelcheck import check_model
-from service.store import (
+from onnxprune.service.blobs import BlobInfo, BlobStore, check_blob_id
+from onnxprune.service.errors import (
+    JobCrashedError,
+    NotFoundError,
+    NotReadyError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from onnxprune.service.executor import INTERRUPTED, ExecJob, Executor, Outcome
+from onnxprune.service.logs import log_event
+from onnxprune.service.modelcheck import check_model
+from onnxprune.service.store import (
     ACTIVE_STATES,
     CANCELLED,
     EXPIRED,
@@ -37,7 +43,7 @@ from service.store import (
     JobStore,
     ResultFile,
 )
-from service.tasks import ANALYZE, PRUNE, TaskRequest
+from onnxprune.service.tasks import ANALYZE, PRUNE, TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +316,15 @@ class JobManager:
 
     @staticmethod
     def job_error(record: JobRecord) -> OnnxpruneError:
-        """Rebuild the exception a failed job recorded, so synchronous RPCs map it like any other."""
-        cls = _ERROR_TYPES.get(record.error_type, onnxprune_errors.OnnxpruneError)
+        """Rebuild the exception a failed job recorded, so synchronous RPCs map it like any other.
+
+        A type outside onnxprune's error tree (a bug in the job, a dead worker) becomes JobCrashedError: it is
+        reported as INTERNAL with the job's message, not hidden like a bug in the server itself.
+        """
+        cls = _ERROR_TYPES.get(record.error_type)
+        if cls is None or cls is OnnxpruneError:
+            return JobCrashedError(record.error or "the job failed without a reason",
+                                   error_type=record.error_type or "Unknown")
         if cls is BadInputError:
             return BadInputError(record.error, field=record.error_field or None)
         return cls(record.error)

@@ -24,14 +24,14 @@ from grpc_reflection.v1alpha import reflection
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune.errors import BadInputError
-from service.auth import Authenticator, AuthInterceptor, load_tokens
-from service.blobs import CHUNK_SIZE, DirBlobStore
-from service.executor import LocalProcessExecutor
-from service.jobs import JobManager, Limits
-from service.logs import log_event
-from service.servicer import CompressorServicer
-from service.store import SqliteJobStore
-from service.tasks import TaskFn, run_task
+from onnxprune.service.auth import Authenticator, AuthInterceptor, load_tokens
+from onnxprune.service.blobs import CHUNK_SIZE, DirBlobStore
+from onnxprune.service.executor import LocalProcessExecutor
+from onnxprune.service.jobs import JobManager, Limits
+from onnxprune.service.logs import log_event
+from onnxprune.service.servicer import CompressorServicer
+from onnxprune.service.store import SqliteJobStore
+from onnxprune.service.tasks import TaskFn, run_task
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The gRPC servicer: translates messages to :class:`service.jobs.JobManager` calls and back, nothing more.
+"""The gRPC servicer: translates messages to :class:`onnxprune.service.jobs.JobManager` calls and back, nothing more.
 
 Every method runs inside :func:`_translated`, which turns any exception into a status through
-:func:`service.errors.to_status` (the one mapping), so a bad request never escapes as an unhandled error.
+:func:`onnxprune.service.errors.to_status` (the one mapping), so a bad request never escapes as an unhandled error.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune._proto.convert import spec_from_proto, spec_to_proto
 from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.spec import PruneSpec
-from service.auth import Authenticator
-from service.errors import abort
-from service.jobs import JobManager
-from service.logs import log_event
-from service.store import JobRecord
+from onnxprune.service.auth import Authenticator
+from onnxprune.service.errors import abort
+from onnxprune.service.jobs import JobManager
+from onnxprune.service.logs import log_event
+from onnxprune.service.store import JobRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)

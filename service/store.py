@@ -1,6 +1,6 @@
 """Job records: what was asked, by whom, where it stands, what it produced.
 
-:class:`JobStore` is the interface (a shared database later, DESIGN.md "Scale-out"); :class:`SqliteJobStore`
+:class:`JobStore` is the interface (so API replicas can later share a database); :class:`SqliteJobStore`
 keeps records in one SQLite file so they survive restarts. The store also remembers which tenant uploaded
 which blob (a tenant can only use its own uploads) and which blobs each job references (for retention).
 """

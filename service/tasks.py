@@ -1,8 +1,8 @@
 """What one job does, as a pure function: (request, input directory) → (result files, report).
 
 This is the only service module that calls the pipeline, and it knows nothing about the server: no store, no
-blobs, no gRPC. Progress and cancellation come in as arguments (DESIGN.md "Scale-out"), so the same function
-runs in a local worker process today and as a remote task later.
+blobs, no gRPC. Progress and cancellation come in as arguments, so the same function runs in a local
+worker process today and as a remote task (another machine, no shared filesystem) later.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The job process: ``python -m service.worker FD`` runs one task and reports over file descriptor FD.
+"""The job process: ``python -m onnxprune.service.worker FD`` runs one task and reports over file descriptor FD.
 
 The server starts a fresh interpreter per job (not ``multiprocessing``'s spawn, which re-runs the parent's
 ``__main__`` and breaks when the server is embedded in another program). Protocol:
@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from onnxprune.errors import OnnxpruneError
+from onnxprune.errors import OnnxpruneError, is_internal
 
 HEADER = struct.Struct(">Q")
 CANCEL = b"c"
@@ -80,6 +80,8 @@ def main(argv: list[str]) -> int:
                       lambda p: send(("progress", p.stage, p.fraction, p.message)), cancel)
         message: tuple[Any, ...] = ("done", result.files, result.report)
     except OnnxpruneError as e:
+        if is_internal(e):  # onnxprune's own failure: the server's log gets the traceback for the report
+            traceback.print_exc()
         message = ("error", type(e).__name__, str(e), getattr(e, "field", None))
     except BaseException as e:  # noqa: BLE001 - report any bug to the server instead of dying silently
         traceback.print_exc()

@@ -1,6 +1,6 @@
 """The compression service against a real server on 127.0.0.1 (in-process, port 0).
 
-Executor and store behaviour use the small job functions of ``test_service_tasks``; the end-to-end tests at the
+Executor and store behaviour use the small job functions of ``service_tasks``; the end-to-end tests at the
 bottom run the real pipeline. Restart after SIGKILL and SIGTERM are in ``test_service_restart.py``; the
 600 MB round trip is in ``test_service_large.py``.
 """
@@ -30,10 +30,18 @@ from onnxprune import cli
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune.client import Client, JobFailedError, ServiceError
-from onnxprune.errors import BadInputError, CancelledError, PlanError
+from onnxprune.errors import BadInputError, CancelledError, InvariantError, PlanError
 from onnxprune.spec import PruneSpec
-from service.server import CompressionServer, ServerConfig, create_server
-from tests.test_service_tasks import copy_task, crashing_task, failing_task, slow_task, stubborn_task
+from onnxprune.service.server import CompressionServer, ServerConfig, create_server
+from tests.service_tasks import (
+    buggy_task,
+    copy_task,
+    crashing_task,
+    failing_task,
+    invariant_task,
+    slow_task,
+    stubborn_task,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits_cnn.onnx"
@@ -404,6 +412,55 @@ def test_job_failures_are_recorded_and_the_server_survives(start_server: ServerF
         assert client.list()[0].state == "FAILED"
 
 
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+@pytest.mark.parametrize(
+    ("task", "code", "reason", "exit_code"),
+    [
+        # the verify stage's failure on a pruned model onnxruntime cannot load: our bug, not the user's input
+        (invariant_task, grpc.StatusCode.INTERNAL, "InvariantError", 1),
+        (buggy_task, grpc.StatusCode.INTERNAL, "KeyError", 1),  # a plain bug inside the job
+        (failing_task, grpc.StatusCode.FAILED_PRECONDITION, None, 2),  # the user's model: unchanged
+    ],
+    ids=["invariant", "bug", "user-error"],
+)
+def test_internal_failures_report_as_internal(
+    start_server: ServerFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    task: Callable, code: grpc.StatusCode, reason: str | None, exit_code: int,
+) -> None:
+    _, target = start_server(task=task)
+    model = tiny_model(tmp_path / "m.onnx")
+    s, _ = stub(target)
+    blob = upload_raw(s, model.read_bytes())
+    request = pb.AnalyzeRequest(model=pb.ModelInput(model_path="m.onnx", files=[pb.InputFile(path="m.onnx",
+                                                                                              blob_id=blob)]))
+    with pytest.raises(grpc.RpcError) as info:
+        s.Analyze(request)
+    assert info.value.code() == code
+    if reason is not None:
+        assert info.value.details().startswith("internal error: ") and "please report" in info.value.details()
+        error_info = _error_info(info.value)
+        assert error_info is not None and (error_info.domain, error_info.reason) == ("onnxprune", reason)
+    if task is invariant_task:  # the client raises what the embedded run raises, synchronous or as a job
+        with Client(target) as client:
+            with pytest.raises(InvariantError, match="cannot load the pruned model"):
+                client.analyze(model)
+            with pytest.raises(InvariantError, match="cannot load the pruned model"):
+                client.wait(client.submit(model, PruneSpec()).job_id)
+    capsys.readouterr()
+    assert cli.main(["prune", str(model), "-o", str(tmp_path / "o.onnx"), "--server", target]) == exit_code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert ("internal error" in err[0]) == (exit_code == 1)
+
+
 def test_data_files_travel_with_the_job(start_server: ServerFactory, tmp_path: Path) -> None:
     _, target = start_server()
     calib = tmp_path / "calib"
@@ -502,7 +559,7 @@ def test_graceful_stop_finishes_running_jobs(start_server: ServerFactory, tmp_pa
         assert info.value.code == "UNAVAILABLE"
         stopper.join(30)
     store = server.manager._store  # the server is down; read the record directly
-    from service.store import SqliteJobStore
+    from onnxprune.service.store import SqliteJobStore
 
     record = SqliteJobStore(tmp_path / "store" / "jobs.sqlite").get(job.job_id)
     assert record is not None and record.state == "SUCCEEDED"
@@ -513,7 +570,7 @@ def test_graceful_stop_finishes_running_jobs(start_server: ServerFactory, tmp_pa
 
 def test_remote_prune_gives_the_same_model_as_embedded(start_server: ServerFactory, tmp_path: Path) -> None:
     from onnxprune import pipeline
-    from service.tasks import run_task
+    from onnxprune.service.tasks import run_task
 
     _, target = start_server(task=run_task)
     spec = PruneSpec(ratio=0.3, criterion="l1")
@@ -532,7 +589,7 @@ def test_remote_prune_gives_the_same_model_as_embedded(start_server: ServerFacto
 
 def test_cli_remote_prune_analyze_and_jobs(start_server: ServerFactory, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from service.tasks import run_task
+    from onnxprune.service.tasks import run_task
 
     _, target = start_server(task=run_task)
     out_remote, out_local = tmp_path / "r" / "p.onnx", tmp_path / "l" / "p.onnx"
@@ -577,7 +634,7 @@ def test_cli_remote_prune_analyze_and_jobs(start_server: ServerFactory, tmp_path
 
 def test_remote_job_errors_match_embedded_errors(start_server: ServerFactory, tmp_path: Path) -> None:
     """A model the pipeline refuses (not the service's checks) fails the job with the pipeline's error type."""
-    from service.tasks import run_task
+    from onnxprune.service.tasks import run_task
 
     _, target = start_server(task=run_task)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
@@ -604,7 +661,7 @@ def test_stop_interrupts_jobs_past_the_grace_and_requeues_them(start_server: Ser
     start = time.monotonic()
     server.stop(grace=0.5)
     assert time.monotonic() - start < 10
-    from service.store import SqliteJobStore
+    from onnxprune.service.store import SqliteJobStore
 
     record = SqliteJobStore(tmp_path / "s" / "jobs.sqlite").get(job.job_id)
     assert record is not None and record.state == "QUEUED" and "interrupted" in record.message

@@ -28,7 +28,7 @@ import sys
 sys.path[:0] = [{str(REPO)!r}]
 from onnxprune.cli import build_parser
 from onnxprune.commands import serve
-from tests.test_service_tasks import slow_task
+from tests.service_tasks import slow_task
 sys.exit(serve.run(build_parser().parse_args(sys.argv[1:]), task=slow_task))
 """
 

@@ -18,13 +18,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto.convert import spec_from_proto, spec_to_proto
-from onnxprune.errors import BadInputError, CancelledError, PlanError, SurgeryError, UnsupportedOpError
+from onnxprune.errors import (
+    BadInputError,
+    CancelledError,
+    InvariantError,
+    PlanError,
+    SurgeryError,
+    UnsupportedOpError,
+)
+from onnxprune.io.safety import external_files
 from onnxprune.spec import PruneSpec
-from service.auth import Authenticator, load_tokens
-from service.blobs import DirBlobStore
-from service.errors import NotFoundError, ResourceExhaustedError, to_status
-from service.modelcheck import check_model
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, ResultFile, SqliteJobStore
+from onnxprune.service.auth import Authenticator, load_tokens
+from onnxprune.service.blobs import DirBlobStore
+from onnxprune.service.errors import NotFoundError, ResourceExhaustedError, to_status
+from onnxprune.service.modelcheck import check_model
+from onnxprune.service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, ResultFile, SqliteJobStore
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "protos"))
@@ -72,7 +80,13 @@ def test_to_status_maps_each_error_kind() -> None:
     assert to_status(CancelledError("x")).code == code_pb2.CANCELLED
     assert to_status(SurgeryError("x")).code == code_pb2.INTERNAL
     bug = to_status(KeyError("secret internals"))
-    assert bug.code == code_pb2.INTERNAL and "secret" not in bug.message
+    assert bug.code == code_pb2.INTERNAL and "secret" not in bug.message and "please report" in bug.message
+    ours = to_status(InvariantError("onnxruntime cannot load the pruned model"))
+    assert ours.code == code_pb2.INTERNAL
+    assert ours.message == "internal error: onnxruntime cannot load the pruned model; please report it"
+    for status, reason in ((ours, "InvariantError"), (bug, "KeyError")):
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info) and (info.domain, info.reason) == ("onnxprune", reason)
 
 
 # -- model checks ---------------------------------------------------------------------------------------------
@@ -249,11 +263,11 @@ def test_token_file_and_constant_time_lookup(tmp_path: Path) -> None:
 
 
 def test_client_finds_external_data_and_refuses_to_upload_escaping_paths(tmp_path: Path) -> None:
-    from onnxprune.client import _external_locations
+    from onnxprune.client import Client
 
     path, _ = _external_model(tmp_path)
-    assert _external_locations(path) == ["m.data"]
+    assert external_files(path) == ["m.data"]
     (tmp_path / "evil").mkdir()
     evil, _ = _external_model(tmp_path / "evil", "../../etc/passwd")
-    with pytest.raises(BadInputError, match="outside the model's folder"):
-        _external_locations(evil)
+    with Client("127.0.0.1:1") as client, pytest.raises(BadInputError, match="outside the model's folder"):
+        client.upload_model(evil)  # refused before any connection is tried
