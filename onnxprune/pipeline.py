@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -37,12 +37,20 @@ from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, Plan
 from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import score_groups
-from onnxprune.importance.base import ScoringContext
+from onnxprune.importance.base import Evidence, Need, ScoringContext
 from onnxprune.importance import default_criteria
-from onnxprune.importance.taylor import GRADIENTS, collect_gradients
+from onnxprune.importance.taylor import collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
 from onnxprune.transform.surgery import cut_channels
+
+if TYPE_CHECKING:
+    from onnxprune.data import DataSource
+    from onnxprune.planning.budget import BudgetResult
+    from onnxprune.repair.reconstruct import ReconstructResult
+    from onnxprune.runtime.device import DeviceChoice
+    from onnxprune.planning.sensitivity import SensitivityResult
+    from onnxprune.transform.depth import DepthResult
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,6 @@ class PruneState:
     shapes: dict[str, list[int | str]] = field(default_factory=dict)
     graph: gs.Graph | None = None
     analysis: Analysis | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     plan: Plan | None = None
     pruned: onnx.ModelProto | None = None
@@ -78,6 +85,26 @@ class PruneState:
     report: dict[str, Any] = field(default_factory=dict)
     teacher_path: str | None = None
     """The model fine-tuning distils from when the data has no labels (default: this run's input)."""
+    device_choice: DeviceChoice | None = None
+    """The resolved device, probed once and shared by every stage."""
+    depth: DepthResult | None = None
+    """``--depth``: the blocks removed and the model the width stages work on."""
+    calib: CalibrationData | None = None
+    """The calibration stream, opened once by the first stage that needs it."""
+    evidence: Evidence = field(default_factory=Evidence)
+    """Statistics the criterion asked for (calibration, gradients)."""
+    original_stats: ModelStats | None = None
+    budget: BudgetResult | None = None
+    sparsity: dict[str, Any] | None = None
+    reconstruct: ReconstructResult | None = None
+    finetune: FinetuneSummary | None = None
+    fidelity_data: str | None = None
+    """Where the fidelity inputs came from, said plainly in the report (random inputs or calibration data)."""
+    latency_speedup: float | None = None
+    group_kept: dict[int, int] | None = None
+    """Iterative runs: channels each group keeps in the final model (the plan of the last step is not it)."""
+    score_always: bool = False
+    """Score every group even when no cut is asked for (the sensitivity scan ranks channels itself)."""
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -88,7 +115,29 @@ class PruneState:
     @property
     def working(self) -> onnx.ModelProto:
         """The model the width stages analyse, calibrate and cut: the input after ``--depth``, if any."""
-        return self.extras.get("depth_model", self.model)
+        return self.depth.model if self.depth is not None else self.model
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """An opened calibration source and how the report names it."""
+
+    source: DataSource
+    description: str
+
+
+@dataclass(frozen=True)
+class FinetuneSummary:
+    """What fine-tuning did, for the report."""
+
+    steps: int
+    loss: str
+    lr: float
+    batch_size: int
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 Stage = Callable[[PruneState], None]
@@ -111,8 +160,7 @@ def stage_depth(state: PruneState) -> None:
         samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, method=spec.depth_method, device=spec.device,
         seed=spec.seed,
     )
-    state.extras["depth_model"] = result.model
-    state.extras["depth"] = result.to_dict()
+    state.depth = result
     state.notes.append("removed residual blocks " + ", ".join(f"{b.add} ({b.kind}, {b.importance:.3g})"
                                                               for b in result.removed))
 
@@ -129,14 +177,31 @@ def stage_analyze(state: PruneState) -> None:
             raise PlanError(f"the model has no prunable channel groups{detail}")
 
 
-def _device(state: PruneState) -> Any:
+def _device(state: PruneState) -> DeviceChoice:
     """The job's resolved device (``DeviceChoice``), probed once and shared by every stage."""
     from onnxprune.runtime.device import select_device
 
-    if "device_choice" not in state.extras:
-        state.extras["device_choice"] = select_device(state.spec.device)
-    state.device = state.extras["device_choice"].name
-    return state.extras["device_choice"]
+    if state.device_choice is None:
+        state.device_choice = select_device(state.spec.device)
+    state.device = state.device_choice.name
+    return state.device_choice
+
+
+def _calibration_data(state: PruneState) -> CalibrationData:
+    """The ``--calib`` stream (or random inputs), opened once per run by whichever stage needs it first."""
+    from onnxprune.repair import calibration
+
+    if state.calib is None:
+        spec = state.spec
+        source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
+        state.calib = CalibrationData(source, what)
+    return state.calib
+
+
+def _reconstruct_report(result: ReconstructResult | None) -> dict[str, dict[str, float]] | None:
+    if result is None:
+        return None
+    return {n: {"error_before": b, "error_after": a} for n, (b, a) in result.layers.items()}
 
 
 def stage_calibrate(state: PruneState) -> None:
@@ -145,35 +210,41 @@ def stage_calibrate(state: PruneState) -> None:
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
-    scoring = (spec.ratio > 0 or _uses_budget(spec)) and spec.granularity == "channel"
+    scoring = _scores_needed(state)
     needs = default_criteria().needs.get(spec.criterion, set()) if scoring else set()
     if not needs and not spec.reconstruct:
         return
-    source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.seed)
-    state.extras["calib_source"], state.extras["calib_what"] = source, what
-    if GRADIENTS in needs:
-        state.extras[GRADIENTS] = collect_gradients(state.working, source, device=_device(state),
-                                                    reporter=state.reporter)
+    calib = _calibration_data(state)
+    source, what = calib.source, calib.description
+    if Need.GRADIENTS in needs:
+        state.evidence.gradients = collect_gradients(state.working, source, device=_device(state),
+                                                     reporter=state.reporter)
         state.notes.append(f"gradients for {spec.criterion} from {what}"
                            + ("" if source.has_labels else " with the model's own top-1 as labels"))
-        needs = needs - {GRADIENTS}
+        needs = needs - {Need.GRADIENTS}
     if needs:
         stats = calibration.calibrate(
             state.working, state.graph, state.analysis, source, needs=needs, device=_device(state), seed=spec.seed,
             description=what, progress=lambda f, m: state.reporter("calibrate", f, m),
         )
-        state.extras["calibration"] = stats
+        state.evidence.calibration = stats
         state.notes.extend(stats.notes)
         state.notes.append(f"calibrated on {what} with onnxruntime on {stats.device}")
 
 
 def stage_score(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None
-    if (state.spec.ratio == 0 and not _uses_budget(state.spec)) or state.spec.granularity != "channel":
+    if not _scores_needed(state):
         return
-    ctx = ScoringContext(state.graph, state.analysis, seed=state.spec.seed, extras=state.extras)
+    ctx = ScoringContext(state.graph, state.analysis, seed=state.spec.seed, evidence=state.evidence)
     state.scores = score_groups(ctx, state.spec.criterion, default_criteria())
     state.notes.extend(ctx.notes)
+
+
+def _scores_needed(state: PruneState) -> bool:
+    spec = state.spec
+    wanted = state.score_always or spec.ratio > 0 or _uses_budget(spec)
+    return wanted and spec.granularity == "channel"
 
 
 def _uses_budget(spec: PruneSpec) -> bool:
@@ -215,7 +286,7 @@ def _budget_plan(state: PruneState) -> Plan:
                                       spec.round_to)
     else:
         result = fit_budget(state.analysis, state.scores, cost, order, targets, spec.round_to)
-    state.extras["budget"] = result.to_dict()
+    state.budget = result
     state.notes.append("budget " + ", ".join(f"{k} {v:.4f} (target {result.targets.get(k)})"
                                              for k, v in result.achieved.items() if k in result.targets)
                        + f" by {result.strategy} allocation")
@@ -244,14 +315,14 @@ def _sparsify(state: PruneState) -> None:
     state.notes.extend(result.notes)
     if _uses_budget(spec):
         state.notes.append("--target-macs/params/latency apply to channel pruning; zeroed weights keep MACs and shapes")
-    state.extras["sparsity"] = result.to_dict()
+    state.sparsity = result.to_dict()
     state.pruned = export_graph(state.graph, state.model)
     stored = sparsity.to_sparse_initializers(state.pruned, min_saving=SPARSE_MIN_SAVING)
     if stored:
         # Shape inference types sparse initializers as sparse_tensor, which dense ops reject, so the full
         # check stops at the structural one here; stage_verify then runs the model in onnxruntime.
         onnx.checker.check_model(state.pruned)
-        state.extras["sparsity"]["sparse_initializers"] = stored
+        state.sparsity["sparse_initializers"] = stored
         state.notes.append(f"{len(stored)} weights stored as ONNX sparse initializers (smaller than dense)")
 
 
@@ -268,12 +339,12 @@ def stage_reconstruct(state: PruneState) -> None:
     assert state.graph is not None and state.analysis is not None
     result = refit.reconstruct(
         state.working, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
-        state.extras["calib_source"], device=_device(state), seed=state.spec.seed,
+        _calibration_data(state).source, device=_device(state), seed=state.spec.seed,
         progress=lambda f, m: state.reporter("reconstruct", f, m),
     )
     state.notes.extend(result.notes)
-    state.notes.append(f"reconstructed {len(result.layers)} layers on {state.extras['calib_what']}")
-    state.extras["reconstruct"] = {n: {"error_before": b, "error_after": a} for n, (b, a) in result.layers.items()}
+    state.notes.append(f"reconstructed {len(result.layers)} layers on {_calibration_data(state).description}")
+    state.reconstruct = result
     state.pruned = export_graph(state.graph, state.model)
 
 
@@ -297,8 +368,8 @@ def stage_finetune(state: PruneState) -> None:
     state.pruned = export_checked(result.model)
     how = "labels" if data.labels is not None else "distillation from the original model"
     metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
-    state.extras["finetune"] = {"steps": spec.finetune_steps, "loss": how, "lr": spec.lr,
-                                "batch_size": spec.batch_size, "metrics": metrics}
+    state.finetune = FinetuneSummary(steps=spec.finetune_steps, loss=how, lr=spec.lr, batch_size=spec.batch_size,
+                                     metrics=metrics)
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
 
 
@@ -341,18 +412,15 @@ def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | No
 
     spec = state.spec
     if spec.calib:
-        if "calib_source" not in state.extras:
-            source, what = calibration.open_calibration(state.model, spec.calib, spec.calib_samples, spec.shapes,
-                                                        spec.seed)
-            state.extras["calib_source"], state.extras["calib_what"] = source, what
-        state.extras["fidelity_data"] = f"calibration data {state.extras['calib_what']}"
-        return calibration.stream(state.extras["calib_source"], 64)
+        calib = _calibration_data(state)
+        state.fidelity_data = f"calibration data {calib.description}"
+        return calibration.stream(calib.source, 64)
     try:
         feeds = random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
     except BadInputError as e:
         state.notes.append(f"fidelity not measured: {e}")
         return None
-    state.extras["fidelity_data"] = f"random inputs ({spec.fidelity_samples} samples)"
+    state.fidelity_data = f"random inputs ({spec.fidelity_samples} samples)"
     return [feeds]
 
 
@@ -363,9 +431,9 @@ def stage_save(state: PruneState) -> None:
 
 def _original_stats(state: PruneState) -> ModelStats:
     """Params/MACs/bytes of the input model, computed once (the budget plan and the report both need them)."""
-    if "original_stats" not in state.extras:
-        state.extras["original_stats"] = model_stats(state.model, state.spec.shapes or None)
-    return state.extras["original_stats"]
+    if state.original_stats is None:
+        state.original_stats = model_stats(state.model, state.spec.shapes or None)
+    return state.original_stats
 
 
 def stage_report(state: PruneState) -> None:
@@ -373,18 +441,18 @@ def stage_report(state: PruneState) -> None:
     shapes = state.spec.shapes or None
     original = _original_stats(state)
     pruned = model_stats(state.pruned, shapes)
-    kept = state.extras.get("group_kept", {})
+    kept = state.group_kept or {}
     groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
     latency = _bench(state) if state.spec.bench else None
     state.report = build_report(
         original, pruned, groups, state.fidelity, state.spec.criterion, state.device, latency=latency,
-        extra={"budget": state.extras.get("budget"), "sparsity": state.extras.get("sparsity"),
-               "latency_speedup": state.extras.get("latency_speedup"),
-               "depth": state.extras.get("depth"),
+        extra={"budget": state.budget.to_dict() if state.budget else None, "sparsity": state.sparsity,
+               "latency_speedup": state.latency_speedup,
+               "depth": state.depth.to_dict() if state.depth else None,
                "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings,
-               "fidelity_data": state.extras.get("fidelity_data"),
-               "reconstruct": state.extras.get("reconstruct"),
-               "finetune": state.extras.get("finetune")},
+               "fidelity_data": state.fidelity_data,
+               "reconstruct": _reconstruct_report(state.reconstruct),
+               "finetune": state.finetune.to_dict() if state.finetune else None},
     )
 
 
@@ -395,7 +463,7 @@ def _bench(state: PruneState) -> dict[str, Any]:
     assert state.pruned is not None
     result = bench.compare(state.model, state.pruned, device=state.spec.device, batch=1, runs=50,
                            shapes=state.spec.shapes or None, seed=state.spec.seed)
-    state.extras["latency_speedup"] = round(result.speedup, 4)
+    state.latency_speedup = round(result.speedup, 4)
     pick = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_per_s", "provider")
     return {"original": {k.removesuffix("_ms"): getattr(result.a, k) for k in pick},
             "pruned": {k.removesuffix("_ms"): getattr(result.b, k) for k in pick}}
@@ -504,7 +572,7 @@ def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progr
     stage_load(final)
     final.pruned = onnx.load(output_path)
     final.plan = Plan()
-    final.extras["group_kept"] = _kept_channels(first, final.pruned)
+    final.group_kept = _kept_channels(first, final.pruned)
     final.notes.append(f"pruned in {n} iterations of ratio {steps[0]['ratio']:.4f} each")
     _run_stages(final, [("verify", stage_verify), ("report", stage_report)])
     final.report["iterations"] = steps
@@ -563,6 +631,37 @@ def _removable_blocks(state: PruneState) -> list[dict[str, Any]]:
 
     assert state.graph is not None  # the graph stage_analyze imported; finding blocks only reads it
     return [b.to_dict() for b in depth.find_residual_blocks(state.graph, state.shapes)]
+
+
+def sensitivity(
+    model_path: str | os.PathLike[str],
+    spec: PruneSpec,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> SensitivityResult:
+    """Prune each group alone at a sweep of ratios and measure the damage on ``spec.calib``.
+
+    The model goes through the pipeline's own load, analyze, calibrate and score stages, so
+    ``--exclude``, ``--heads``, ``--shape`` and data-driven criteria mean what they mean for ``prune``.
+
+    Raises:
+        BadInputError: unreadable model or data.
+        PlanError: nothing in the model can be pruned.
+    """
+    from onnxprune.planning import sensitivity as scan
+
+    state = PruneState(os.fspath(model_path), "", spec.validate(), Reporter(progress, cancel), score_always=True)
+    _run_stages(state, [("load", stage_load), ("analyze", stage_analyze), ("calibrate", stage_calibrate),
+                        ("score", stage_score)])
+    assert state.graph is not None and state.analysis is not None
+    if not state.scores:
+        raise PlanError("the model has no prunable channel groups (see `onnxprune analyze`)")
+    evaluate = scan.evaluator_for(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.device)
+    result = scan.scan(state.model, state.analysis, state.scores, evaluate, criterion=spec.criterion,
+                       cost=CostModel(state.graph, state.analysis, _original_stats(state)))
+    result.notes.extend(state.notes)
+    return result
 
 
 run = prune

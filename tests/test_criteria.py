@@ -19,7 +19,7 @@ from onnxprune.repair.calibration import CalibrationStats, calibrate, open_calib
 from onnxprune.errors import InvariantError
 from onnxprune.analysis.core import Analysis
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance.base import ScoringContext
+from onnxprune.importance.base import Evidence, ScoringContext
 from onnxprune.importance import default_criteria, score_groups
 from onnxprune.importance.regression import lasso_scores, regression_scores
 from onnxprune.pipeline import prune
@@ -74,11 +74,11 @@ def scored(model: onnx.ModelProto, criterion: str, samples: int = 64) -> tuple[A
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, None))
     registry = default_criteria()
-    extras: dict[str, object] = {}
+    evidence = Evidence()
     if registry.needs[criterion]:
         source, what = open_calibration(model, None, samples, {})
-        extras["calibration"] = calibrate(model, graph, analysis, source, needs=registry.needs[criterion], device="cpu")
-    ctx = ScoringContext(graph, analysis, extras=extras)
+        evidence.calibration = calibrate(model, graph, analysis, source, needs=registry.needs[criterion], device="cpu")
+    ctx = ScoringContext(graph, analysis, evidence=evidence)
     scores = score_groups(ctx, criterion, registry)
     by_producer = {g.producers[0]: scores[g.id] for g in analysis.groups if g.id in scores}
     return analysis, by_producer, ctx.notes
@@ -221,7 +221,7 @@ def test_regression_without_consumers_falls_back() -> None:
     model = build_mlp()
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, None))
-    ctx = ScoringContext(graph, analysis, extras={"calibration": CalibrationStats(0, "", "cpu")})
+    ctx = ScoringContext(graph, analysis, evidence=Evidence(calibration=CalibrationStats(0, "", "cpu")))
     group = analysis.groups[0]
     np.testing.assert_allclose(regression_scores(ctx, group), score_groups(ctx, "l2")[group.id])
     assert "has no sampled Conv/Gemm/MatMul consumer; scored by l2" in ctx.notes[0]

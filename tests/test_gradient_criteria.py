@@ -12,9 +12,9 @@ import pytest
 from onnxprune.io.shapes import static_shapes
 from onnxprune.data import model_inputs, open_data
 from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance.base import ScoringContext
+from onnxprune.importance.base import Evidence, ScoringContext
 from onnxprune.importance import score_groups
-from onnxprune.importance.taylor import GRADIENTS, collect_gradients
+from onnxprune.importance.taylor import collect_gradients
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec
 from tests.data import write_npz
@@ -33,7 +33,7 @@ def test_dead_channels_score_zero_and_go_first(criterion: str, tmp_path: Path) -
     graph = gs.import_onnx(model)
     analysis = analyze_graph(graph, static_shapes(model, None))
     source = open_data(tmp_path / "calib.npz", model_inputs(model))
-    ctx = ScoringContext(graph, analysis, extras={GRADIENTS: collect_gradients(model, source, device="cpu")})
+    ctx = ScoringContext(graph, analysis, evidence=Evidence(gradients=collect_gradients(model, source, device="cpu")))
     group = next(g for g in analysis.groups if "conv1" in g.producers)
     scores = score_groups(ctx, criterion)[group.id]
     assert scores[1] == pytest.approx(0.0, abs=1e-12) and scores[4] == pytest.approx(0.0, abs=1e-12)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.core import AnalysisOptions, ChannelMap, Fixup, Site
+from onnxprune.registry import OpRegistry
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,23 @@ class UnionFind:
 Rule = Callable[["Analyzer", gs.Node], None]
 
 
-class RuleRegistry:
-    """Per-op channel propagation rules. Registering an op twice is an error (STYLE.md habit 2)."""
+class RuleRegistry(OpRegistry[Rule]):
+    """Per-op channel propagation rules; an op without one blocks what it reads (the driver's policy)."""
 
     def __init__(self) -> None:
-        self._rules: dict[str, Rule] = {}
+        super().__init__("channel rule")
 
-    def register(self, *ops: str) -> Callable[[Rule], Rule]:
+    def register(self, *ops: str, domain: str = "") -> Callable[[Rule], Rule]:
+        """Decorator registering ``fn`` for each of ``ops`` (ValueError for an op registered twice)."""
         def deco(fn: Rule) -> Rule:
             for op in ops:
-                if op in self._rules:
-                    raise ValueError(f"a channel rule for {op} is already registered")
-                self._rules[op] = fn
+                self.add_op(op, fn, domain)
             return fn
 
         return deco
 
-    def get(self, op: str) -> Rule | None:
-        return self._rules.get(op)
-
-    def ops(self) -> list[str]:
-        return sorted(self._rules)
+    def get(self, op: str, domain: str = "") -> Rule | None:
+        return self.find(op, domain)
 
 
 class Analyzer:

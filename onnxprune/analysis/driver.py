@@ -68,7 +68,7 @@ def analyze_graph(
         if az.excluded(node):
             az.block_inputs(node, f"node {node.name} excluded by --exclude")
         else:
-            rule = registry.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+            rule = registry.get(node.op, node.domain or "")
             if rule is None:
                 az.block_inputs(node, f"{node.op} at node {node.name} not understood")
             else:

@@ -4,45 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-import onnx_graphsurgeon as gs
-
-from onnxprune.io.load import load_model
-from onnxprune.io.shapes import static_shapes
-from onnxprune.planning.cost import CostModel
-from onnxprune.measure.stats import model_stats
+from onnxprune.pipeline import sensitivity as run_sensitivity
 from onnxprune.planning import sensitivity
-from onnxprune.errors import PlanError
-from onnxprune.analysis.driver import analyze_graph
-from onnxprune.importance.base import ScoringContext
-from onnxprune.importance import default_criteria, score_groups
-from onnxprune.spec import parse_shape_args
+from onnxprune.spec import PruneSpec, parse_shape_args
 
 
 def run(args: argparse.Namespace) -> int:
-    shapes = parse_shape_args(args.shape)
-    loaded = load_model(args.model)
-    model = loaded.model
-    graph = gs.import_onnx(model)
-    analysis = analyze_graph(graph, static_shapes(model, shapes))
-    criteria = default_criteria()
-    extras: dict[str, Any] = {}
-    needs = criteria.needs.get(args.criterion, set())
-    if needs:  # activation-based criteria score from the same calibration data
-        from onnxprune.repair import calibration
-
-        source, what = calibration.open_calibration(model, args.calib, args.calib_samples, shapes)
-        extras["calibration"] = calibration.calibrate(model, graph, analysis, source, needs=needs, device=args.device,
-                                                      description=what)
-    ctx = ScoringContext(graph, analysis, extras=extras)
-    scores = score_groups(ctx, args.criterion, criteria)
-    if not scores:
-        raise PlanError("the model has no prunable channel groups (see `onnxprune analyze`)")
-    cost = CostModel(graph, analysis, model_stats(model, shapes or None))
-    evaluate = sensitivity.evaluator_for(model, args.calib, args.calib_samples, shapes, args.device)
-    result = sensitivity.scan(model, analysis, scores, evaluate, criterion=args.criterion, cost=cost)
-    result.notes.extend(ctx.notes)
+    spec = PruneSpec(criterion=args.criterion, calib=args.calib, calib_samples=args.calib_samples,
+                     shapes=parse_shape_args(args.shape), device=args.device, exclude=list(args.exclude),
+                     heads=args.heads, ratio=0.0)
+    result = run_sensitivity(args.model, spec)
     if args.plot:
         result.curves = sensitivity.plot(result, args.plot)
     if args.output:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.analysis.core import PruningGroup
-from onnxprune.errors import InvariantError
 from onnxprune.importance.base import CriterionRegistry, ScoringContext
 from onnxprune.importance.magnitude import lp_scores
 from onnxprune.repair.calibration import (
@@ -27,15 +26,8 @@ from onnxprune.repair.calibration import (
 
 
 def calibration_stats(ctx: ScoringContext, criterion: str) -> CalibrationStats:
-    """The statistics the calibrate stage left in ``ctx.extras``.
-
-    Raises:
-        InvariantError: they are missing (the criterion was run without calibrating).
-    """
-    stats = ctx.extras.get("calibration")
-    if not isinstance(stats, CalibrationStats):
-        raise InvariantError(f"criterion {criterion} needs calibration statistics; run the calibrate stage first")
-    return stats
+    """The statistics the calibrate stage gathered (InvariantError when it did not run)."""
+    return ctx.evidence.require_calibration(criterion)
 
 
 def _average(ctx: ScoringContext, group: PruningGroup, names: list[str], stats: CalibrationStats,

@@ -2,25 +2,66 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.core import Analysis, PruningGroup, Site
-from onnxprune.errors import BadInputError
+from onnxprune.errors import BadInputError, InvariantError
+from onnxprune.registry import Registry
+
+if TYPE_CHECKING:
+    from onnxprune.repair.calibration import CalibrationStats
+    from onnxprune.training.grads import GradStats
+
+
+class Need(str, enum.Enum):
+    """Evidence beyond the weights that a criterion asks the pipeline to gather before scoring."""
+
+    ACTIVATIONS = "activations"
+    """Per-channel activation statistics (zero counts, mean |x|) from calibration runs."""
+    FEATURES = "features"
+    """Gram matrices of the consumers' input features (regression), from calibration runs."""
+    GRADIENTS = "gradients"
+    """Per-weight gradient statistics from backward passes on the calibration data."""
+
+
+@dataclass
+class Evidence:
+    """What the calibrate stage gathered for the criterion; a field stays None when it was not asked for."""
+
+    calibration: CalibrationStats | None = None
+    gradients: GradStats | None = None
+
+    def require_calibration(self, criterion: str) -> CalibrationStats:
+        """Raises:
+            InvariantError: the criterion was run without calibrating first.
+        """
+        if self.calibration is None:
+            raise InvariantError(f"criterion {criterion} needs calibration statistics; run the calibrate stage first")
+        return self.calibration
+
+    def require_gradients(self, criterion: str) -> GradStats:
+        """Raises:
+            InvariantError: the criterion was run without gradient statistics.
+        """
+        if self.gradients is None:
+            raise InvariantError(f"criterion {criterion} needs gradient statistics; the calibrate stage did not run")
+        return self.gradients
 
 
 @dataclass
 class ScoringContext:
-    """Evidence a criterion may use. ``extras`` carries calibration or gradient statistics by name."""
+    """What a criterion may read: the graph's weights through the analysis' sites, and the evidence gathered."""
 
     graph: gs.Graph
     analysis: Analysis
     seed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    evidence: Evidence = field(default_factory=Evidence)
     notes: list[str] = field(default_factory=list)
     _sites_by_group: dict[int, list[Site]] | None = field(default=None, repr=False)
 
@@ -47,28 +88,28 @@ class ScoringContext:
 Criterion = Callable[[ScoringContext, PruningGroup], np.ndarray]
 
 
-class CriterionRegistry:
-    """Name → criterion; registering a name twice is an error."""
+class CriterionRegistry(Registry[str, Criterion]):
+    """Name → criterion, with the evidence each one needs gathered first; registering a name twice is an error."""
 
     def __init__(self) -> None:
-        self._criteria: dict[str, Criterion] = {}
-        self.needs: dict[str, set[str]] = {}
+        super().__init__("criterion")
+        self.needs: dict[str, set[Need]] = {}
 
-    def register(self, name: str, fn: Criterion, needs: set[str] | None = None) -> None:
-        if name in self._criteria:
-            raise ValueError(f"criterion {name!r} is already registered")
-        self._criteria[name] = fn
+    def register(self, name: str, fn: Criterion, needs: set[Need] | None = None) -> None:
+        self.add(name, fn)
         self.needs[name] = set(needs or ())
 
     def get(self, name: str) -> Criterion:
-        try:
-            return self._criteria[name]
-        except KeyError:
-            raise BadInputError(f"unknown criterion {name!r}; known: {', '.join(sorted(self._criteria))}",
-                                field="criterion") from None
+        """Raises:
+            BadInputError: no criterion has that name.
+        """
+        fn = self.lookup(name)
+        if fn is None:
+            raise BadInputError(f"unknown criterion {name!r}; known: {', '.join(self.names())}", field="criterion")
+        return fn
 
     def names(self) -> list[str]:
-        return sorted(self._criteria)
+        return self.keys()
 
 
 def channel_positions(ctx: ScoringContext, group: PruningGroup, ids: np.ndarray) -> np.ndarray:

@@ -19,15 +19,16 @@ import onnx
 
 from onnxprune.analysis.core import PruningGroup
 from onnxprune.data import DataSource
-from onnxprune.errors import BadInputError, InvariantError
+from onnxprune.errors import BadInputError
 from onnxprune.importance.base import (
+    Need,
     CriterionRegistry,
     ScoringContext,
     group_sites,
     per_channel,
 )
 
-GRADIENTS = "gradients"
+GRADIENTS = Need.GRADIENTS
 ROLES = ("out", "in", "param")
 
 
@@ -82,10 +83,7 @@ def _static_shape(spec, fixed: dict[str, list[int]], batch: int) -> list[int]:
 
 
 def _stats(ctx: ScoringContext):
-    stats = ctx.extras.get(GRADIENTS)
-    if stats is None:
-        raise InvariantError("gradient criteria need gradient statistics; the calibrate stage did not run")
-    return stats
+    return ctx.evidence.require_gradients("taylor/obd")
 
 
 def _score(ctx: ScoringContext, group: PruningGroup, per_weight) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.importance.base import Need
 from onnxprune.data import DataSource, model_inputs, open_data
 from onnxprune.errors import BadInputError
 from onnxprune.analysis.core import Analysis, PruningGroup, Site
@@ -42,10 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = "activations"
-"""``needs`` token: per-channel activation statistics (zero counts, mean |x|)."""
-FEATURES = "features"
-"""``needs`` token: Gram matrices of the consumers' input features (regression)."""
+ACTIVATIONS = Need.ACTIVATIONS
+FEATURES = Need.FEATURES
 
 RELU_LIKE = ("Relu", "Clip")
 """Ops whose output is exactly zero on a whole half-line (Clip only with min 0): where APoZ means something."""

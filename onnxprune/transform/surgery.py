@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.errors import SurgeryError
-from onnxprune.io.export import clear_inferred_shapes
 from onnxprune.analysis.core import Analysis, Fixup
 from onnxprune.analysis.index_mapping import keep_positions
+from onnxprune.errors import SurgeryError
+from onnxprune.io.export import clear_inferred_shapes
+from onnxprune.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,20 @@ class CutSummary:
 FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
 
 
-class FixupRegistry:
+class FixupRegistry(Registry[str, FixupHandler]):
     """Fixup kind → handler that returns the edits it needs (registering twice is an error)."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, FixupHandler] = {}
+        super().__init__("fixup handler")
 
     def register(self, kind: str, handler: FixupHandler) -> None:
-        if kind in self._handlers:
-            raise ValueError(f"a fixup handler for {kind!r} is already registered")
-        self._handlers[kind] = handler
+        self.add(kind, handler)
 
     def get(self, kind: str) -> FixupHandler:
-        try:
-            return self._handlers[kind]
-        except KeyError:
-            raise SurgeryError(f"no surgery handler for fixup kind {kind!r}") from None
+        handler = self.lookup(kind)
+        if handler is None:
+            raise SurgeryError(f"no surgery handler for fixup kind {kind!r}")
+        return handler
 
 
 def _conv_group(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:

@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import UnsupportedOpError
+from onnxprune.registry import OpRegistry
 
 log = logging.getLogger(__name__)
 
@@ -305,30 +306,20 @@ NON_DIFFERENTIABLE = frozenset({
 })
 
 
-class VJPRegistry:
+class VJPRegistry(OpRegistry[Rule]):
     """Maps (domain, op type) to a VJP rule. Build one per use; registering an op twice is an error."""
 
     def __init__(self, non_differentiable: frozenset[str] = NON_DIFFERENTIABLE) -> None:
-        self._rules: dict[tuple[str, str], Rule] = {}
+        super().__init__("VJP rule")
         self.non_differentiable = non_differentiable
 
     def register(self, op_type: str, rule: Rule, domain: str = "") -> None:
-        """Add ``rule`` for ``op_type``.
-
-        Raises:
-            ValueError: a rule for this op is already registered.
-        """
-        key = (domain, op_type)
-        if key in self._rules:
-            raise ValueError(f"a VJP rule for {domain or 'ai.onnx'}::{op_type} is already registered")
-        self._rules[key] = rule
+        """Add ``rule`` for ``op_type`` (ValueError when the op already has one)."""
+        self.add_op(op_type, rule, domain)
 
     def rule(self, op_type: str, domain: str = "") -> Rule | None:
         """The rule for ``op_type``, or None (the driver turns that into UnsupportedOpError)."""
-        return self._rules.get(("" if domain == "ai.onnx" else domain, op_type))
+        return self.find(op_type, domain)
 
-    def ops(self) -> list[str]:
-        return sorted(op for _, op in self._rules)
-
-    def __contains__(self, op_type: str) -> bool:
-        return ("", op_type) in self._rules
+    def __contains__(self, op_type: object) -> bool:
+        return isinstance(op_type, str) and self.find(op_type) is not None
