@@ -207,15 +207,32 @@ def test_bytes_match_serialized_size(tmp_path: Path) -> None:
 
 
 def test_big_weights_are_not_copied_for_shape_inference() -> None:
-    from onnxprune.measure.stats import _light_model
+    from onnxprune.io.weightless import WEIGHTLESS_MIN_BYTES
+    from onnxprune.measure.stats import _inference_copy
 
-    model = _cnn(c1=512)  # w1 has 512*4*9 = 18432 > 4096 elements; b1 (512) stays
-    light = _light_model(model, {})
-    assert "w1" not in {t.name for t in light.graph.initializer} and "b1" in {t.name for t in light.graph.initializer}
-    assert "w1" in {vi.name for vi in light.graph.input}
-    # conv1 out [1,512,5,5], MACs = 512*25*36 = 460800; conv2 w [8,256,3,3] → 8*9*256*9 = 165888
-    assert {l.node: l.macs for l in model_stats(model).layers}["conv1"] == 460800
-    assert {l.node: l.macs for l in model_stats(model).layers}["conv2"] == 165888
+    # Weights of 1 MiB and more, as an initializer and as a Paddle-style Constant node, become typed inputs.
+    big = RNG.standard_normal((512, 512)).astype(np.float32)
+    assert big.nbytes >= WEIGHTLESS_MIN_BYTES
+    model = _model(
+        [
+            helper.make_node("Constant", [], ["wc"], value=numpy_helper.from_array(big, "wc")),
+            helper.make_node("MatMul", ["x", "wi"], ["h"], name="mm1"),
+            helper.make_node("MatMul", ["h", "wc"], ["h2"], name="mm2"),
+            helper.make_node("Add", ["h2", "b"], ["y"], name="add"),
+        ],
+        [_vi("x", ["N", 512])],
+        [_vi("y", ["N", 512])],
+        [numpy_helper.from_array(big, "wi"), _init("b", 512)],
+    )
+    light = _inference_copy(model, {})
+    assert [t.name for t in light.graph.initializer] == ["b"]  # small weights stay
+    assert [n.op_type for n in light.graph.node] == ["MatMul", "MatMul", "Add"]
+    inputs = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in light.graph.input}
+    assert inputs == {"x": [1, 512], "wi": [512, 512], "wc": [512, 512]}
+    assert len(light.SerializeToString()) < 10_000
+    stats = model_stats(model)
+    assert {l.node: l.macs for l in stats.layers} == {"mm1": 512 * 512, "mm2": 512 * 512, "add": 0}
+    assert stats.params == 2 * 512 * 512 + 512
 
 
 def test_bytes_of_big_tensors_are_estimated_closely() -> None:

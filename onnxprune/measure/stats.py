@@ -8,11 +8,14 @@ Conventions (also in DESIGN.md, "Report JSON"):
   appears in both rows but once in the total. Sparse initializers count their stored non-zeros. Weights
   computed at run time (e.g. ``ConstantOfShape`` stand-ins) are not counted.
 - **MACs**: per sample (a symbolic first input dim is set to 1) from shapes found by ONNX shape
-  inference. ``Conv`` = output elements × (Cin/groups) × kernel elements (1-D/2-D/3-D alike);
+  inference; the shapes it leaves unknown that a MACs counter reads (Reshape targets computed at run
+  time in Paddle and Hugging Face exports) come from one onnxruntime run with random feeds
+  (:func:`onnxprune.runtime.shapes.run_shapes`). ``Conv`` = output elements × (Cin/groups) × kernel elements (1-D/2-D/3-D alike);
   ``ConvTranspose`` = input elements × (Cout/groups) × kernel elements; ``Gemm``/``MatMul`` = M × N × K,
   batched ``MatMul`` times the broadcast batch dims. Every other op counts 0 MACs (elementwise ops,
   pooling and normalization are cheap next to these and counting them is convention-dependent).
-  When a needed dim is symbolic and ``shapes`` does not fix it, MACs are ``None`` with the reason.
+  When a needed dim is symbolic and ``shapes`` does not fix it (or the run fails), MACs are ``None``
+  with the reason.
 - **bytes**: the serialized size of the model plus its external data, summed from the parts so that
   models above 2 GB are never serialized.
 - Nodes inside subgraphs (``If``/``Loop``/``Scan`` bodies) are not counted.
@@ -34,6 +37,8 @@ import onnx
 from onnx import helper
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.weightless import weightless
+from onnxprune.runtime.shapes import complete_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +57,6 @@ _FLOAT_TYPES = frozenset(
     )
     if t is not None
 )
-
-
-# Float initializers up to this many elements stay in the copy used for shape inference (Resize scales
-# and the like are read by it); bigger ones become typed graph inputs, so inference never copies weights.
-_INFERENCE_KEEP_ELEMS = 4096
 
 
 class ShapeUnknown(Exception):
@@ -276,57 +276,48 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def _light_model(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
-    """A weight-free copy for shape inference: big float initializers become typed inputs, inputs fixed."""
-    inits = {t.name for t in model.graph.initializer}
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    typed: list[onnx.ValueInfoProto] = []  # weights replaced by typed inputs
-    for node in model.graph.node:
-        value = _constant_value(node)
-        if value is not None and value.data_type in _FLOAT_TYPES and math.prod(value.dims) > _INFERENCE_KEEP_ELEMS:
-            typed.append(helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
-        else:
-            g.node.append(node)
-    for vi in model.graph.input:
-        new = g.input.add()
-        new.CopyFrom(vi)
-        if vi.name in inits:
-            continue
-        dims = new.type.tensor_type.shape.dim
-        if vi.name in shapes:
-            fixed = shapes[vi.name]
-            if len(fixed) != len(dims):
-                raise BadInputError(
-                    f"--shape {vi.name}: the model's input has {len(dims)} dims, got {list(fixed)}", field="shapes"
-                )
-            for d, value in zip(dims, fixed, strict=True):
-                d.Clear()
-                d.dim_value = int(value)
-        else:
-            for d in dims:  # Paddle writes -1 for dynamic dims: make them unknown
-                if d.HasField("dim_value") and d.dim_value <= 0:
-                    d.Clear()
-            if len(dims) and not dims[0].HasField("dim_value"):
-                dims[0].Clear()
-                dims[0].dim_value = 1
-    for vi in model.graph.output:
-        new = g.output.add()
-        new.name = vi.name
-        new.type.tensor_type.elem_type = vi.type.tensor_type.elem_type
-    declared = {vi.name for vi in model.graph.input}
-    for t in model.graph.initializer:
-        if t.data_type in _FLOAT_TYPES and math.prod(t.dims) > _INFERENCE_KEEP_ELEMS:
-            typed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            g.initializer.append(t)
+def _inference_copy(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
+    """A :func:`weightless` copy for shape inference, its inputs fixed (``shapes``, batch 1).
+
+    Large float ``Constant`` nodes (Paddle's weights) become typed inputs as well, declared shapes of
+    intermediate tensors and outputs are dropped (inference recomputes them; stale ones would conflict).
+    """
+    light = weightless(model, constants=True)
+    del light.graph.value_info[:]
+    for vi in light.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    real = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
+    for vi in light.graph.input:
+        if vi.name in real and vi.type.HasField("tensor_type"):
+            _fix_input_dims(vi, shapes.get(vi.name))
+    del light.graph.sparse_initializer[:]  # shape inference reads the dense shape from a typed input
     for st in model.graph.sparse_initializer:
-        typed.append(helper.make_tensor_value_info(st.values.name, st.values.data_type, list(st.dims)))
-    g.input.extend(vi for vi in typed if vi.name not in declared)
+        light.graph.input.append(helper.make_tensor_value_info(st.values.name, st.values.data_type, list(st.dims)))
     return light
+
+
+def _fix_input_dims(vi: onnx.ValueInfoProto, fixed: list[int] | None) -> None:
+    """Set an input's dims to ``fixed``, else make Paddle's -1 dims unknown and a symbolic first dim 1.
+
+    Raises:
+        BadInputError: ``fixed`` has another rank than the input.
+    """
+    dims = vi.type.tensor_type.shape.dim
+    if fixed is not None:
+        if len(fixed) != len(dims):
+            raise BadInputError(
+                f"--shape {vi.name}: the model's input has {len(dims)} dims, got {list(fixed)}", field="shapes"
+            )
+        for d, value in zip(dims, fixed, strict=True):
+            d.Clear()
+            d.dim_value = int(value)
+        return
+    for d in dims:
+        if d.HasField("dim_value") and d.dim_value <= 0:
+            d.Clear()
+    if len(dims) and not dims[0].HasField("dim_value"):
+        dims[0].Clear()
+        dims[0].dim_value = 1
 
 
 def _collect_dims(model: onnx.ModelProto) -> dict[str, Dims]:
@@ -363,13 +354,29 @@ def infer_dims(model: onnx.ModelProto, shapes: Mapping[str, list[int]] | None = 
         raise BadInputError(
             f"--shape names unknown input(s) {unknown}; inputs are {sorted(real_inputs)}", field="shapes"
         )
-    light = _light_model(model, shapes)
+    light = _inference_copy(model, shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as e:  # onnx raises InferenceError and others; MACs become unknown, not a crash
         logger.warning("shape inference failed (%s); MACs that need inferred shapes will be unknown", e)
         return Shapes(_collect_dims(light)), f"shape inference failed: {e}"
     return Shapes(_collect_dims(inferred)), None
+
+
+def macs_tensors(model: onnx.ModelProto, dims: Shapes, registry: MacsRegistry) -> list[str]:
+    """Inputs and outputs of nodes that have a MACs handler whose shapes are not fully known.
+
+    These are the only tensors a run must measure: most of a big model's shapes never enter a MACs count.
+    """
+    unknown: list[str] = []
+    for node in model.graph.node:
+        if registry.get(node.op_type, node.domain) is None:
+            continue
+        for name in (*node.input, *node.output):
+            known = dims.dims.get(name)
+            if name and (known is None or not all(isinstance(d, int) for d in known)):
+                unknown.append(name)
+    return list(dict.fromkeys(unknown))
 
 
 def _unfixed_inputs(model: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> dict[str, list[int | str]]:
@@ -426,6 +433,10 @@ def model_stats(
     params = _param_tensors(model)
     dims, infer_error = infer_dims(model, shapes)
     unfixed = _unfixed_inputs(model, shapes or {})
+    if not unfixed:
+        measured, run_error = complete_shapes(model, shapes, dims.dims, macs_tensors(model, dims, registry))
+        dims = Shapes(measured)
+        infer_error = "; ".join(e for e in (infer_error, run_error) if e) or None
     layers: list[LayerStats] = []
     reason: str | None = None
     for name, node in zip(node_names(model), model.graph.node, strict=True):
