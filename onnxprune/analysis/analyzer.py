@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis.core import AnalysisOptions, ChannelMap, Fixup, Site
+from onnxprune.analysis.core import (
+    AnalysisOptions,
+    ChannelMap,
+    Fixup,
+    FixupKind,
+    Site,
+    SiteRole,
+)
 from onnxprune.registry import OpRegistry
 
 log = logging.getLogger(__name__)
@@ -158,11 +165,11 @@ class Analyzer:
         r = ratios.pop()
         return int(r) if not ratios and float(r).is_integer() else None
 
-    def site(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node, role: str) -> None:
+    def site(self, t: gs.Tensor, axis: int, ids: np.ndarray, node: gs.Node, role: SiteRole) -> None:
         if isinstance(t, gs.Constant) and bool(np.any(ids >= 0)):
             self.sites.append(Site(t.name, axis, ids, node.name, node.op, role))
 
-    def fixup(self, node: gs.Node, kind: str, ids: list[np.ndarray], **data: Any) -> None:
+    def fixup(self, node: gs.Node, kind: FixupKind, ids: list[np.ndarray], **data: Any) -> None:
         self.fixups.append(Fixup(node.name, kind, ids, dict(data)))
 
     def excluded(self, node: gs.Node) -> bool:

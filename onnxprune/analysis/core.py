@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from onnxprune.analysis.index_mapping import FIXED
+
+
+class SiteRole(str, enum.Enum):
+    """What a sliced constant is to the channels it follows (importance reads weights by role)."""
+
+    OUT = "out"
+    """A producer's output rows."""
+    IN = "in"
+    """A consumer's input columns."""
+    PARAM = "param"
+    """Per-channel parameters: bias, BN γ/β, broadcast constants."""
+    STAT = "stat"
+    """BN running statistics: sliced, never used as importance."""
+
+
+class FixupKind(str, enum.Enum):
+    """Non-weight edits a cut needs; each kind has one surgery handler."""
+
+    CONV_GROUP = "conv_group"
+    RESHAPE = "reshape"
+    SPLIT = "split"
+    SLICE = "slice"
+    SHAPE_VALUE = "shape_value"
+    SHAPE_PIN = "shape_pin"
+    RESIZE_SIZES = "resize_sizes"
 
 
 @dataclass
@@ -32,7 +58,7 @@ class Site:
     ids: np.ndarray
     node: str
     op: str
-    role: str
+    role: SiteRole
 
 
 @dataclass
@@ -40,7 +66,7 @@ class Fixup:
     """A non-weight edit a cut requires: ``kind`` names the surgery handler, ``ids`` the channels it counts."""
 
     node: str
-    kind: str
+    kind: FixupKind
     ids: list[np.ndarray]
     data: dict[str, Any] = field(default_factory=dict)
 

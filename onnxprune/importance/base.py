@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis.core import Analysis, PruningGroup, Site
+from onnxprune.analysis.core import Analysis, PruningGroup, Site, SiteRole
 from onnxprune.errors import BadInputError, InvariantError
 from onnxprune.registry import Registry
 
@@ -135,5 +135,5 @@ def per_channel(ctx: ScoringContext, group: PruningGroup, site: Site, values: np
     return sums, touched
 
 
-def group_sites(ctx: ScoringContext, group: PruningGroup, roles: tuple[str, ...]) -> list[Site]:
+def group_sites(ctx: ScoringContext, group: PruningGroup, roles: tuple[SiteRole, ...]) -> list[Site]:
     return [site for site in ctx.sites_of(group) if site.role in roles]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.analysis.core import PruningGroup
+from onnxprune.analysis.core import PruningGroup, SiteRole
 from onnxprune.importance.base import (
     CriterionRegistry,
     ScoringContext,
@@ -18,7 +18,7 @@ from onnxprune.importance.base import (
     per_channel,
 )
 
-WEIGHT_ROLES = ("out", "in", "param")
+WEIGHT_ROLES = (SiteRole.OUT, SiteRole.IN, SiteRole.PARAM)
 
 
 def lp_scores(ctx: ScoringContext, group: PruningGroup, p: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis.core import PruningGroup, Site
+from onnxprune.analysis.core import PruningGroup, Site, SiteRole
 from onnxprune.importance.apoz import calibration_stats
 from onnxprune.importance.base import CriterionRegistry, ScoringContext
 from onnxprune.importance.magnitude import lp_scores
@@ -101,7 +101,7 @@ def regression_scores(ctx: ScoringContext, group: PruningGroup) -> np.ndarray:
     members = set(group.classes.tolist())
     for site in ctx.analysis.sites:
         fg = stats.grams.get(site.node)
-        if site.role != "in" or fg is None or site.tensor != fg.view.weight:
+        if site.role != SiteRole.IN or fg is None or site.tensor != fg.view.weight:
             continue
         if not members.intersection(ctx.analysis.classes_of(site.ids).tolist()):
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.analysis.core import PruningGroup
+from onnxprune.analysis.core import PruningGroup, SiteRole
 from onnxprune.importance.base import (
     CriterionRegistry,
     ScoringContext,
@@ -24,7 +24,7 @@ from onnxprune.importance.magnitude import lp_scores
 def bn_scale_scores(ctx: ScoringContext, group: PruningGroup) -> np.ndarray:
     nodes = {n.name: n for n in ctx.graph.nodes}
     total, count = np.zeros(group.size), np.zeros(group.size)
-    for site in group_sites(ctx, group, ("param",)):
+    for site in group_sites(ctx, group, (SiteRole.PARAM,)):
         node = nodes.get(site.node)
         if site.op != "BatchNormalization" or node is None or node.inputs[1].name != site.tensor:
             continue

@@ -17,19 +17,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.analysis.core import PruningGroup
+from onnxprune.analysis.core import PruningGroup, SiteRole
 from onnxprune.data import DataSource
 from onnxprune.errors import BadInputError
 from onnxprune.importance.base import (
-    Need,
     CriterionRegistry,
+    Need,
     ScoringContext,
     group_sites,
     per_channel,
 )
 
 GRADIENTS = Need.GRADIENTS
-ROLES = ("out", "in", "param")
+ROLES = (SiteRole.OUT, SiteRole.IN, SiteRole.PARAM)
 
 
 def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: object = "auto",

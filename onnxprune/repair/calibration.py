@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.importance.base import Need
+from onnxprune.analysis.core import Analysis, PruningGroup, Site, SiteRole
 from onnxprune.data import DataSource, model_inputs, open_data
 from onnxprune.errors import BadInputError
-from onnxprune.analysis.core import Analysis, PruningGroup, Site
+from onnxprune.importance.base import Need
 
 if TYPE_CHECKING:
     from onnxprune.runtime.device import DeviceChoice
@@ -316,7 +316,7 @@ def consumer_sites(analysis: Analysis, group: PruningGroup | None = None) -> lis
     """``in`` sites (consumer input columns) of ``group``, or of every prunable group."""
     groups = [group] if group is not None else [g for g in analysis.groups if g.prunable]
     classes = set(np.concatenate([g.classes for g in groups]).tolist()) if groups else set()
-    return [s for s in analysis.sites if s.role == "in" and classes.intersection(analysis.classes_of(s.ids).tolist())]
+    return [s for s in analysis.sites if s.role == SiteRole.IN and classes.intersection(analysis.classes_of(s.ids).tolist())]
 
 
 def consumer_inputs(graph: gs.Graph, analysis: Analysis, group: PruningGroup) -> list[str]:

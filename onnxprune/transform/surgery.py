@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.analysis.core import Analysis, Fixup
+from onnxprune.analysis.core import Analysis, Fixup, FixupKind
 from onnxprune.analysis.index_mapping import keep_positions
 from onnxprune.errors import SurgeryError
 from onnxprune.io.export import clear_inferred_shapes
@@ -50,16 +50,16 @@ class CutSummary:
 FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
 
 
-class FixupRegistry(Registry[str, FixupHandler]):
+class FixupRegistry(Registry[FixupKind, FixupHandler]):
     """Fixup kind → handler that returns the edits it needs (registering twice is an error)."""
 
     def __init__(self) -> None:
         super().__init__("fixup handler")
 
-    def register(self, kind: str, handler: FixupHandler) -> None:
+    def register(self, kind: FixupKind, handler: FixupHandler) -> None:
         self.add(kind, handler)
 
-    def get(self, kind: str) -> FixupHandler:
+    def get(self, kind: FixupKind) -> FixupHandler:
         handler = self.lookup(kind)
         if handler is None:
             raise SurgeryError(f"no surgery handler for fixup kind {kind!r}")
@@ -113,13 +113,13 @@ def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.nda
 
 def default_fixups() -> FixupRegistry:
     reg = FixupRegistry()
-    reg.register("conv_group", _conv_group)
-    reg.register("reshape", _reshape)
-    reg.register("split", _split)
-    reg.register("slice", _slice)
-    reg.register("resize_sizes", _resize_sizes)
-    reg.register("shape_value", _shape_value)
-    reg.register("shape_pin", _shape_pin)
+    reg.register(FixupKind.CONV_GROUP, _conv_group)
+    reg.register(FixupKind.RESHAPE, _reshape)
+    reg.register(FixupKind.SPLIT, _split)
+    reg.register(FixupKind.SLICE, _slice)
+    reg.register(FixupKind.RESIZE_SIZES, _resize_sizes)
+    reg.register(FixupKind.SHAPE_VALUE, _shape_value)
+    reg.register(FixupKind.SHAPE_PIN, _shape_pin)
     return reg
 
 

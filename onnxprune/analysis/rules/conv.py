@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer
-from onnxprune.analysis.core import ChannelMap
+from onnxprune.analysis.core import ChannelMap, FixupKind, SiteRole
 from onnxprune.analysis.graph import optional_input
 from onnxprune.analysis.index_mapping import (
     FIXED,
@@ -27,19 +27,19 @@ def conv(az: Analyzer, node: gs.Node) -> None:
     cout, cin = int(w.shape[0]), int(w.shape[1]) * group
     if group == 1:
         if xm is not None:
-            az.site(w_t, 1, xm.ids, node, "in")
+            az.site(w_t, 1, xm.ids, node, SiteRole.IN)
         ids = az.new_ids(cout, node)
     elif group == cin and cout % cin == 0:
         in_ids = xm.ids if xm is not None else np.full(cin, FIXED, np.int64)
         ids = np.repeat(in_ids, cout // cin)
-        az.fixup(node, "conv_group", [in_ids])
+        az.fixup(node, FixupKind.CONV_GROUP, [in_ids])
     else:
         if xm is not None:
-            az.site(w_t, 1, _even_per_group(az, node, xm.ids, group), node, "in")
+            az.site(w_t, 1, _even_per_group(az, node, xm.ids, group), node, SiteRole.IN)
         ids = GroupedMapping(group).tile(az.new_ids(cout // group, node))
-    az.site(w_t, 0, ids, node, "out")
+    az.site(w_t, 0, ids, node, SiteRole.OUT)
     if b_t is not None:
-        az.site(b_t, 0, ids, node, "param")
+        az.site(b_t, 0, ids, node, SiteRole.PARAM)
     az.set_map(node.outputs[0], ChannelMap(1, ids))
 
 
@@ -66,20 +66,20 @@ def conv_transpose(az: Analyzer, node: gs.Node) -> None:
     cin, cout = int(w.shape[0]), int(w.shape[1]) * group
     if group == 1:
         if xm is not None:
-            az.site(w_t, 0, xm.ids, node, "in")
+            az.site(w_t, 0, xm.ids, node, SiteRole.IN)
         ids = az.new_ids(cout, node)
-        az.site(w_t, 1, ids, node, "out")
+        az.site(w_t, 1, ids, node, SiteRole.OUT)
     elif group == cin and w.shape[1] == 1:
         ids = xm.ids if xm is not None else np.full(cin, FIXED, np.int64)
-        az.site(w_t, 0, ids, node, "out")
-        az.fixup(node, "conv_group", [ids])
+        az.site(w_t, 0, ids, node, SiteRole.OUT)
+        az.fixup(node, FixupKind.CONV_GROUP, [ids])
     else:
         if xm is not None:
             block = _even_per_group(az, node, xm.ids, group)
-            az.site(w_t, 0, GroupedMapping(group).tile(block), node, "in")
+            az.site(w_t, 0, GroupedMapping(group).tile(block), node, SiteRole.IN)
         per_group = az.new_ids(int(w.shape[1]), node)
-        az.site(w_t, 1, per_group, node, "out")
+        az.site(w_t, 1, per_group, node, SiteRole.OUT)
         ids = GroupedMapping(group).tile(per_group)
     if b_t is not None:
-        az.site(b_t, 0, ids, node, "param")
+        az.site(b_t, 0, ids, node, SiteRole.PARAM)
     az.set_map(node.outputs[0], ChannelMap(1, ids))

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer
-from onnxprune.analysis.core import ChannelMap
+from onnxprune.analysis.core import ChannelMap, FixupKind, SiteRole
 from onnxprune.analysis.graph import optional_input, producer
 from onnxprune.analysis.rules._common import (
     first_input,
@@ -111,7 +111,7 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
             continue
         source = _param_source(az, t, local, node, ids) if dim == len(ids) else None
         if source is not None:
-            az.site(source[0], source[1], ids, source[2], "param")
+            az.site(source[0], source[1], ids, source[2], SiteRole.PARAM)
         else:
             az.block(ids, f"{node.op} {node.name} combines them with {t.name}, which has no prunable channels")
     az.set_map(out, ChannelMap(axis, ids))
@@ -150,7 +150,7 @@ def _param_source(
             entry = None  # computed at runtime, but from constants only (Shape reads are checked apart): 1 broadcasts
     found = _param_source(az, inner, local, src, ids)
     if found is not None and entry is not None and entry.value > 1:
-        az.fixup(entry.owner, "shape_value", [ids], input=entry.input, position=entry.position)
+        az.fixup(entry.owner, FixupKind.SHAPE_VALUE, [ids], input=entry.input, position=entry.position)
     return found
 
 
@@ -210,7 +210,7 @@ def resize(az: Analyzer, node: gs.Node) -> None:
     if scales is not None and scales.size and float(scales.reshape(-1)[xm.axis]) == 1.0:
         az.set_map(node.outputs[0], xm)
     elif sizes is not None and sizes.size and int(sizes.reshape(-1)[xm.axis]) == len(xm.ids):
-        az.fixup(node, "resize_sizes", [xm.ids], axis=xm.axis)
+        az.fixup(node, FixupKind.RESIZE_SIZES, [xm.ids], axis=xm.axis)
         az.set_map(node.outputs[0], xm)
     else:
         az.block(xm.ids, f"{node.op} {node.name} may rescale the channel axis")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer
-from onnxprune.analysis.core import ChannelMap
+from onnxprune.analysis.core import ChannelMap, FixupKind, SiteRole
 from onnxprune.analysis.graph import optional_input
 from onnxprune.analysis.index_mapping import (
     ConcatMapping,
@@ -77,7 +77,7 @@ def split(az: Analyzer, node: gs.Node) -> None:
         parts.append(part)
         az.set_map(out, ChannelMap(axis, part))
         start += size
-    az.fixup(node, "split", parts)
+    az.fixup(node, FixupKind.SPLIT, parts)
 
 
 def slice_(az: Analyzer, node: gs.Node) -> None:
@@ -105,7 +105,7 @@ def slice_(az: Analyzer, node: gs.Node) -> None:
         az.block(xm.ids, f"Slice {node.name} strides over the channel axis")
         return
     out_ids = SliceMapping(start, stop).apply(xm.ids)
-    az.fixup(node, "slice", [xm.ids, out_ids], index=k, start=start, starts=starts.reshape(-1).copy(),
+    az.fixup(node, FixupKind.SLICE, [xm.ids, out_ids], index=k, start=start, starts=starts.reshape(-1).copy(),
              ends=ends.reshape(-1).copy())
     az.pinned.update({(node.name, 1, -1), (node.name, 2, -1)})
     az.set_map(node.outputs[0], ChannelMap(xm.axis, out_ids))
@@ -287,10 +287,10 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
                 az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
                 return False
             # timm-style merge reshape(B, N, C) with C read from the residual stream: pin it to the kept count
-            az.fixup(src.piece[0], "shape_pin", [ids], input=src.piece[1])
+            az.fixup(src.piece[0], FixupKind.SHAPE_PIN, [ids], input=src.piece[1])
             az.pinned.add((node.name, 1, index))
     elif src.value > 0:
-        az.fixup(src.owner, "shape_value", [ids], input=src.input, position=src.position)
+        az.fixup(src.owner, FixupKind.SHAPE_VALUE, [ids], input=src.input, position=src.position)
     elif src.value == 0 and not same_axis:
         az.block(ids, f"Reshape {node.name} copies (0) a dim that the channels do not own")
         return False
@@ -349,7 +349,7 @@ def gather(az: Analyzer, node: gs.Node) -> None:
         if out_rank is None:
             return
         ids = az.new_ids(int(table.shape[1]), node)
-        az.site(first_input(node), 1, ids, node, "out")
+        az.site(first_input(node), 1, ids, node, SiteRole.OUT)
         az.set_map(node.outputs[0], ChannelMap(out_rank - 1, ids))
         return
     if az.map(node.inputs[1]) is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer
-from onnxprune.analysis.core import ChannelMap
+from onnxprune.analysis.core import ChannelMap, SiteRole
 from onnxprune.analysis.graph import optional_input
 
 
@@ -21,16 +21,16 @@ def gemm(az: Analyzer, node: gs.Node) -> None:
         az.block(am.ids, f"Gemm {node.name} reads features on another axis")
         am = None
     if am is not None:
-        az.site(b_t, 1 if trans_b else 0, am.ids, node, "in")
+        az.site(b_t, 1 if trans_b else 0, am.ids, node, SiteRole.IN)
     n = int(b.shape[0 if trans_b else 1])
     ids = az.new_ids(n, node)
-    az.site(b_t, 0 if trans_b else 1, ids, node, "out")
+    az.site(b_t, 0 if trans_b else 1, ids, node, SiteRole.OUT)
     if c_t is not None:
         c = az.const(c_t)
         if c is None:
             az.block(ids, f"Gemm {node.name} adds a computed C")
         elif c.ndim >= 1 and c.shape[-1] == n and n > 1:
-            az.site(c_t, c.ndim - 1, ids, node, "param")
+            az.site(c_t, c.ndim - 1, ids, node, SiteRole.PARAM)
     az.set_map(node.outputs[0], ChannelMap(1, ids))
 
 
@@ -53,9 +53,9 @@ def matmul(az: Analyzer, node: gs.Node) -> None:
         az.block(am.ids, f"MatMul {node.name} reads features on another axis")
         am = None
     if am is not None:
-        az.site(b_t, b.ndim - 2, am.ids, node, "in")
+        az.site(b_t, b.ndim - 2, am.ids, node, SiteRole.IN)
     ids = az.new_ids(int(b.shape[-1]), node)
-    az.site(b_t, b.ndim - 1, ids, node, "out")
+    az.site(b_t, b.ndim - 1, ids, node, SiteRole.OUT)
     out_rank = az.rank(node.outputs[0]) or (max(rank, b.ndim) if rank is not None else None)
     if out_rank is None:
         az.block(ids, f"MatMul {node.name} output rank unknown")

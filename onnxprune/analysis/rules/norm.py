@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer
+from onnxprune.analysis.core import SiteRole
 from onnxprune.analysis.rules._common import first_input
 
 
@@ -16,7 +17,7 @@ def batch_norm(az: Analyzer, node: gs.Node) -> None:
         az.block(xm.ids, f"{node.op} {node.name} normalizes axis 1, channels are on axis {xm.axis}")
         return
     for i, t in enumerate(node.inputs[1:], start=1):
-        az.site(t, 0, xm.ids, node, "stat" if i >= 3 else "param")
+        az.site(t, 0, xm.ids, node, SiteRole.STAT if i >= 3 else SiteRole.PARAM)
         if az.const(t) is None and Analyzer.present(t):
             az.block(xm.ids, f"{node.op} {node.name} has computed parameters")
     az.set_map(node.outputs[0], xm)
@@ -46,7 +47,7 @@ def layer_norm(az: Analyzer, node: gs.Node) -> None:
         if az.const(t) is None or az.const(t).size != len(xm.ids):
             az.block(xm.ids, f"LayerNormalization {node.name} has computed or non-per-channel {t.name}")
             return
-        az.site(t, az.const(t).ndim - 1, xm.ids, node, "param")
+        az.site(t, az.const(t).ndim - 1, xm.ids, node, SiteRole.PARAM)
     az.set_map(node.outputs[0], xm)
     for extra in node.outputs[1:]:
         if extra.outputs:
