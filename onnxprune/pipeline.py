@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from onnxprune.planning.budget import BudgetResult
     from onnxprune.repair.reconstruct import ReconstructResult
     from onnxprune.runtime.device import DeviceChoice
+    from onnxprune.runtime.session import Session
     from onnxprune.planning.sensitivity import SensitivityResult
     from onnxprune.transform.depth import DepthResult
 
@@ -143,6 +144,18 @@ class FinetuneSummary:
 Stage = Callable[[PruneState], None]
 
 
+def analysis_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, list[int | str]]:
+    """Tensor shapes for the analysis: onnx shape inference, completed by one onnxruntime run where it
+    leaves dims unknown (Paddle exports, Reshape targets computed at run time), when the inputs allow a run."""
+    from onnxprune.runtime.shapes import complete_shapes
+
+    known = static_shapes(model, shapes)
+    completed, why = complete_shapes(model, shapes, known)
+    if why:
+        log.debug("shapes left to inference: %s", why)
+    return completed  # type: ignore[return-value]
+
+
 def stage_load(state: PruneState) -> None:
     state.loaded = load_model(state.model_path)
     state.notes.extend(state.loaded.notes)
@@ -156,7 +169,7 @@ def stage_depth(state: PruneState) -> None:
 
     spec = state.spec
     result = depth.prune_depth(
-        state.model, spec.depth, static_shapes(state.model, spec.shapes), calib=spec.calib,
+        state.model, spec.depth, analysis_shapes(state.model, spec.shapes), calib=spec.calib,
         samples=min(spec.calib_samples, 16), input_shapes=spec.shapes, method=spec.depth_method, device=spec.device,
         seed=spec.seed,
     )
@@ -166,7 +179,7 @@ def stage_depth(state: PruneState) -> None:
 
 
 def stage_analyze(state: PruneState) -> None:
-    state.shapes = static_shapes(state.working, state.spec.shapes)
+    state.shapes = analysis_shapes(state.working, state.spec.shapes)
     state.graph = gs.import_onnx(state.working)
     state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude,
                                    options=AnalysisOptions(heads=state.spec.heads))
@@ -383,14 +396,13 @@ def stage_verify(state: PruneState) -> None:
     output's fidelity is measured over the ``--calib`` data when given, else one batch of random inputs."""
     from onnxprune.runtime.session import make_session
 
-
     assert state.pruned is not None
     batches = _fidelity_batches(state)
     if batches is None:
         return
     choice = _device(state)
     refs, cands = [], []
-    with make_session(_reference(state), choice) as ref, make_session(state.pruned, choice) as cand:
+    with make_session(_reference(state), choice) as ref, _pruned_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
@@ -402,6 +414,20 @@ def stage_verify(state: PruneState) -> None:
             refs.append(a[names[0]])
             cands.append(b[names[0]])
     state.fidelity = fidelity(refs, cands)
+
+
+def _pruned_session(model: onnx.ModelProto, choice: DeviceChoice) -> Session:
+    """A session for the model we produced: if onnxruntime refuses it, that is our bug, not the user's input.
+
+    Raises:
+        InvariantError: onnxruntime cannot load the pruned model.
+    """
+    from onnxprune.runtime.session import make_session
+
+    try:
+        return make_session(model, choice)
+    except BadInputError as e:
+        raise InvariantError(f"onnxruntime cannot load the pruned model: {e}") from e
 
 
 def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
