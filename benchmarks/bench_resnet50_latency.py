@@ -2,7 +2,7 @@
 
 For ``--ratio`` 0.3/0.5/0.7 (share of every group's channels removed) with and without ``--round-to 8``,
 prunes the model and measures original and pruned latency interleaved in the same run
-(:func:`onnxprune.bench.compare`, fixed threads, warm-up), so the speed-up is a ratio of medians taken
+(:func:`onnxprune.measure.bench.compare`, fixed threads, warm-up), so the speed-up is a ratio of medians taken
 under the same machine load. MACs fall with the channel count squared; latency falls less (memory-bound
 layers, fixed per-op overhead) and may not reward round-to-8 on CPU, which is what the table shows.
 

@@ -1,4 +1,4 @@
-"""Write the digits split as DATA files (DESIGN.md) for ``--calib`` / ``--train-data`` / accuracy checks.
+"""Write the digits split as DATA files for ``--calib`` / ``--train-data`` / accuracy checks.
 
 Why: the example model was trained on ``tests.data.digits_split(seed=0)``; pruning it with calibration data,
 reconstruction or fine-tuning needs the same images in onnxprune's ``.npz`` format::

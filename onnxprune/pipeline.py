@@ -4,7 +4,7 @@
 a pure function of (model file, spec) → (pruned model file, report), with progress and cancellation
 passed in. It never touches server state. Stages are small functions over one :class:`PruneState`;
 ``_run_stages`` runs them in order, reports progress at each boundary and names the stage when an
-unexpected error escapes (STYLE.md habit 5).
+unexpected error escapes.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PruneResult:
-    """What a prune job produced: the pruned model's path and the JSON-able report (DESIGN.md)."""
+    """What a prune job produced: the pruned model's path and the JSON-able report."""
 
     output_path: str
     report: dict[str, Any]

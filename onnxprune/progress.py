@@ -1,6 +1,6 @@
 """Progress reporting and cancellation passed into long-running stages.
 
-Jobs never reach into a server's state: the caller hands in a callback and an Event (DESIGN.md, Scale-out).
+Jobs never reach into a server's state: the caller hands in a callback and an Event, so the same job runs in a local worker or on another machine.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def build_report(
     latency: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report of DESIGN.md ("Report JSON").
+    """The JSON report (the contract the README's "Report" paragraph describes).
 
     Args:
         original: stats of the input model.

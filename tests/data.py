@@ -55,7 +55,7 @@ def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 
 def write_npz(path: str | Path, x: np.ndarray, y: np.ndarray | None = None, input_name: str = "input") -> Path:
-    """Write arrays in the DATA format of DESIGN.md (input name -> batch-first array, ``labels``).
+    """Write arrays in the DATA format (input name -> batch-first array, ``labels``).
 
     Args:
         path: destination ``.npz`` file.

@@ -1,4 +1,4 @@
-"""One test per index mapping (STYLE.md habit 4): how channel ids move through remapping ops."""
+"""One test per index mapping : how channel ids move through remapping ops."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_rapidocr_is_installed_without_deps() -> None:
-    """Its deps would pull CPU onnxruntime over onnxruntime-gpu (DESIGN.md, packaging pitfalls)."""
+    """Its deps would pull CPU onnxruntime over onnxruntime-gpu (both wheels install the same package folder)."""
     assert "--no-deps rapidocr-onnxruntime==1.4.4" in setup_command("test")
 
 

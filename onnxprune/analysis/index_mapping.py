@@ -2,7 +2,7 @@
 
 Every mapping turns the channel-id array of an input tensor (one id per position along the channel
 axis, ``-1`` for positions that come from no prunable producer) into the id array of the output.
-They are pure and tiny so each can be unit-tested alone (STYLE.md habit 4, after Torch-Pruning's
+They are pure and tiny so each can be unit-tested alone (the idea of Torch-Pruning's
 ``index_mapping.py``).
 """
 

@@ -1,6 +1,6 @@
 """``onnxprune bench MODEL [OTHER]``: latency percentiles and throughput, and the ratio of two models.
 
-With two models the runs are interleaved in the same process (see :func:`onnxprune.bench.compare`),
+With two models the runs are interleaved in the same process (see :func:`onnxprune.measure.bench.compare`),
 so the printed speed-up is measured under the same machine conditions for both.
 """
 

@@ -3,7 +3,7 @@
 Criteria are looked up in a :class:`CriterionRegistry`; each gets a :class:`ScoringContext` holding
 whatever evidence the run gathered (weights always; calibration statistics and gradients when the
 criterion asks for them) and returns scores for one group. Per-tensor weight access goes through the
-analysis' sites, so no criterion re-walks the graph (STYLE.md habit 7).
+analysis' sites, so no criterion re-walks the graph.
 """
 
 from __future__ import annotations

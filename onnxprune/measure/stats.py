@@ -1,6 +1,6 @@
 """Parameters, bytes and MACs per layer and per model (MACs from a per-op registry, batch 1).
 
-Conventions (also in DESIGN.md, "Report JSON"):
+Conventions (the report's numbers):
 
 - **params**: the number of elements in every floating-point initializer, plus floating-point tensors
   held in ``Constant`` nodes (Paddle exports keep weights there). Integer tensors (shapes, indices) are
@@ -38,6 +38,7 @@ from onnx import helper
 
 from onnxprune.errors import BadInputError
 from onnxprune.io.weightless import weightless
+from onnxprune.registry import OpRegistry
 from onnxprune.runtime.shapes import complete_shapes
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Shapes:
 MacsFn = Callable[[onnx.NodeProto, Shapes], int]
 
 
-class MacsRegistry:
+class MacsRegistry(OpRegistry[MacsFn]):
     """Per-op MACs counters keyed by (domain, op type). Ops without a handler count 0 MACs.
 
     Example:
@@ -100,33 +101,22 @@ class MacsRegistry:
         >>> reg.register("Conv", conv_macs)
         >>> reg.register("Conv", conv_macs)
         Traceback (most recent call last):
-        ValueError: MACs handler for ai.onnx::Conv registered twice
+        ValueError: a MACs handler for ai.onnx::Conv is already registered (registered twice)
     """
 
     def __init__(self) -> None:
-        self._handlers: dict[tuple[str, str], MacsFn] = {}
+        super().__init__("MACs handler")
 
     def register(self, op_type: str, fn: MacsFn, domain: str = "") -> None:
-        """Add a handler.
-
-        Raises:
-            ValueError: the op already has one.
-        """
-        key = (_norm_domain(domain), op_type)
-        if key in self._handlers:
-            raise ValueError(f"MACs handler for {key[0] or 'ai.onnx'}::{op_type} registered twice")
-        self._handlers[key] = fn
+        """Add a handler (ValueError when the op already has one)."""
+        self.add_op(op_type, fn, domain)
 
     def get(self, op_type: str, domain: str = "") -> MacsFn | None:
         """The handler for an op, or None (the op counts 0 MACs)."""
-        return self._handlers.get((_norm_domain(domain), op_type))
+        return self.find(op_type, domain)
 
-    def __contains__(self, op_type: str) -> bool:
-        return ("", op_type) in self._handlers
-
-
-def _norm_domain(domain: str) -> str:
-    return "" if domain == "ai.onnx" else domain
+    def __contains__(self, op_type: object) -> bool:
+        return isinstance(op_type, str) and self.find(op_type) is not None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -167,7 +157,7 @@ def matmul_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
 
 
 def default_macs_registry() -> MacsRegistry:
-    """A fresh registry with the handlers DESIGN.md defines (Conv, ConvTranspose, Gemm, MatMul)."""
+    """A fresh registry with the built-in counters (Conv, ConvTranspose, Gemm, MatMul); other ops count 0."""
     reg = MacsRegistry()
     reg.register("Conv", conv_macs)
     reg.register("ConvTranspose", conv_transpose_macs)

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.core import Analysis
 from onnxprune.errors import PlanError
-from onnxprune.measure.stats import ModelStats
+from onnxprune.measure.stats import MacsRegistry, ModelStats, default_macs_registry
 from onnxprune.planning.plan import Plan
 
 
@@ -29,18 +29,17 @@ class CostModel:
     ``numel × Π kept/len`` elements, and a Conv/ConvTranspose/Gemm/MatMul node's MACs scale like its
     weight's size (spatial sizes do not change when channels go). Nodes without a constant weight
     (attention MatMuls) scale with the channel maps of their output and contracted input axis. The
-    totals start from :func:`onnxprune.report.model_stats` of the original, so they use the report's
+    totals start from :func:`onnxprune.measure.stats.model_stats` of the original, so they use the report's
     conventions, and tests compare them with the stats of really cut models.
 
     Example:
-        >>> cost = CostModel(graph, analysis, report.model_stats(model))
+        >>> cost = CostModel(graph, analysis, model_stats(model))
         >>> cost.fraction(plan, "macs")
         0.49
     """
 
-    _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-    def __init__(self, graph: gs.Graph, analysis: Analysis, stats: ModelStats) -> None:
+    def __init__(self, graph: gs.Graph, analysis: Analysis, stats: ModelStats,
+                 macs: MacsRegistry | None = None) -> None:
         self.base = Cost(stats.params, stats.macs)
         self.macs_unknown_reason = stats.macs_unknown_reason
         self._offsets: dict[int, int] = {}
@@ -70,9 +69,10 @@ class CostModel:
         # MAC nodes: (base MACs, axis refs)
         self._nodes: list[tuple[int, list[int]]] = []
         layer_macs = {layer.node: layer.macs for layer in stats.layers}
+        macs = macs or default_macs_registry()
         for node in graph.nodes:
             base = layer_macs.get(node.name)
-            if node.op not in self._MAC_OPS or not base:
+            if macs.get(node.op, node.domain or "") is None or not base:
                 continue
             refs = self._node_refs(node, site_axes)
             if refs:

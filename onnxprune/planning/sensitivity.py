@@ -1,7 +1,7 @@
 """Sensitivity analysis: prune each group alone at a sweep of ratios and measure what it costs.
 
 The curves answer "which layers can lose channels cheaply?": they are saved as JSON, drawn one curve
-per group (the usual sensitivity chart), and feed :func:`onnxprune.plan.sensitivity_order`, which
+per group (the usual sensitivity chart), and feed :func:`onnxprune.planning.budget.sensitivity_order`, which
 prunes the groups that are cheap to lose and expensive to keep first.
 
 Two numbers per point: ``metric`` (what a person reads: accuracy when the data has labels, else top-1
@@ -87,7 +87,7 @@ class SensitivityResult:
     notes: list[str] = field(default_factory=list)
 
     def curves_for_plan(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """``{group id: (ratios, loss)}`` as :func:`onnxprune.plan.sensitivity_order` takes them."""
+        """``{group id: (ratios, loss)}`` as :func:`onnxprune.planning.budget.sensitivity_order` takes them."""
         return {
             c.group: (np.array([p.ratio for p in c.points]), np.array([p.loss for p in c.points]))
             for c in self.groups if c.points
@@ -335,7 +335,7 @@ def budget_order(
     round_to: int = 1,
     time_budget_s: float = 300.0,
 ) -> RemovalOrder:
-    """The calibrated allocation for a budget: :func:`onnxprune.plan.greedy_order` with real cuts as the loss."""
+    """The calibrated allocation for a budget: :func:`onnxprune.planning.budget.greedy_order` with real cuts as the loss."""
 
     def loss(plan: Plan) -> float:
         return evaluate(cut_copy(model, analysis, plan))[1]

@@ -1,6 +1,6 @@
 """onnxruntime sessions: device choice (CUDA with a logged CPU fallback), inputs, intermediate capture.
 
-This is the only module that imports onnxruntime (STYLE.md habit 1). Everything else passes models
+onnxruntime is imported only under ``onnxprune/runtime/``, so the format and runtime stay at the edges. Everything else passes models
 (``onnx.ModelProto`` or a path) and numpy arrays in and gets numpy arrays back.
 
 Device choice is resolved once into a :class:`DeviceChoice` the caller holds and passes on, so the

@@ -13,7 +13,7 @@ Importance (lower is removed first):
 * ``fidelity``: 1 − cosine similarity between the model's outputs with and without the block.
 
 Finding and removal work on a graphsurgeon graph; measuring runs onnxruntime through
-:mod:`onnxprune.runtime` (STYLE.md habit 1).
+:mod:`onnxprune.runtime`.
 """
 
 from __future__ import annotations

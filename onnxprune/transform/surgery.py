@@ -2,7 +2,7 @@
 
 The analysis already says which constant slices follow which channel (:class:`~onnxprune.analysis.core.Site`)
 and which shape constants count them (:class:`~onnxprune.analysis.core.Fixup`). ``cut_channels`` first
-computes *every* new value and checks it (STYLE.md habit 3), then applies them all, so a failure leaves
+computes *every* new value and checks it, then applies them all, so a failure leaves
 the graph untouched. Fixup handlers live in a registry keyed by kind, like the analysis rules.
 """
 
