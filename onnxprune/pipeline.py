@@ -136,6 +136,8 @@ class FinetuneSummary:
     lr: float
     batch_size: int
     metrics: dict[str, float]
+    terms: dict[str, dict[str, Any]]
+    """Per output: the loss term, the tensor it reads (the logits before a Softmax) and its class axis."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -381,8 +383,10 @@ def stage_finetune(state: PruneState) -> None:
     state.pruned = export_checked(result.model)
     how = "labels" if data.labels is not None else "distillation from the original model"
     metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
+    terms = {t.output: {"term": t.kind.value, "reads": t.tensor, "class_axis": t.class_axis,
+                        "output_kind": t.semantics.kind.value} for t in result.loss_terms}
     state.finetune = FinetuneSummary(steps=spec.finetune_steps, loss=how, lr=spec.lr, batch_size=spec.batch_size,
-                                     metrics=metrics)
+                                     metrics=metrics, terms=terms)
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
 
 

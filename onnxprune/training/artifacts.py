@@ -1,9 +1,11 @@
 """Training artifacts that stock onnxruntime can run: two graphs, a checkpoint and a manifest.
 
-``training_model.onnx``: batch inputs, loss inputs (labels / teacher outputs / targets), params,
+``training_model.onnx``: batch inputs, loss inputs (labels / teacher logits or outputs / targets), params,
 optimizer state, ``lr``, ``step`` → ``loss``, ``<param>__new``…, ``<state>__new``….
 ``eval_model.onnx``: the inference graph with the trained params as inputs.
-``checkpoint.npz``: params, optimizer state and ``__step__``. ``manifest.json``: what feeds what.
+``checkpoint.npz``: params, optimizer state and ``__step__``. ``manifest.json``: what feeds what, and
+(``loss.reads``) which tensor and class axis each loss term reads: a KL term's teacher input takes the
+teacher's logits laid out like the output, not its probabilities.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from onnxprune.training.grad.driver import (
     build_gradients,
     upgrade_opset,
 )
-from onnxprune.training.losses import LossGraph, LossSpec, add_loss
+from onnxprune.training.losses import LossGraph, LossSpec, LossTerm, add_loss
 from onnxprune.training.optimizers import (
     LR_INPUT,
     STEP_INPUT,
@@ -222,6 +224,11 @@ class TrainingArtifacts:
     def param_names(self) -> list[str]:
         return [p["name"] for p in self.manifest["params"]]
 
+    @property
+    def loss_terms(self) -> tuple[LossTerm, ...]:
+        """What each loss term reads (tensor, class axis, the output's semantics), from the manifest."""
+        return tuple(LossTerm.from_json(t) for t in self.manifest["loss"].get("reads", []))
+
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
@@ -307,7 +314,8 @@ def export_artifacts(
             for s in states
         ],
         "frozen": list(gm.result.missing),
-        "loss": {**asdict(loss_spec), "outputs": list(gm.loss.terms), "terms": gm.loss.terms},
+        "loss": {**asdict(loss_spec), "outputs": list(gm.loss.terms), "terms": gm.loss.terms,
+                 "reads": [t.to_json() for t in gm.loss.loss_terms]},
         "optimizer": asdict(opt_spec),
         "eval": {"inputs": [i.name for i in evaluation.graph.input], "outputs": [o.name for o in evaluation.graph.output]},
         "checkpoint": {"step": STEP_KEY},

@@ -14,7 +14,7 @@ import onnx
 from onnxprune.errors import BadInputError
 from onnxprune.training.artifacts import build_gradient_model
 from onnxprune.training.data import LABELS_KEY
-from onnxprune.training.losses import LossSpec
+from onnxprune.training.losses import LossSpec, teacher_plan
 
 
 @dataclass
@@ -83,7 +83,9 @@ def accumulate_gradients(
     stats = GradStats({n: np.zeros_like(v, np.float64) for n, v in gm.params.items()},
                       {n: np.zeros_like(v, np.float64) for n, v in gm.params.items()})
     grads = gm.result.grads
-    teacher_sess = make_session(teacher if teacher is not None else model, choice) if loss == "distill" else None
+    plan = teacher_plan(teacher if teacher is not None else model, gm.loss.loss_terms,
+                        [o.name for o in gm.base.graph.output]) if loss == "distill" else None
+    teacher_sess = make_session(plan.model, choice) if plan is not None else None
     try:
         with make_session(gm.result.model, choice) as sess:
             dtypes = {s.name: s.dtype for s in sess.input_specs}
@@ -96,10 +98,10 @@ def accumulate_gradients(
                         raise BadInputError("loss 'ce' needs 'labels' in every batch", field="calib")
                     feeds[LABELS_KEY] = np.asarray(batch[LABELS_KEY], np.int64)
                 else:
-                    assert teacher_sess is not None
-                    tout = teacher_sess.run({k: feeds[k] for k in gm.batch_inputs})
-                    for (out, name), value in zip(gm.loss.teacher.items(), tout.values()):
-                        feeds[name] = value
+                    assert teacher_sess is not None and plan is not None
+                    values = plan.values(teacher_sess.run({k: feeds[k] for k in gm.batch_inputs}, plan.tensors))
+                    for out, name in gm.loss.teacher.items():
+                        feeds[name] = values[out]  # the teacher's logits for KL terms
                 feeds.update(gm.params)
                 res = sess.run(feeds, [gm.loss.loss] + [grads[n] for n in gm.params])
                 stats.loss_sum += float(res[gm.loss.loss])

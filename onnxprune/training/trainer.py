@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,9 @@ from onnxprune.training.artifacts import (
 )
 from onnxprune.training.data import TrainData
 from onnxprune.training.grad.driver import upgrade_opset
-from onnxprune.training.losses import LossSpec
+from onnxprune.training.losses import LossSpec, LossTerm, TeacherPlan, teacher_plan, term_metrics
 from onnxprune.training.optimizers import LR_INPUT, STEP_INPUT, OptimizerSpec
+from onnxprune.training.outputs import logits_model
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class FinetuneConfig:
     """Options of one fine-tuning run. ``steps`` wins over ``epochs``; with neither, 200 steps.
 
     ``loss="auto"`` is cross-entropy when the data has labels, else distillation from the teacher.
+    ``class_axis`` overrides the class axis of the outputs (see :class:`LossSpec`); by default it comes
+    from each output's trailing Softmax/LogSoftmax/Sigmoid, or its rank.
     ``patience`` counts evaluations without improvement of the held-out loss before stopping; the
     best parameters seen are the ones returned.
     """
@@ -61,6 +64,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.0
     loss: str = "auto"  # auto | ce | distill | mse
     temperature: float = 2.0
+    class_axis: int | None = None
     trainable: list[str] | None = None
     eval_fraction: float = 0.1
     eval_every: int = 50
@@ -86,11 +90,13 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """The fine-tuned inference model, per-step/per-eval history and the final held-out metrics."""
+    """The fine-tuned inference model, per-step/per-eval history, the final held-out metrics and what
+    each loss term read (tensor, class axis)."""
 
     model: onnx.ModelProto
     history: list[dict[str, float]] = field(default_factory=list)
     final_metrics: dict[str, float] = field(default_factory=dict)
+    loss_terms: tuple[LossTerm, ...] = ()
 
 
 def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
@@ -219,57 +225,41 @@ class _Evaluator:
         return {o: np.concatenate(v) for o, v in chunks.items()}
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec,
+            terms: Sequence[LossTerm]) -> dict[str, float]:
+    """Held-out metrics: loss (same definition as training) plus accuracy or top-1 agreement.
 
-
-def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec, terms: dict[str, str]) -> dict[str, float]:
-    """Held-out metrics: loss (same definition as training) plus accuracy or top-1 agreement."""
+    ``outputs`` holds the tensors the terms read (logits views included, see :func:`_eval_model`).
+    """
     out: dict[str, float] = {}
     total = 0.0
-    for name, kind in terms.items():
-        y = outputs[name].astype(np.float64)
-        if kind == "ce":
-            assert data.labels is not None
-            logp = _log_softmax(y)
-            total += float(-np.mean(np.take_along_axis(logp, np.expand_dims(data.labels, 1), axis=1)))
-            out["accuracy"] = float(np.mean(y.argmax(axis=1) == data.labels))
-        elif kind == "kl":
-            t = data.teacher[name].astype(np.float64)
-            temp = loss.temperature
-            logp, logq = _log_softmax(t / temp), _log_softmax(y / temp)
-            total += float(temp * temp * np.mean(np.sum(np.exp(logp) * (logp - logq), axis=1)))
-            out["agreement"] = float(np.mean(y.argmax(axis=1) == t.argmax(axis=1)))
-            if data.labels is not None:
-                out["accuracy"] = float(np.mean(y.argmax(axis=1) == data.labels))
-        else:
-            ref = data.teacher.get(name)
-            if ref is None:
-                continue
-            total += float(np.mean((y - ref) ** 2))
+    for term in terms:
+        m = term_metrics(term, outputs[term.tensor], labels=data.labels, reference=data.teacher.get(term.output),
+                         temperature=loss.temperature)
+        total += m.pop("loss", 0.0)
+        out.update(m)
     out["loss"] = total
     return out
 
 
-def _teacher_outputs(teacher: onnx.ModelProto, student: onnx.ModelProto, data: TrainData, device: object,
-                     batch_size: int, threads: int | None) -> dict[str, np.ndarray]:
-    """The teacher's outputs for every sample, keyed by the student's output names (by position)."""
+def _teacher_values(plan: TeacherPlan, data: TrainData, device: object, batch_size: int,
+                    threads: int | None) -> dict[str, np.ndarray]:
+    """The teacher inputs' values (teacher logits for KL terms) for every sample, by student output."""
     from onnxprune.runtime.session import make_session
 
-    names = [o.name for o in student.graph.output]
-    chunks: list[list[np.ndarray]] = [[] for _ in names]
-    with make_session(teacher, device, threads=threads) as sess:  # type: ignore[arg-type]
-        if len(sess.output_names) != len(names):
-            raise BadInputError(
-                f"the teacher has {len(sess.output_names)} outputs, the model {len(names)}", field="teacher"
-            )
+    chunks: dict[str, list[np.ndarray]] = {f.output: [] for f in plan.fetches}
+    with make_session(plan.model, device, threads=threads) as sess:  # type: ignore[arg-type]
         dtypes = {s.name: s.dtype for s in sess.input_specs}
         for batch in data.batches(max(batch_size, 64), None, drop_last=False):
-            res = sess.run(batch.feeds(dtypes))
-            for i, o in enumerate(sess.output_names):
-                chunks[i].append(res[o])
-    return {n: np.concatenate(c) for n, c in zip(names, chunks)}
+            for name, value in plan.values(sess.run(batch.feeds(dtypes), plan.tensors)).items():
+                chunks[name].append(value)
+    return {n: np.concatenate(c) for n, c in chunks.items()}
+
+
+def _eval_model(model: onnx.ModelProto, params: list[str], terms: Sequence[LossTerm]) -> onnx.ModelProto:
+    """The inference graph with params as inputs and the logits the loss terms read as extra outputs."""
+    base = params_to_inputs(upgrade_opset(model), params)
+    return logits_model(base, [t.semantics for t in terms if t.reads_logits])[0]
 
 
 def _check_inputs(model: onnx.ModelProto, data: TrainData) -> None:
@@ -299,7 +289,9 @@ def finetune(
     """Fine-tune ``model`` on ``data`` with onnxruntime and return the tuned inference model.
 
     With labels the loss is cross-entropy; without, the model distils from ``teacher`` (default: a
-    copy of ``model`` as given, i.e. the original before fine-tuning), whose outputs are computed once.
+    copy of ``model`` as given, i.e. the original before fine-tuning), whose logits (the tensors before
+    its outputs' Softmax/Sigmoid) are computed once. Losses read the logits over each output's class
+    axis (:mod:`onnxprune.training.outputs`), so Softmax-terminated and ``[N, T, C]`` models train too.
 
     Args:
         model: inference model (BN in inference mode); initializers are what gets trained.
@@ -328,24 +320,26 @@ def finetune(
     kind = config.loss if config.loss != "auto" else ("ce" if data.labels is not None else "distill")
     if kind == "ce" and data.labels is None:
         raise BadInputError("loss 'ce' needs 'labels' in the training data", field="train_data")
-    if kind in ("distill", "mse") and not data.teacher:
-        source = teacher if teacher is not None else model
-        data = TrainData(data.inputs, data.labels,
-                         _teacher_outputs(source, model, data, choice, config.batch_size, config.threads))
     train, held = data.split(config.eval_fraction, config.seed)
     batch = min(config.batch_size, len(train))
     # "mse" matches the teacher's outputs by mean squared error (regression heads)
     loss_spec = LossSpec(kind="distill" if kind == "mse" else kind, temperature=config.temperature,
-                         distill_mode="mse" if kind == "mse" else "auto")
+                         distill_mode="mse" if kind == "mse" else "auto", class_axis=config.class_axis)
     opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay,
                         max_grad_norm=config.max_grad_norm)
     arts = export_artifacts(model, loss=loss_spec, optimizer=opt, trainable=config.trainable,
                             shapes=_fixed_shapes(model, data, batch))
+    terms = arts.loss_terms
+    if kind in ("distill", "mse") and not data.teacher:
+        plan = teacher_plan(teacher if teacher is not None else model, terms, [o.name for o in model.graph.output])
+        data = TrainData(data.inputs, data.labels,
+                         _teacher_values(plan, data, choice, config.batch_size, config.threads))
+        train, held = data.split(config.eval_fraction, config.seed)  # the same split, now with teacher values
     trainer = Trainer(arts, list(choice.providers), config.threads)  # type: ignore[attr-defined]
     evaluator = None
     if held is not None:
-        evaluator = _Evaluator(params_to_inputs(upgrade_opset(model), trainer.params), trainer, config.threads)
-    run = _Run(trainer, evaluator, train, held, config, batch, loss_spec, arts.manifest, reporter)
+        evaluator = _Evaluator(_eval_model(model, trainer.params, terms), trainer, config.threads)
+    run = _Run(trainer, evaluator, train, held, config, batch, loss_spec, arts.manifest, terms, reporter)
     log.info("fine-tuning %d params for %d steps on %s (batch %d, %s, %s)", len(trainer.params), run.total,
              trainer.provider, batch, kind, config.optimizer)
     started = time.perf_counter()
@@ -358,7 +352,7 @@ def finetune(
         final.update(run.evaluate())
     if reporter is not None:
         reporter("finetune", 1.0, "done")
-    return FinetuneResult(apply_checkpoint(model, params), run.history, final)
+    return FinetuneResult(apply_checkpoint(model, params), run.history, final, terms)
 
 
 @dataclass
@@ -373,6 +367,7 @@ class _Run:
     batch: int
     loss: LossSpec
     manifest: dict[str, Any]
+    terms: tuple[LossTerm, ...]
     reporter: ReporterFn | None
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -387,7 +382,7 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         assert self.evaluator is not None and self.held is not None  # callers check
         outputs = self.evaluator.predict(self.held, self.batch)
-        return metrics(outputs, self.held, self.loss, self.manifest["loss"]["terms"])
+        return metrics(outputs, self.held, self.loss, self.terms)
 
     def _feeds(self, b: TrainData) -> dict[str, np.ndarray]:
         names = self.manifest["inputs"]

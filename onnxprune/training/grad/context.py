@@ -29,7 +29,7 @@ class TensorInfo:
     """What shape inference knows about one tensor."""
 
     dtype: int
-    shape: list[Dim] | None  # None: rank unknown
+    shape: list[Dim] | None  # None: rank unknown; a dim is None when unknown (also for an exporter's -1)
 
 
 def _info_from_type(tp: onnx.TypeProto) -> TensorInfo | None:
@@ -40,7 +40,7 @@ def _info_from_type(tp: onnx.TypeProto) -> TensorInfo | None:
     if tt.HasField("shape"):
         shape = []
         for d in tt.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
                 shape.append(int(d.dim_value))
             elif d.HasField("dim_param"):
                 shape.append(d.dim_param)
