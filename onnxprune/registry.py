@@ -5,17 +5,17 @@ twice is an error: two handlers for one op would make the result depend on regis
 
 Example:
     >>> rules = OpRegistry[str]("channel rule")
-    >>> rules.add_op("Conv", "conv")
-    >>> rules.find("Conv", "ai.onnx")
+    >>> rules.register(("Conv", "ConvTranspose"), "conv")
+    >>> rules.get("Conv", "ai.onnx")
     'conv'
-    >>> rules.add_op("Conv", "again")
+    >>> rules.register("Conv", "again")
     Traceback (most recent call last):
     ValueError: a channel rule for ai.onnx::Conv is already registered (registered twice)
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -64,14 +64,22 @@ class Registry(Generic[K, V]):
 class OpRegistry(Registry[tuple[str, str], V]):
     """Handlers keyed by (domain, op type)."""
 
-    def add_op(self, op_type: str, value: V, domain: str | None = DEFAULT_DOMAIN) -> None:
-        self.add(op_key(op_type, domain), value)
+    def register(self, ops: str | Iterable[str], value: V, domain: str | None = DEFAULT_DOMAIN) -> None:
+        """Add ``value`` for one op type or several (ValueError for one that already has a handler)."""
+        for op in [ops] if isinstance(ops, str) else ops:
+            self.add(op_key(op, domain), value)
 
-    def find(self, op_type: str, domain: str | None = DEFAULT_DOMAIN) -> V | None:
+    def get(self, op_type: str, domain: str | None = DEFAULT_DOMAIN) -> V | None:
+        """The handler for an op, or None (the caller's stated policy applies)."""
         return self.lookup(op_key(op_type, domain))
 
     def ops(self) -> list[str]:
         return sorted(op for _, op in self._items)
+
+    def __contains__(self, item: object) -> bool:
+        """An op type of the default domain, or a ``(domain, op)`` key."""
+        key = op_key(item) if isinstance(item, str) else item
+        return key in self._items
 
     def _describe(self, key: tuple[str, str]) -> str:
         return f"{key[0] or 'ai.onnx'}::{key[1]}"

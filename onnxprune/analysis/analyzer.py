@@ -60,18 +60,6 @@ class RuleRegistry(OpRegistry[Rule]):
     def __init__(self) -> None:
         super().__init__("channel rule")
 
-    def register(self, *ops: str, domain: str = "") -> Callable[[Rule], Rule]:
-        """Decorator registering ``fn`` for each of ``ops`` (ValueError for an op registered twice)."""
-        def deco(fn: Rule) -> Rule:
-            for op in ops:
-                self.add_op(op, fn, domain)
-            return fn
-
-        return deco
-
-    def get(self, op: str, domain: str = "") -> Rule | None:
-        return self.find(op, domain)
-
 
 class Analyzer:
     """The state of one analysis walk; rules read and extend it through these methods."""

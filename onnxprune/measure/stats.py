@@ -107,17 +107,6 @@ class MacsRegistry(OpRegistry[MacsFn]):
     def __init__(self) -> None:
         super().__init__("MACs handler")
 
-    def register(self, op_type: str, fn: MacsFn, domain: str = "") -> None:
-        """Add a handler (ValueError when the op already has one)."""
-        self.add_op(op_type, fn, domain)
-
-    def get(self, op_type: str, domain: str = "") -> MacsFn | None:
-        """The handler for an op, or None (the op counts 0 MACs)."""
-        return self.find(op_type, domain)
-
-    def __contains__(self, op_type: object) -> bool:
-        return isinstance(op_type, str) and self.find(op_type) is not None
-
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:

@@ -312,14 +312,3 @@ class VJPRegistry(OpRegistry[Rule]):
     def __init__(self, non_differentiable: frozenset[str] = NON_DIFFERENTIABLE) -> None:
         super().__init__("VJP rule")
         self.non_differentiable = non_differentiable
-
-    def register(self, op_type: str, rule: Rule, domain: str = "") -> None:
-        """Add ``rule`` for ``op_type`` (ValueError when the op already has one)."""
-        self.add_op(op_type, rule, domain)
-
-    def rule(self, op_type: str, domain: str = "") -> Rule | None:
-        """The rule for ``op_type``, or None (the driver turns that into UnsupportedOpError)."""
-        return self.find(op_type, domain)
-
-    def __contains__(self, op_type: object) -> bool:
-        return isinstance(op_type, str) and self.find(op_type) is not None

@@ -167,7 +167,7 @@ def build_gradients(
         gouts = [_total(ctx, grads.get(o, [])) if o else None for o in node.output]
         if all(g is None for g in gouts):
             continue
-        rule = reg.rule(node.op_type, node.domain)
+        rule = reg.get(node.op_type, node.domain)
         if rule is None:
             raise UnsupportedOpError(
                 f"no gradient rule for op {node.op_type!r} (node {node.name!r}); it lies on the path from "
