@@ -291,6 +291,19 @@ def test_fidelity_probabilities_and_non_class_outputs() -> None:
     assert f.top1_agreement is None and f.kl is None
     assert f.cosine == pytest.approx(1.0)
     assert f.samples == 2
+    assert fidelity([maps], [maps * 2], class_axis=1).top1_agreement == pytest.approx(1.0)  # per pixel over C
+
+
+def test_fidelity_agrees_per_position_on_sequence_outputs() -> None:
+    # [N, T, C] recogniser-style scores: agreement and KL are over C at every (n, t), not over T.
+    ref = RNG.standard_normal((2, 5, 4))
+    cand = ref.copy()
+    cand[0, 1] = -cand[0, 1]  # one position's argmax moves
+    f = fidelity([ref], [cand])
+    assert f.top1_agreement == pytest.approx(9 / 10)
+    assert f.kl > 0
+    same = fidelity([ref], [ref])
+    assert same.top1_agreement == 1.0 and same.kl == pytest.approx(0.0, abs=1e-12)
 
 
 def test_fidelity_one_score_per_sample() -> None:
