@@ -77,3 +77,24 @@ def test_gradient_criteria_fix_the_batch_for_shape_dependent_ops(tmp_path: Path)
         assert result.report["pruned"]["params"] < result.report["original"]["params"]
         feeds = random_inputs(model)
         assert run(str(tmp_path / "o.onnx"), feeds)["output"].shape == run(model, feeds)["output"].shape
+
+
+def test_unlabelled_sequence_model_uses_its_own_top1_over_the_class_axis() -> None:
+    # [N, T, C] scores behind a Softmax over the last axis (a CTC recogniser's shape): the pseudo-labels
+    # are [N, T] argmaxes over C, so a class column never picked by the model gets zero gradient.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    w[:, 4] = -50.0  # class 4 is never the top-1 and carries ~0 probability
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 6])
+    y = onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 4, 5])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["logits"]),
+         onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)],
+        "seq", [x], [y], [onnx.numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    source = open_data("random", model_inputs(model), shapes={"x": [1, 4, 6]}, limit=8)
+    stats = collect_gradients(model, source, device="cpu", batch_size=4)
+    g2 = stats.fisher("w")
+    assert g2.shape == (6, 5)
+    assert np.all(g2[:, :4].sum(axis=0) > 1e-6)
+    assert g2[:, 4].sum() < 1e-6 * g2[:, :4].sum()

@@ -45,12 +45,14 @@ def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: obj
     """
     from onnxprune.runtime.session import make_session
     from onnxprune.training import accumulate_gradients
+    from onnxprune.training.outputs import output_semantics
 
     labelled = source.has_labels
-    out = model.graph.output[0]
-    if not labelled and len(out.type.tensor_type.shape.dim) != 2:
+    sem = output_semantics(model)[model.graph.output[0].name]
+    if not labelled and not _has_classes(model.graph.output[0], sem.class_axis):
         raise BadInputError(
-            "taylor/obd need labels in --calib data unless the model's first output is class scores [N, K]",
+            f"taylor/obd need labels in --calib data unless the model's first output has class scores "
+            f"({sem.note or 'its class axis is unknown'})",
             field="calib",
         )
 
@@ -66,10 +68,20 @@ def collect_gradients(model: onnx.ModelProto, source: DataSource, *, device: obj
             return
         with make_session(model, device) as sess:
             for feeds in full(source.batches(size)):
-                logits = sess.run(feeds)[out.name]
-                yield {**feeds, "labels": np.argmax(logits, axis=1).astype(np.int64)}
+                scores = sess.run(feeds)[sem.output]
+                # the model's own top-1 over its class axis: [N] labels for [N, K], [N, T] for [N, T, K]
+                yield {**feeds, "labels": np.argmax(scores, axis=sem.class_axis).astype(np.int64)}
 
     return accumulate_gradients(model, batches(), loss="ce", device=device, reporter=reporter, shapes=shapes)
+
+
+def _has_classes(output: onnx.ValueInfoProto, axis: int | None) -> bool:
+    """Whether the model's own top-1 over ``axis`` makes sense as a label: two or more classes there."""
+    dims = output.type.tensor_type.shape.dim
+    if axis is None or axis >= len(dims):
+        return False
+    d = dims[axis]
+    return not d.HasField("dim_value") or d.dim_value >= 2
 
 
 def _static_shape(spec, fixed: dict[str, list[int]], batch: int) -> list[int]:
