@@ -59,11 +59,23 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iterations", type=int, default=1, help="prune in K steps with fine-tuning between")
+    _add_metric_args(p)
+    p.add_argument("--max-drop", type=float, metavar="X",
+                   help="find the smallest MACs budget whose metric stays within X points (0.01 of the metric's "
+                        "value: 1.0 = one percentage point of accuracy) of the original; needs --eval-data")
     p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     p.add_argument("--bench", action="store_true", help="measure latency before and after")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     _add_server_args(p)
+
+
+def _add_metric_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", metavar="DATA", help=".npz or a directory of .npz (labels optional) to measure the "
+                   "task metric on")
+    p.add_argument("--metric", metavar="METRIC",
+                   help="top1, agreement, kl, cosine or python:MODULE:FUNC (default: top1 when the data has labels, "
+                        "else agreement with the original); every value is higher-is-better, kl is reported as -KL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (glob) to leave intact")
     p.add_argument("--heads", choices=HEADS, default="whole",
                    help="attention: scan whole heads, or the same dims of every head")
+    _add_metric_args(p)
 
     p = sub.add_parser("export-artifacts", help="write training artifacts for a model")
     p.add_argument("model")
@@ -131,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tensor-gb", type=float, help="largest declared tensor accepted (default: --max-upload-gb)")
     p.add_argument("--queue-size", type=int, default=256, help="jobs waiting beyond the workers")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running jobs get on SIGTERM")
+    p.add_argument("--allow-metric-module", action="append", default=[], metavar="MODULE",
+                   help="let jobs use --metric python:MODULE:FUNC from this module (repeat for more); without it "
+                        "the service refuses python: metrics, which would run client-chosen code on the server")
 
     p = sub.add_parser("jobs", help="list, show, cancel or fetch jobs on a service")
     p.add_argument("action", choices=("list", "show", "cancel", "fetch"))

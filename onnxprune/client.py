@@ -33,7 +33,7 @@ from onnxprune._proto.convert import spec_from_proto, spec_to_proto
 from onnxprune.errors import INTERNAL_ERRORS, BadInputError, CancelledError, OnnxpruneError
 from onnxprune.io.safety import external_files
 from onnxprune.progress import Progress, ProgressFn
-from onnxprune.spec import PruneSpec
+from onnxprune.spec import DATA_OPTIONS, PruneSpec
 
 if TYPE_CHECKING:
     from onnxprune.pipeline import PruneResult
@@ -272,14 +272,13 @@ class Client:
         """Upload the model (and calibration / training data named in ``spec``) and start a prune job."""
         spec = (spec or PruneSpec()).validate()
         inputs: list[pb.InputFile] = []
-        calib, train_data = spec.calib, spec.train_data
-        if calib and calib != "random":
-            calib, files = self._upload_data(calib, "calib")
-            inputs.extend(files)
-        if train_data:
-            train_data, files = self._upload_data(train_data, "train_data")
-            inputs.extend(files)
-        wire_spec = dataclasses.replace(spec, calib=calib, train_data=train_data)
+        paths: dict[str, str] = {}
+        for option in DATA_OPTIONS:
+            local = getattr(spec, option)
+            if local and local != "random":
+                paths[option], files = self._upload_data(local, option)
+                inputs.extend(files)
+        wire_spec = dataclasses.replace(spec, **paths)
         request = pb.SubmitJobRequest(model=self.upload_model(model), spec=spec_to_proto(wire_spec), inputs=inputs,
                                       output_name=output_name or "")
         with self._calls():

@@ -118,6 +118,24 @@ class DataSource:
         return out
 
 
+def fitted_batches(source: DataSource, batch_size: int, *, with_labels: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """``source``'s batches sized for the model: inputs that fix the batch dim (often 1 in exported files) get
+    exactly that many samples per run and a shorter last batch is dropped; otherwise up to ``batch_size``.
+
+    Evaluation reads data through this so every pass over the same source yields the same batches.
+
+    Raises:
+        BadInputError: the inputs fix different batch sizes, or as :meth:`DataSource.batches`.
+    """
+    fixed = {s.shape[0] for s in source.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    if len(fixed) > 1:
+        raise BadInputError(f"the model's inputs fix different batch sizes {sorted(fixed)}", field="data")
+    size = next(iter(fixed)) if fixed else batch_size
+    for feeds in source.batches(size, with_labels=with_labels):
+        if not fixed or len(next(iter(feeds.values()))) == size:
+            yield feeds
+
+
 def npz_files(source: str | os.PathLike[str], field: str = "data") -> list[Path]:
     """The ``.npz`` files a DATA argument names: the file itself, or a directory's files sorted by name.
 

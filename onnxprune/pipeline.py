@@ -27,12 +27,23 @@ from onnxprune.io.export import export_checked, export_graph
 from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
 from onnxprune.io.shapes import static_shapes
-from onnxprune.planning.budget import fit_budget, fit_latency, global_order
+from onnxprune.planning.budget import (
+    BudgetResult,
+    DropProbe,
+    DropSearch,
+    RemovalOrder,
+    bisect_max_drop,
+    fit_budget,
+    fit_latency,
+    global_order,
+    plan_from_counts,
+)
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
 from onnxprune.measure.fidelity import Fidelity, fidelity
+from onnxprune.measure.metrics import POINTS, TaskMetric
 from onnxprune.measure.stats import ModelStats, model_stats
-from onnxprune.report import build_report
+from onnxprune.report import build_report, metric_report
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
 from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
 from onnxprune.analysis.driver import analyze_graph
@@ -46,11 +57,10 @@ from onnxprune.transform.surgery import cut_channels
 
 if TYPE_CHECKING:
     from onnxprune.data import DataSource
-    from onnxprune.planning.budget import BudgetResult
+    from onnxprune.planning.sensitivity import Evaluator, SensitivityResult
     from onnxprune.repair.reconstruct import ReconstructResult
     from onnxprune.runtime.device import DeviceChoice
     from onnxprune.runtime.session import Session
-    from onnxprune.planning.sensitivity import SensitivityResult
     from onnxprune.transform.depth import DepthResult
 
 log = logging.getLogger(__name__)
@@ -106,6 +116,22 @@ class PruneState:
     """Iterative runs: channels each group keeps in the final model (the plan of the last step is not it)."""
     score_always: bool = False
     """Score every group even when no cut is asked for (the sensitivity scan ranks channels itself)."""
+    fidelity_random: bool = False
+    """Fidelity was measured on random inputs: it says nothing about the task, and the report says so."""
+    task: TaskMetric | None = None
+    """``--eval-data``/``--metric``: the task metric on the evaluation data, with the original's value."""
+    task_data: str | None = None
+    """How the report names the evaluation data."""
+    stage_metrics: list[StageMetric] = field(default_factory=list)
+    """The task metric after each stage that changed the model (cut, reconstruct, fine-tune)."""
+    measure_stages: bool = True
+    """Measure after each model-changing stage (``--max-drop`` probes measure only their end result)."""
+    scored: ScoredModel | None = None
+    """The task metric of the model ``pruned`` holds, when measured (identity-checked before reuse)."""
+    planner: Evaluator | None = None
+    """What ranks channels by measurement (planning data and metric), built once when first needed."""
+    max_drop: DropSearch | None = None
+    """``--max-drop``: the budgets probed and the one chosen."""
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -125,6 +151,22 @@ class CalibrationData:
 
     source: DataSource
     description: str
+
+
+@dataclass(frozen=True)
+class StageMetric:
+    """The task metric after one stage (higher is better)."""
+
+    stage: str
+    value: float
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    """A model and its task metric, so the report does not measure the same model twice."""
+
+    model: onnx.ModelProto
+    value: float
 
 
 @dataclass(frozen=True)
@@ -161,6 +203,60 @@ def analysis_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dic
 def stage_load(state: PruneState) -> None:
     state.loaded = load_model(state.model_path)
     state.notes.extend(state.loaded.notes)
+
+
+EVAL_BATCH = 64
+"""Samples per onnxruntime run when measuring the task metric (models that fix their batch get theirs)."""
+
+
+def metric_data(spec: PruneSpec) -> str | None:
+    """Where the task metric is measured: ``--eval-data``, else ``--calib DATA`` when ``--metric`` is given
+    (never random inputs: a metric on noise would decide nothing)."""
+    if spec.eval_data:
+        return spec.eval_data
+    if spec.metric is not None and spec.calib and spec.calib != "random":
+        return spec.calib
+    return None
+
+
+def stage_measure(state: PruneState) -> None:
+    """``--eval-data``/``--metric``: measure the original once, so each stage and the result compare with it
+    (and a bad metric or data fails before any pruning work)."""
+    spec = state.spec
+    data = metric_data(spec)
+    if data is None:
+        return
+    from onnxprune.data import fitted_batches, model_inputs, open_data
+
+    source = open_data(data, model_inputs(state.model), shapes=spec.shapes, seed=spec.seed)
+    labels = source.has_labels
+    state.task = TaskMetric.create(_reference(state), lambda: fitted_batches(source, EVAL_BATCH, with_labels=labels),
+                                   spec.metric_choice, has_labels=labels, device=_device(state))
+    state.task_data = f"{data} ({state.task.samples} samples{', with labels' if labels else ''})"
+    state.notes.extend(state.task.notes)
+
+
+def _measured(name: str, stage: Stage) -> Stage:
+    """``stage``, then the task metric of the model when the stage changed it (and a metric was asked for)."""
+
+    def run(state: PruneState) -> None:
+        before = state.pruned
+        stage(state)
+        if state.task is not None and state.measure_stages and state.pruned is not None and state.pruned is not before:
+            value = _score(state)
+            state.stage_metrics.append(StageMetric(name, value))
+
+    run.__name__ = stage.__name__
+    run.__doc__ = stage.__doc__
+    return run
+
+
+def _score(state: PruneState) -> float:
+    """The task metric of ``state.pruned``, measured once per model."""
+    assert state.task is not None and state.pruned is not None
+    if state.scored is None or state.scored.model is not state.pruned:
+        state.scored = ScoredModel(state.pruned, state.task(state.pruned).value)
+    return state.scored.value
 
 
 def stage_depth(state: PruneState) -> None:
@@ -258,7 +354,7 @@ def stage_score(state: PruneState) -> None:
 
 def _scores_needed(state: PruneState) -> bool:
     spec = state.spec
-    wanted = state.score_always or spec.ratio > 0 or _uses_budget(spec)
+    wanted = state.score_always or spec.ratio > 0 or _uses_budget(spec) or spec.max_drop is not None
     return wanted and spec.granularity == "channel"
 
 
@@ -274,38 +370,229 @@ def stage_plan(state: PruneState) -> None:
         return
     if _uses_budget(spec):
         plan = _budget_plan(state)
+    elif spec.global_ranking:
+        measured = _measured_global_plan(state)
+        plan = measured if measured is not None else global_ranking(state.analysis, state.scores, spec.ratio,
+                                                                    spec.round_to)
     else:
-        choose = global_ranking if spec.global_ranking else uniform
-        plan = choose(state.analysis, state.scores, spec.ratio, spec.round_to)
+        plan = uniform(state.analysis, state.scores, spec.ratio, spec.round_to)
     state.plan = keep_every_tensor(state.analysis, plan, state.scores)
 
 
+def planning_data(spec: PruneSpec) -> str | None:
+    """The data channels are ranked on by measurement: ``--eval-data``, else ``--calib DATA``; None for random
+    or no data (then the importance scores alone decide: a ranking measured on noise would follow the noise)."""
+    if spec.eval_data:
+        return spec.eval_data
+    if spec.calib and spec.calib != "random":
+        return spec.calib
+    return None
+
+
+def _planner(state: PruneState) -> Evaluator | None:
+    """The evaluator budget planning, ``--global`` and ``--max-drop`` rank channels with: ``--metric`` when given,
+    else accuracy when the data has labels, else top-1 agreement with the model before the cut; on at most
+    ``--calib-samples`` samples of :func:`planning_data`."""
+    from onnxprune.planning import sensitivity
+
+    data = planning_data(state.spec)
+    if data is None:
+        return None
+    if state.planner is None:
+        spec = state.spec
+        state.planner = sensitivity.evaluator_for(state.working, data, spec.calib_samples, spec.shapes, _device(state),
+                                                  spec.seed, metric=spec.metric_choice)
+        state.notes.extend(state.planner.task.notes)
+    return state.planner
+
+
+def _removal_order(state: PruneState, cost: CostModel, metric: str, target: float) -> RemovalOrder:
+    """Channels in the order they go: measured greedy allocation down to ``target`` when there is data to rank
+    on (:func:`_planner`), else the global ranking of the importance scores."""
+    from onnxprune.planning import sensitivity
+
+    assert state.analysis is not None
+    spec = state.spec
+    evaluate = _planner(state)
+    if evaluate is None:
+        if spec.calib == "random":
+            state.notes.append("allocation by importance scores: random calibration inputs cannot rank channels")
+        return global_order(state.analysis, state.scores)
+    order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,
+                                     round_to=spec.round_to)
+    state.notes.append(f"allocation measured by {evaluate.metric_name} on {planning_data(spec)} "
+                       f"({evaluate.samples} samples)")
+    return order
+
+
+def _cost_dimension(cost: CostModel) -> str:
+    """MACs when the original's are known, else params (Paddle exports without ``--shape``)."""
+    return "macs" if cost.base.macs else "params"
+
+
 def _budget_plan(state: PruneState) -> Plan:
-    """``--target-macs/params/latency``: global ranking, or the calibrated greedy allocation with ``--calib``."""
+    """``--target-macs/params/latency``: the removal order (measured with data, else global ranking) cut at the
+    shortest prefix that meets the budget."""
     from onnxprune.planning import sensitivity
 
     assert state.graph is not None and state.analysis is not None
     spec = state.spec
     cost = CostModel(state.graph, state.analysis, _original_stats(state))
     targets = {k: v for k, v in (("macs", spec.target_macs), ("params", spec.target_params)) if v is not None}
-    order = global_order(state.analysis, state.scores)
-    if spec.calib:
-        metric, target = next(iter(targets.items())) if targets else ("macs", spec.target_latency or 1.0)
-        evaluate = sensitivity.evaluator_for(state.working, spec.calib, spec.calib_samples, spec.shapes,
-                                             spec.device, spec.seed)
-        order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,
-                                         round_to=spec.round_to)
+    metric, target = next(iter(targets.items())) if targets else ("macs", spec.target_latency or 1.0)
+    order = _removal_order(state, cost, metric, target)
     if spec.target_latency is not None:
         measure = sensitivity.latency_measure(state.working, state.analysis, spec.device, spec.shapes or None)
         result = fit_latency(state.analysis, state.scores, cost, order, spec.target_latency, measure,
                                       spec.round_to)
     else:
         result = fit_budget(state.analysis, state.scores, cost, order, targets, spec.round_to)
+    _record_budget(state, result)
+    return result.plan
+
+
+def _record_budget(state: PruneState, result: BudgetResult) -> None:
     state.budget = result
     state.notes.append("budget " + ", ".join(f"{k} {v:.4f} (target {result.targets.get(k)})"
                                              for k, v in result.achieved.items() if k in result.targets)
                        + f" by {result.strategy} allocation")
+
+
+def _measured_global_plan(state: PruneState) -> Plan | None:
+    """``--global`` with data: remove as much as the score ranking would (its MACs, or params), but choose where
+    by measuring the metric (:func:`_removal_order`); None without data to measure on."""
+    assert state.graph is not None and state.analysis is not None
+    if planning_data(state.spec) is None:
+        return None
+    spec = state.spec
+    by_scores = global_ranking(state.analysis, state.scores, spec.ratio, spec.round_to)
+    if not by_scores.total_removed:
+        return by_scores
+    cost = CostModel(state.graph, state.analysis, _original_stats(state))
+    dimension = _cost_dimension(cost)
+    target = cost.fraction(by_scores, dimension)
+    order = _removal_order(state, cost, dimension, target)
+    result = fit_budget(state.analysis, state.scores, cost, order, {dimension: target}, spec.round_to)
+    state.notes.append(f"--global: channels chosen by measurement at the {dimension} the score ranking keeps "
+                       f"({target:.4f})")
+    _record_budget(state, result)
     return result.plan
+
+
+MAX_DROP_PROBE_STEPS = 50
+"""Fine-tuning steps a ``--max-drop`` probe takes at most (the final model gets ``--finetune-steps``)."""
+MAX_DROP_PROBES = 7
+"""Probes a ``--max-drop`` search runs at most (bisection from 1.0 down to the floor: about 0.9 / 2**7 apart)."""
+MAX_DROP_TOLERANCE = 0.02
+"""The search stops when the passing and failing budgets are this close (fractions of the original)."""
+DROP_SLACK = 1e-9
+"""Points of float rounding a drop may exceed ``--max-drop`` by (a drop of exactly X passes)."""
+
+
+def stage_max_drop(state: PruneState) -> None:
+    """``--max-drop X``: the most compressed MACs budget whose task metric, after repair, stays within X points.
+
+    Bisection over the budget (:func:`onnxprune.planning.budget.bisect_max_drop`) on one removal order, so probes
+    are nested; each probe cuts and repairs cheaply (``--reconstruct`` as asked, at most
+    :data:`MAX_DROP_PROBE_STEPS` fine-tuning steps) and is measured on ``--eval-data``. The chosen budget then
+    gets the full repair; if that model falls outside the drop, the passing probe's model is the result, so the
+    result is never outside the drop on the evaluation data.
+
+    Raises:
+        PlanError: no probed budget stayed within the drop.
+    """
+    assert state.graph is not None and state.analysis is not None and state.task is not None
+    spec, task, limit = state.spec, state.task, state.spec.max_drop
+    assert limit is not None
+    cost = CostModel(state.graph, state.analysis, _original_stats(state))
+    dimension = _cost_dimension(cost)
+    order = _removal_order(state, cost, dimension, 0.0)
+    floor = cost.fraction(plan_from_counts(state.analysis, state.scores, order.counts(len(order)), spec.round_to),
+                          dimension)
+    probe_spec = dataclasses.replace(spec, finetune_steps=min(spec.finetune_steps, MAX_DROP_PROBE_STEPS))
+    search = DropSearch(limit, task.label, dimension, task.baseline.value, floor, _repair_words(probe_spec),
+                        _repair_words(spec))
+    best: PruneState | None = None
+
+    def probe(target: float) -> DropProbe:
+        nonlocal best
+        budget = fit_budget(state.analysis, state.scores, cost, order, {dimension: target}, spec.round_to)
+        label = f"probe {len(search.probes) + 1} ({dimension} {budget.achieved[dimension]:.3f})"
+        child = _repaired(state, probe_spec, budget, label, measure_stages=False)
+        value = _score(child)
+        drop = task.drop_points(value)
+        result = DropProbe(target, budget.achieved[dimension], value, drop, drop <= limit + DROP_SLACK)
+        search.probes.append(result)
+        if result.passed and (best is None or search.chosen is None or result.achieved < search.chosen.achieved):
+            best, search.chosen = child, result
+        return result
+
+    bisect_max_drop(probe, floor, tolerance=MAX_DROP_TOLERANCE, max_probes=MAX_DROP_PROBES)
+    state.max_drop = search
+    if best is None or search.chosen is None:
+        tried = ", ".join(f"{p.achieved:.3f} dropped {p.drop:.2f}" for p in search.probes) or "none"
+        raise PlanError(f"--max-drop {limit}: no budget kept {search.metric} within {limit} points "
+                        f"({dimension} probed: {tried}); allow a larger drop or add repair (--reconstruct, "
+                        "--finetune-steps)")
+    _adopt(state, _final_within_drop(state, best, search))
+
+
+def _final_within_drop(state: PruneState, best: PruneState, search: DropSearch) -> PruneState:
+    """The chosen budget with the full repair, or the passing probe when the full repair is the same or falls
+    outside the drop."""
+    spec, task, limit = state.spec, state.task, state.spec.max_drop
+    assert search.chosen is not None and best.budget is not None and task is not None and limit is not None
+    if best.spec.finetune_steps == spec.finetune_steps:
+        search.final_value = search.chosen.value
+        return best
+    final = _repaired(state, spec, best.budget, "final model", measure_stages=True)
+    value = _score(final)
+    search.full_repair_value = value
+    if task.drop_points(value) <= limit + DROP_SLACK:
+        search.final_value = value
+        return final
+    search.final_value, search.stepped_back = search.chosen.value, True
+    best.notes.append(f"the fully repaired model fell {task.drop_points(value):.2f} points below the original, "
+                      f"outside --max-drop {limit}: returning the passing probe's model")
+    return best
+
+
+def _repaired(state: PruneState, spec: PruneSpec, budget: BudgetResult, label: str, *,
+              measure_stages: bool) -> PruneState:
+    """A copy of ``state`` cut to ``budget`` and repaired as ``spec`` says (cut, reconstruct, fine-tune)."""
+    assert state.analysis is not None
+    reporter = Reporter(_labelled_progress(state.reporter.callback, "max-drop", label), state.reporter.cancel)
+    child = dataclasses.replace(
+        state, spec=spec, reporter=reporter, graph=gs.import_onnx(state.working), budget=budget,
+        plan=keep_every_tensor(state.analysis, budget.plan, state.scores), pruned=None, scored=None, notes=[],
+        timings={}, stage_metrics=[], reconstruct=None, finetune=None, measure_stages=measure_stages,
+    )
+    _run_stages(child, REPAIR_STAGES, finish=False)
+    return child
+
+
+def _adopt(state: PruneState, child: PruneState) -> None:
+    """Take the chosen model and what made it from a :func:`_repaired` copy."""
+    state.pruned, state.plan, state.scored = child.pruned, child.plan, child.scored
+    state.reconstruct, state.finetune = child.reconstruct, child.finetune
+    state.stage_metrics = child.stage_metrics
+    state.notes.extend(child.notes)
+    if child.budget is not None:
+        _record_budget(state, child.budget)
+
+
+def _repair_words(spec: PruneSpec) -> str:
+    """The repair a probe or the final model gets, as the report names it."""
+    parts = (["reconstruct"] if spec.reconstruct else []) + (
+        [f"{spec.finetune_steps} fine-tuning steps"] if spec.finetune_steps else [])
+    return ", ".join(parts) or "none"
+
+
+def _labelled_progress(callback: ProgressFn | None, stage: str, label: str) -> ProgressFn | None:
+    """Progress of a sub-run shown under ``stage`` with ``label`` in front of its messages."""
+    if callback is None:
+        return None
+    return lambda ev: callback(Progress(stage, ev.fraction, f"{label}: {ev.message}"))
 
 
 def stage_cut(state: PruneState) -> None:
@@ -417,7 +704,13 @@ def stage_verify(state: PruneState) -> None:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
             refs.append(a[names[0]])
             cands.append(b[names[0]])
-    state.fidelity = fidelity(refs, cands)
+    state.fidelity = fidelity(refs, cands, class_axis=_class_axis(state))
+
+
+def _class_axis(state: PruneState) -> int | None:
+    """The first output's class axis when the task metric found it (fidelity's own default otherwise)."""
+    layout = state.task.layout if state.task is not None else None
+    return layout.class_axis if layout is not None and layout.class_span == 1 else None
 
 
 def _pruned_session(model: onnx.ModelProto, choice: DeviceChoice) -> Session:
@@ -435,22 +728,33 @@ def _pruned_session(model: onnx.ModelProto, choice: DeviceChoice) -> Session:
 
 
 def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | None:
-    """The feeds verification runs: the calibration stream, or one random batch (None, with a note, when the
-    inputs cannot be drawn, e.g. symbolic dims without ``--shape``)."""
+    """The feeds verification runs: the calibration data, else the evaluation data, else random inputs (``--calib
+    random``, or one random batch; None, with a note, when they cannot be drawn, e.g. symbolic dims without
+    ``--shape``)."""
+    from onnxprune.data import model_inputs, open_data
     from onnxprune.repair import calibration
     from onnxprune.runtime.feeds import random_inputs
 
     spec = state.spec
-    if spec.calib:
+    if spec.calib and spec.calib != "random":
         calib = _calibration_data(state)
         state.fidelity_data = f"calibration data {calib.description}"
+        return calibration.stream(calib.source, 64)
+    if spec.eval_data:
+        source = open_data(spec.eval_data, model_inputs(state.model), limit=spec.calib_samples, shapes=spec.shapes,
+                           seed=spec.seed)
+        state.fidelity_data = f"evaluation data {spec.eval_data} ({source.count()} samples)"
+        return calibration.stream(source, 64)
+    if spec.calib:
+        calib = _calibration_data(state)
+        state.fidelity_data, state.fidelity_random = f"calibration data {calib.description}", True
         return calibration.stream(calib.source, 64)
     try:
         feeds = random_inputs(state.model, spec.shapes, batch=spec.fidelity_samples, seed=spec.seed)
     except BadInputError as e:
         state.notes.append(f"fidelity not measured: {e}")
         return None
-    state.fidelity_data = f"random inputs ({spec.fidelity_samples} samples)"
+    state.fidelity_data, state.fidelity_random = f"random inputs ({spec.fidelity_samples} samples)", True
     return [feeds]
 
 
@@ -480,10 +784,21 @@ def stage_report(state: PruneState) -> None:
                "latency_speedup": state.latency_speedup,
                "depth": state.depth.to_dict() if state.depth else None,
                "notes": state.notes, "spec": state.spec.to_dict(), "timings_s": state.timings,
-               "fidelity_data": state.fidelity_data,
+               "fidelity_data": state.fidelity_data, "fidelity_from_random": state.fidelity_random,
+               "metric": _metric_report(state),
+               "max_drop": state.max_drop.to_dict() if state.max_drop else None,
                "reconstruct": _reconstruct_report(state.reconstruct),
                "finetune": state.finetune.to_dict() if state.finetune else None},
     )
+
+
+def _metric_report(state: PruneState) -> dict[str, Any] | None:
+    """The task metric of the original, after each model-changing stage, and of the result."""
+    if state.task is None or state.pruned is None:
+        return None
+    task = state.task
+    return metric_report(task.label, str(task.choice), state.task_data or "", task.baseline.value, _score(state),
+                         [(m.stage, m.value) for m in state.stage_metrics], points=POINTS)
 
 
 def _bench(state: PruneState) -> dict[str, Any]:
@@ -499,23 +814,31 @@ def _bench(state: PruneState) -> dict[str, Any]:
             "pruned": {k.removesuffix("_ms"): getattr(result.b, k) for k in pick}}
 
 
-STAGES: list[tuple[str, Stage]] = [
+PREPARE_STAGES: list[tuple[str, Stage]] = [
     ("load", stage_load),
+    ("measure", stage_measure),
     ("depth", stage_depth),
     ("analyze", stage_analyze),
     ("calibrate", stage_calibrate),
     ("score", stage_score),
-    ("plan", stage_plan),
-    ("cut", stage_cut),
-    ("reconstruct", stage_reconstruct),
-    ("finetune", stage_finetune),
+]
+REPAIR_STAGES: list[tuple[str, Stage]] = [
+    ("cut", _measured("cut", stage_cut)),
+    ("reconstruct", _measured("reconstruct", stage_reconstruct)),
+    ("finetune", _measured("finetune", stage_finetune)),
+]
+FINISH_STAGES: list[tuple[str, Stage]] = [
     ("verify", stage_verify),
     ("save", stage_save),
     ("report", stage_report),
 ]
+STAGES: list[tuple[str, Stage]] = PREPARE_STAGES + [("plan", stage_plan)] + REPAIR_STAGES + FINISH_STAGES
+MAX_DROP_STAGES: list[tuple[str, Stage]] = PREPARE_STAGES + [("max-drop", stage_max_drop)] + FINISH_STAGES
+"""``--max-drop``: the search stage plans, cuts and repairs (probes, then the chosen budget) in place of
+plan → cut → reconstruct → fine-tune."""
 
 
-def _run_stages(state: PruneState, stages: list[tuple[str, Stage]]) -> None:
+def _run_stages(state: PruneState, stages: list[tuple[str, Stage]], *, finish: bool = True) -> None:
     for k, (name, fn) in enumerate(stages):
         state.reporter(name, 0.0, f"{name} ({k + 1}/{len(stages)})")  # fraction is within the stage
         t0 = time.perf_counter()
@@ -526,7 +849,8 @@ def _run_stages(state: PruneState, stages: list[tuple[str, Stage]]) -> None:
         except Exception as e:
             raise OnnxpruneError(f"stage '{name}' failed unexpectedly: {type(e).__name__}: {e}") from e
         state.timings[name] = round(time.perf_counter() - t0, 4)
-    state.reporter("done", 1.0, "done")
+    if finish:
+        state.reporter("done", 1.0, "done")
 
 
 def prune(
@@ -554,7 +878,7 @@ def prune(
     if spec.iterations > 1:
         return _prune_iteratively(os.fspath(model_path), os.fspath(output_path), spec, progress, cancel)
     state = PruneState(os.fspath(model_path), os.fspath(output_path), spec, Reporter(progress, cancel))
-    _run_stages(state, STAGES)
+    _run_stages(state, MAX_DROP_STAGES if spec.max_drop is not None else STAGES)
     return PruneResult(output_path=state.output_path, report=state.report)
 
 
@@ -595,7 +919,7 @@ def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progr
             r = state.report
             steps.append({"iteration": k + 1, "ratio": round(state.spec.ratio, 6), "params": r["pruned"]["params"],
                           "macs": r["pruned"]["macs"], "fidelity_vs_previous": r.get("fidelity"),
-                          "finetune": r.get("finetune")})
+                          "finetune": r.get("finetune"), "metric_vs_previous": r.get("metric")})
             src = out
     assert first is not None
     final = PruneState(model_path, output_path, spec, Reporter(progress, cancel), analysis=first.analysis)
@@ -604,7 +928,7 @@ def _prune_iteratively(model_path: str, output_path: str, spec: PruneSpec, progr
     final.plan = Plan()
     final.group_kept = _kept_channels(first, final.pruned)
     final.notes.append(f"pruned in {n} iterations of ratio {steps[0]['ratio']:.4f} each")
-    _run_stages(final, [("verify", stage_verify), ("report", stage_report)])
+    _run_stages(final, [("measure", stage_measure), ("verify", stage_verify), ("report", stage_report)])
     final.report["iterations"] = steps
     return PruneResult(output_path=output_path, report=final.report)
 
@@ -670,7 +994,8 @@ def sensitivity(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> SensitivityResult:
-    """Prune each group alone at a sweep of ratios and measure the damage on ``spec.calib``.
+    """Prune each group alone at a sweep of ratios and measure the damage: the task metric on ``spec.eval_data``
+    when given, else on ``spec.calib`` (accuracy with labels, else top-1 agreement with the original).
 
     The model goes through the pipeline's own load, analyze, calibrate and score stages, so
     ``--exclude``, ``--heads``, ``--shape`` and data-driven criteria mean what they mean for ``prune``.
@@ -687,7 +1012,8 @@ def sensitivity(
     assert state.graph is not None and state.analysis is not None
     if not state.scores:
         raise PlanError("the model has no prunable channel groups (see `onnxprune analyze`)")
-    evaluate = scan.evaluator_for(state.model, spec.calib, spec.calib_samples, spec.shapes, spec.device)
+    evaluate = _planner(state) or scan.evaluator_for(state.working, spec.calib or "random", spec.calib_samples,
+                                                     spec.shapes, _device(state), spec.seed)
     result = scan.scan(state.model, state.analysis, state.scores, evaluate, criterion=spec.criterion,
                        cost=CostModel(state.graph, state.analysis, _original_stats(state)))
     result.notes.extend(state.notes)

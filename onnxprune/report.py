@@ -96,6 +96,30 @@ def build_report(
     return report
 
 
+def metric_report(label: str, name: str, data: str, original: float, pruned: float,
+                  stages: Sequence[tuple[str, float]], points: float = 100.0) -> dict[str, Any]:
+    """The ``metric`` section: the task metric of the original, after each model-changing stage, and of the result.
+
+    Args:
+        label: how the value is named (``accuracy``, ``top1_agreement``, ``negative_kl``, ``cosine``, ``python:…``).
+        name: the ``--metric`` value it came from.
+        data: the evaluation data, as the report names it.
+        original: the original model's value.
+        pruned: the written model's value.
+        stages: ``(stage, value)`` after each stage that changed the model, in order.
+        points: points per unit of value (drops are in points).
+
+    Returns:
+        JSON-able data; every value is higher-is-better and ``drop_points`` is ``points × (original - pruned)``.
+    """
+    return {
+        "name": name, "label": label, "data": data, "higher_is_better": True, "points_per_unit": points,
+        "original": original, "pruned": pruned, "drop_points": round((original - pruned) * points, 6),
+        "stages": [{"stage": stage, "value": value, "drop_points": round((original - value) * points, 6)}
+                   for stage, value in stages],
+    }
+
+
 def _fmt_int(n: int | None) -> str:
     if n is None:
         return "?"
@@ -157,14 +181,9 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     lines += _table(rows, "<>><")
     if orig.get("macs_unknown_reason"):
         lines.append(f"MACs unknown: {orig['macs_unknown_reason']}")
-    fid = report.get("fidelity")
-    if fid:
-        parts = [f"{fid['samples']} samples", f"cosine {fid['cosine']:.6f}", f"max abs err {fid['max_abs_err']:.3g}"]
-        if fid.get("top1_agreement") is not None:
-            parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f}%")
-        if fid.get("kl") is not None:
-            parts.append(f"KL {fid['kl']:.3g}")
-        lines.append("fidelity: " + ", ".join(parts))
+    lines += _metric_lines(report.get("metric"))
+    lines += _fidelity_lines(report)
+    lines += _max_drop_lines(report.get("max_drop"))
     changed = [
         r for r in report.get("layers", [])
         if r["params_before"] != r["params_after"] or r["macs_before"] != r["macs_after"]
@@ -190,6 +209,57 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     else:
         lines.append("layers changed: none")
     return "\n".join(lines)
+
+
+def _metric_lines(metric: Mapping[str, Any] | None) -> list[str]:
+    """``metric accuracy on DATA: original 0.9911, pruned 0.9844 (drop 0.67 points); after cut 0.91, …``."""
+    if not metric:
+        return []
+    line = (f"metric {metric['label']} on {metric['data']}: original {metric['original']:.4f}, "
+            f"pruned {metric['pruned']:.4f} (drop {metric['drop_points']:.2f} points)")
+    stages = metric.get("stages") or []
+    if stages:
+        line += "; " + ", ".join(f"after {s['stage']} {s['value']:.4f}" for s in stages)
+    return [line]
+
+
+def _fidelity_lines(report: Mapping[str, Any]) -> list[str]:
+    """The output comparison, saying where its inputs came from; random inputs are flagged as such."""
+    fid = report.get("fidelity")
+    if not fid:
+        return []
+    parts = [f"{fid['samples']} samples", f"cosine {fid['cosine']:.6f}", f"max abs err {fid['max_abs_err']:.3g}"]
+    if fid.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f}%")
+    if fid.get("kl") is not None:
+        parts.append(f"KL {fid['kl']:.3g}")
+    where = report.get("fidelity_data")
+    lines = [f"fidelity{f' on {where}' if where else ''}: " + ", ".join(parts)]
+    if report.get("fidelity_from_random"):
+        lines.append("  (random inputs, not task data: this says nothing about accuracy; pass --calib or "
+                     "--eval-data to measure on real samples)")
+    return lines
+
+
+def _max_drop_lines(search: Mapping[str, Any] | None) -> list[str]:
+    """The ``--max-drop`` probes and the choice, one row per probe."""
+    if not search:
+        return []
+    dim = search["dimension"]
+    lines = [f"max-drop {search['max_drop_points']} points of {search['metric']} (original "
+             f"{search['original']:.4f}); probes repaired with {search['probe_repair']}:"]
+    table = [("target", dim, search["metric"], "drop", "")]
+    for p in search["probes"]:
+        table.append((f"{p['target']:.3f}", f"{p['achieved']:.3f}", f"{p['value']:.4f}",
+                      f"{p['drop_points']:.2f}", "pass" if p["passed"] else "fail"))
+    lines += ["  " + line for line in _table(table, ">>>><")]
+    chosen, final = search.get("chosen"), search.get("final") or {}
+    if chosen:
+        how = (f"the passing probe (full repair, {search['final_repair']}, fell to {final['full_repair_value']:.4f})"
+               if final.get("stepped_back_to_probe") else f"repair: {search['final_repair']}")
+        lines.append(f"  chosen {dim} {chosen['achieved']:.3f}: {search['metric']} {final.get('value', 0.0):.4f} "
+                     f"(drop {final.get('drop_points', 0.0):.2f} points), {how}")
+    return lines
 
 
 def _pct(before: int | None, after: int | None) -> str:

@@ -21,7 +21,57 @@ HEADS = ("whole", "dims")
 """Attention heads go as units (``whole``) or every head loses the same dims (``dims``)."""
 DEPTH_METHODS = ("ratio", "fidelity")
 """Block importance: ‖f(x)‖/‖x‖ on calibration inputs, or the output change when the block is removed."""
+METRICS = ("top1", "agreement", "kl", "cosine")
+"""Built-in task metrics (``--metric``); ``python:MODULE:FUNC`` names a user function besides these."""
+PYTHON_METRIC = "python:"
+DATA_OPTIONS = ("calib", "train_data", "eval_data")
+"""Options naming a DATA path: clients upload these files with the job and the service places them."""
 _NM = re.compile(r"^(\d+):(\d+)$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class MetricChoice:
+    """A parsed ``--metric``: a built-in name, or ``python`` with the user's module and function."""
+
+    name: str
+    module: str | None = None
+    function: str | None = None
+
+    @property
+    def is_python(self) -> bool:
+        return self.name == "python"
+
+    def __str__(self) -> str:
+        return f"{PYTHON_METRIC}{self.module}:{self.function}" if self.is_python else self.name
+
+
+def is_module_name(text: str) -> bool:
+    """Whether ``text`` is a dotted Python module name (``mymetrics``, ``pkg.metrics``)."""
+    return bool(_DOTTED.match(text))
+
+
+def parse_metric(text: str) -> MetricChoice:
+    """Parse ``top1|agreement|kl|cosine|python:MODULE:FUNC``.
+
+    Raises:
+        BadInputError: an unknown name, or a ``python:`` value that is not ``python:dotted.module:function``.
+
+    Example:
+        >>> parse_metric("python:mymetrics:char_accuracy").module
+        'mymetrics'
+    """
+    if text in METRICS:
+        return MetricChoice(text)
+    if text.startswith(PYTHON_METRIC):
+        module, sep, function = text[len(PYTHON_METRIC):].rpartition(":")
+        if sep and _DOTTED.match(module) and _NAME.match(function):
+            return MetricChoice("python", module, function)
+        raise BadInputError(f"--metric {text!r}: a user metric is python:MODULE:FUNC, e.g. python:mymetrics:accuracy",
+                            field="metric")
+    raise BadInputError(f"unknown metric {text!r}; choose one of {', '.join(METRICS)} or python:MODULE:FUNC",
+                        field="metric")
 
 
 @dataclass
@@ -54,6 +104,17 @@ class PruneSpec:
     fidelity_samples: int = 8
     heads: str = "whole"
     depth_method: str = "ratio"
+    eval_data: str | None = None
+    """DATA the task metric is measured on (the original, every stage, the result; ``--max-drop``'s probes)."""
+    metric: str | None = None
+    """``--metric``; None: ``top1`` when the evaluation data has labels, else ``agreement``."""
+    max_drop: float | None = None
+    """Metric points (100 × the metric's value) the result may lose against the original; chooses the budget."""
+
+    @property
+    def metric_choice(self) -> MetricChoice | None:
+        """``--metric`` parsed (None when not given)."""
+        return parse_metric(self.metric) if self.metric is not None else None
 
     def validate(self) -> PruneSpec:
         """Check every option; return self so calls can chain.
@@ -108,7 +169,33 @@ class PruneSpec:
                                 field="depth_method")
         if self.fidelity_samples < 1:
             raise BadInputError("fidelity_samples must be >= 1", field="fidelity_samples")
+        self._validate_metric()
         return self
+
+    def _validate_metric(self) -> None:
+        """``--metric`` needs data to measure on; ``--max-drop`` needs ``--eval-data`` and owns the budget."""
+        if self.eval_data == "random":
+            raise BadInputError("--eval-data needs real samples (.npz or a directory of .npz), not random inputs",
+                                field="eval_data")
+        if self.metric is not None:
+            parse_metric(self.metric)
+            if not self.eval_data and (not self.calib or self.calib == "random"):
+                raise BadInputError("--metric needs --eval-data DATA (or --calib DATA, not random) to measure on",
+                                    field="metric")
+        if self.max_drop is None:
+            return
+        if not self.max_drop >= 0.0:
+            raise BadInputError(f"--max-drop must be >= 0 metric points, got {self.max_drop}", field="max_drop")
+        if not self.eval_data:
+            raise BadInputError("--max-drop needs --eval-data DATA: the drop is measured on it", field="max_drop")
+        clash = [f"--{n.replace('_', '-')}" for n in ("target_macs", "target_params", "target_latency")
+                 if getattr(self, n) is not None]
+        if clash:
+            raise BadInputError(f"--max-drop chooses the MACs budget itself; leave out {', '.join(clash)}",
+                                field="max_drop")
+        if self.iterations > 1 or self.granularity != "channel":
+            raise BadInputError("--max-drop searches channel budgets in one pass: it takes neither --iterations "
+                                "nor --granularity element|N:M", field="max_drop")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

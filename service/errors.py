@@ -3,7 +3,8 @@
 Pipeline errors (``onnxprune.errors``) and the few conditions only a service has (unknown job, quota, not
 ready, shutting down, bad token, a crashed job) all become a ``google.rpc.Status`` in :func:`to_status`.
 INVALID_ARGUMENT carries ``google.rpc.BadRequest`` details naming the field, so clients can point at the
-offending option. INTERNAL (onnxprune's own failures: the input was fine) says "please report" and carries a
+offending option; PERMISSION_DENIED (a policy refusal) carries a ``google.rpc.ErrorInfo`` with the reason and what
+would allow it. INTERNAL (onnxprune's own failures: the input was fine) says "please report" and carries a
 ``google.rpc.ErrorInfo`` whose ``reason`` is the error type, so a client can tell a failed verification from a
 crashed job without parsing the message.
 """
@@ -56,6 +57,16 @@ class UnauthenticatedError(ServiceError):
     """Missing or wrong bearer token."""
 
 
+class PermissionDeniedError(ServiceError):
+    """The request is understood but this server's policy forbids it (e.g. a ``python:`` metric would run
+    client-chosen code on the server). ``reason`` and ``metadata`` travel as a ``google.rpc.ErrorInfo``."""
+
+    def __init__(self, message: str, *, reason: str, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
 class JobCrashedError(ServiceError):
     """A job failed outside onnxprune's error tree: a bug in the job, or its process died (out of memory?).
 
@@ -75,6 +86,7 @@ _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (NotReadyError, code_pb2.FAILED_PRECONDITION),
     (UnavailableError, code_pb2.UNAVAILABLE),
     (UnauthenticatedError, code_pb2.UNAUTHENTICATED),
+    (PermissionDeniedError, code_pb2.PERMISSION_DENIED),
     (UnsupportedOpError, code_pb2.FAILED_PRECONDITION),
     (PlanError, code_pb2.FAILED_PRECONDITION),
     (CancelledError, code_pb2.CANCELLED),
@@ -101,6 +113,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         reason = exc.error_type if isinstance(exc, JobCrashedError) else type(exc).__name__
         return _internal(f"internal error: {exc}; please report it", reason, str(exc))
     status = status_pb2.Status(code=code, message=str(exc))
+    if isinstance(exc, PermissionDeniedError):
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+        status.details.append(_packed(info))
     if isinstance(exc, BadInputError):
         violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or "", description=str(exc))
         status.details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))

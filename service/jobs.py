@@ -19,12 +19,13 @@ from typing import Any
 from onnxprune import errors as onnxprune_errors
 from onnxprune.errors import BadInputError, OnnxpruneError
 from onnxprune.progress import Progress
-from onnxprune.spec import PruneSpec
+from onnxprune.spec import DATA_OPTIONS, PruneSpec
 from onnxprune.service.blobs import BlobInfo, BlobStore, check_blob_id
 from onnxprune.service.errors import (
     JobCrashedError,
     NotFoundError,
     NotReadyError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -63,6 +64,29 @@ class Limits:
     max_tensor_bytes: int
     retention_s: float
     quota_bytes: int
+    metric_modules: frozenset[str] = frozenset()
+    """Modules whose functions jobs may use as ``--metric python:MODULE:FUNC`` (``serve --allow-metric-module``)."""
+
+
+def check_metric_allowed(spec: PruneSpec, allowed: frozenset[str]) -> None:
+    """Refuse a ``python:`` metric unless the server was started allowing its module (exact module names).
+
+    A user metric is code the worker imports and runs: accepting any module name from a client would let the
+    client run whatever is importable on the server, so the operator names the modules.
+
+    Raises:
+        PermissionDeniedError: the module is not on the server's list.
+    """
+    choice = spec.metric_choice
+    if choice is None or not choice.is_python or choice.module in allowed:
+        return
+    assert choice.module is not None
+    how = (f"this server allows {', '.join(sorted(allowed))}" if allowed
+           else "this server allows none; start it with `onnxprune serve --allow-metric-module MODULE`")
+    raise PermissionDeniedError(
+        f"--metric {choice}: python: metrics run code on the server, and module {choice.module!r} is not allowed "
+        f"({how}); use a built-in metric or run the prune locally",
+        reason="METRIC_MODULE_NOT_ALLOWED", metadata={"module": choice.module, "allowed": ",".join(sorted(allowed))})
 
 
 @dataclass(frozen=True)
@@ -159,9 +183,22 @@ class JobManager:
                 log_event(log, "blob.adopted", blob=blob_id)
         self._executor.start(self)
         for record in queued:
+            if not self._still_allowed(record):
+                continue
             self._feeds[record.job_id] = _Feed()
             self._executor.submit(self._exec_job(record))
             log_event(log, "job.requeued", job=record.job_id, tenant=record.tenant)
+
+    def _still_allowed(self, record: JobRecord) -> bool:
+        """A queued job from before a restart runs only if this server's policy still accepts it."""
+        try:
+            check_metric_allowed(PruneSpec.from_dict(record.spec), self._limits.metric_modules)
+        except PermissionDeniedError as e:
+            self._store.update(record.job_id, state=FAILED, error=str(e), error_type=type(e).__name__,
+                               finished=time.time())
+            log_event(log, "job.failed", job=record.job_id, reason="metric module no longer allowed")
+            return False
+        return True
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -195,15 +232,17 @@ class JobManager:
 
         Raises:
             BadInputError: bad paths, unknown blobs, an unsafe model, data options naming no uploaded file.
+            PermissionDeniedError: a ``python:`` metric whose module the server does not allow.
             ResourceExhaustedError: store over quota or queue full.
             UnavailableError: shutting down.
         """
         self._check_accepting()
+        check_metric_allowed(spec, self._limits.metric_modules)
         all_inputs = self._check_inputs(tenant, model_path, files, inputs or {})
         model_rel = check_relative_path(model_path, "model.model_path")
         self._check_model(model_rel, all_inputs)
         data = spec.to_dict()
-        for key in ("calib", "train_data"):
+        for key in DATA_OPTIONS:
             if data.get(key) and not (key == "calib" and data[key] == "random"):
                 data[key] = self._check_data_path(data[key], key, all_inputs)
         output_name = output_name or "pruned.onnx"

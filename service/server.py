@@ -57,6 +57,8 @@ class ServerConfig:
     cancel_grace_s: float = 10.0
     shutdown_grace_s: float = 30.0
     sweep_interval_s: float = 60.0
+    metric_modules: tuple[str, ...] = ()
+    """Modules jobs may name in ``--metric python:MODULE:FUNC``; none by default (it runs client-chosen code)."""
 
 
 class CompressionServer:
@@ -146,7 +148,8 @@ def create_server(
     executor = LocalProcessExecutor(task, blobs, root / "work", workers=config.workers,
                                     queue_size=config.queue_size, cancel_grace=config.cancel_grace_s)
     limits = Limits(max_tensor_bytes=config.max_tensor_bytes or config.max_upload_bytes,
-                    retention_s=config.retention_s, quota_bytes=config.quota_bytes)
+                    retention_s=config.retention_s, quota_bytes=config.quota_bytes,
+                    metric_modules=frozenset(config.metric_modules))
     manager = JobManager(job_store, blobs, executor, limits)
     auth = Authenticator(config.tokens)
     server = grpc.server(
@@ -217,7 +220,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_tensor_bytes=int(args.max_tensor_gb * GB) if args.max_tensor_gb else None,
         queue_size=args.queue_size,
         shutdown_grace_s=args.shutdown_grace,
+        metric_modules=tuple(_metric_modules(args.allow_metric_module)),
     )
+
+
+def _metric_modules(names: list[str]) -> list[str]:
+    """``--allow-metric-module`` values: dotted module names, checked so a typo does not silently allow nothing.
+
+    Raises:
+        BadInputError: a value that is not a module name.
+    """
+    from onnxprune.spec import is_module_name
+
+    for name in names:
+        if not is_module_name(name):
+            raise BadInputError(f"--allow-metric-module expects a module name such as mymetrics or pkg.metrics, "
+                                f"got {name!r}", field="allow_metric_module")
+    return list(names)
 
 
 if __name__ == "__main__":  # pragma: no cover - `onnxprune serve` is the entry point

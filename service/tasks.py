@@ -50,13 +50,13 @@ def run_task(
         OnnxpruneError: whatever the pipeline raises (recorded on the job by the caller).
     """
     from onnxprune import pipeline
-    from onnxprune.spec import PruneSpec
+    from onnxprune.spec import DATA_OPTIONS, PruneSpec
 
     model = in_dir / request.model_path
     if request.kind == ANALYZE:
         return TaskResult(report=pipeline.analyze(model, request.spec.get("shapes") or None))
     data = dict(request.spec)
-    for key in ("calib", "train_data"):
+    for key in DATA_OPTIONS:
         if data.get(key) and data[key] != "random":
             data[key] = str(in_dir / data[key])
     spec = PruneSpec.from_dict(data).validate()

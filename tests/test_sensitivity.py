@@ -67,7 +67,7 @@ def test_scan_without_labels_uses_agreement(digits_setup: tuple, digits) -> None
     x_train = digits[0]
     evaluate = sensitivity.Evaluator.from_data(model, [{"input": x_train[:128]}], None, "cpu")
     result = sensitivity.scan(model, analysis, scores, evaluate, ratios=(0.25, 0.75), cost=cost)
-    assert result.metric == "top1_agreement" and result.loss == "kl" and result.baseline == 1.0
+    assert result.metric == "top1_agreement" and result.loss == "top1_agreement_drop+kl" and result.baseline == 1.0
     assert result.curves == len(result.groups) == 5
     for curve in result.groups:
         first, last = curve.points

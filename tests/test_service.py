@@ -685,3 +685,46 @@ def test_a_port_in_use_is_a_clear_error(start_server: ServerFactory, tmp_path: P
     _, target = start_server()
     with pytest.raises(BadInputError, match="cannot listen"):
         start_server(store=tmp_path / "other", address=target)
+
+
+def test_python_metrics_need_the_servers_opt_in_naming_the_module(start_server: ServerFactory, tmp_path: Path,
+                                                                   digits, capsys: pytest.CaptureFixture[str]) -> None:
+    """A python: metric runs code on the server: PERMISSION_DENIED unless `serve --allow-metric-module` names it."""
+    from onnxprune.service.tasks import run_task
+    from tests.data import write_npz
+
+    _, _, x_test, y_test = digits
+    eval_data = write_npz(tmp_path / "eval.npz", x_test[:200], y_test[:200])
+    spec = PruneSpec(ratio=0.25, eval_data=str(eval_data), metric="python:tests.metric_fns:accuracy", device="cpu")
+    for i, allowed in enumerate(((), ("tests.other_metrics",), ("tests",))):
+        _, target = start_server(task=run_task, store=tmp_path / f"store{i}", metric_modules=allowed)
+        s, _ = stub(target)
+        with pytest.raises(grpc.RpcError) as raw:  # refused before anything is looked at: no upload needed
+            submit_raw(s, {}, spec=pb.JobSpec(metric="python:tests.metric_fns:accuracy", eval_data="eval/e.npz"))
+        assert raw.value.code() == grpc.StatusCode.PERMISSION_DENIED, raw.value.details()
+        message = raw.value.details()
+        assert "'tests.metric_fns' is not allowed" in message
+        assert ("--allow-metric-module" in message) if not allowed else (allowed[0] in message)
+        info = error_details_pb2.ErrorInfo()
+        details = rpc_status.from_call(raw.value).details
+        assert details and details[0].Unpack(info) and info.reason == "METRIC_MODULE_NOT_ALLOWED"
+        assert info.metadata["module"] == "tests.metric_fns" and info.metadata["allowed"] == ",".join(allowed)
+        with Client(target) as client, pytest.raises(ServiceError) as refused:
+            client.submit(DIGITS, spec)
+        assert refused.value.code == "PERMISSION_DENIED"
+        assert cli.main(["prune", str(DIGITS), "-o", str(tmp_path / "cli.onnx"), "--server", target,
+                         "--eval-data", str(eval_data), "--metric", "python:tests.metric_fns:accuracy"]) == 2
+        assert "PERMISSION_DENIED" in capsys.readouterr().err
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    # built-in metrics need no opt-in; the named module runs where the server allows it
+    _, target = start_server(task=run_task, store=tmp_path / "allowed", metric_modules=("tests.metric_fns",))
+    with Client(target) as client:
+        builtin = client.prune(DIGITS, tmp_path / "b" / "p.onnx", PruneSpec(ratio=0.25, eval_data=str(eval_data),
+                                                                            metric="top1", device="cpu"))
+        result = client.prune(DIGITS, tmp_path / "r" / "p.onnx", spec)
+    metric = result.report["metric"]
+    assert metric["name"] == "python:tests.metric_fns:accuracy" and "eval.npz" in metric["data"]
+    assert metric["original"] == pytest.approx(builtin.report["metric"]["original"])
+    assert metric["pruned"] == pytest.approx(builtin.report["metric"]["pruned"])

@@ -30,7 +30,7 @@ from onnxprune.io.safety import external_files
 from onnxprune.spec import PruneSpec
 from onnxprune.service.auth import Authenticator, load_tokens
 from onnxprune.service.blobs import DirBlobStore
-from onnxprune.service.errors import NotFoundError, ResourceExhaustedError, to_status
+from onnxprune.service.errors import NotFoundError, PermissionDeniedError, ResourceExhaustedError, to_status
 from onnxprune.service.modelcheck import check_model
 from onnxprune.service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, ResultFile, SqliteJobStore
 
@@ -59,6 +59,33 @@ def test_spec_round_trip_keeps_every_option() -> None:
                      bench=True, device="cpu", seed=7, fidelity_samples=3)
     assert spec_from_proto(spec_to_proto(spec)) == spec
     assert spec_from_proto(pb.JobSpec()) == PruneSpec()
+    task = PruneSpec(eval_data="eval_data/v.npz", metric="python:mymetrics:char_accuracy", max_drop=1.5)
+    assert spec_from_proto(spec_to_proto(task)) == task
+
+
+def test_python_metrics_pass_only_for_the_named_modules() -> None:
+    from onnxprune.service.jobs import check_metric_allowed
+
+    user = PruneSpec(metric="python:pkg.metrics:f1", eval_data="e.npz")
+    check_metric_allowed(user, frozenset({"pkg.metrics"}))
+    check_metric_allowed(PruneSpec(metric="top1", eval_data="e.npz"), frozenset())
+    for allowed in (frozenset(), frozenset({"pkg"}), frozenset({"pkg.metrics.sub", "other"})):
+        with pytest.raises(PermissionDeniedError) as info:
+            check_metric_allowed(user, allowed)
+        assert info.value.reason == "METRIC_MODULE_NOT_ALLOWED" and info.value.metadata["module"] == "pkg.metrics"
+
+
+def test_serve_names_the_metric_modules_it_allows() -> None:
+    from onnxprune.cli import build_parser
+    from onnxprune.service.server import config_from_args
+
+    args = build_parser().parse_args(["serve", "--allow-metric-module", "mymetrics",
+                                      "--allow-metric-module", "pkg.metrics"])
+    assert config_from_args(args).metric_modules == ("mymetrics", "pkg.metrics")
+    assert config_from_args(build_parser().parse_args(["serve"])).metric_modules == ()
+    with pytest.raises(BadInputError) as info:
+        config_from_args(build_parser().parse_args(["serve", "--allow-metric-module", "my-metrics.py"]))
+    assert info.value.field == "allow_metric_module"
 
 
 def test_unknown_option_value_names_the_field() -> None:
@@ -78,6 +105,10 @@ def test_to_status_maps_each_error_kind() -> None:
     assert to_status(PlanError("x")).code == code_pb2.FAILED_PRECONDITION
     assert to_status(UnsupportedOpError("x")).code == code_pb2.FAILED_PRECONDITION
     assert to_status(CancelledError("x")).code == code_pb2.CANCELLED
+    denied = to_status(PermissionDeniedError("no", reason="METRIC_MODULE_NOT_ALLOWED", metadata={"module": "m"}))
+    info = error_details_pb2.ErrorInfo()
+    assert denied.code == code_pb2.PERMISSION_DENIED and denied.details[0].Unpack(info)
+    assert (info.reason, dict(info.metadata)) == ("METRIC_MODULE_NOT_ALLOWED", {"module": "m"})
     assert to_status(SurgeryError("x")).code == code_pb2.INTERNAL
     bug = to_status(KeyError("secret internals"))
     assert bug.code == code_pb2.INTERNAL and "secret" not in bug.message and "please report" in bug.message

@@ -18,7 +18,8 @@ def spec_from_args(args: argparse.Namespace) -> PruneSpec:
         depth=args.depth, shapes=parse_shape_args(args.shape), calib=args.calib, calib_samples=args.calib_samples,
         reconstruct=args.reconstruct, finetune_steps=args.finetune_steps, train_data=args.train_data, lr=args.lr,
         batch_size=args.batch_size, iterations=args.iterations, bench=args.bench, device=args.device, seed=args.seed,
-        heads=args.heads, depth_method=args.depth_method,
+        heads=args.heads, depth_method=args.depth_method, eval_data=args.eval_data, metric=args.metric,
+        max_drop=args.max_drop,
     ).validate()
 
 

@@ -13,7 +13,7 @@ from onnxprune.spec import PruneSpec, parse_shape_args
 def run(args: argparse.Namespace) -> int:
     spec = PruneSpec(criterion=args.criterion, calib=args.calib, calib_samples=args.calib_samples,
                      shapes=parse_shape_args(args.shape), device=args.device, exclude=list(args.exclude),
-                     heads=args.heads, ratio=0.0)
+                     heads=args.heads, ratio=0.0, eval_data=args.eval_data, metric=args.metric).validate()
     result = run_sensitivity(args.model, spec)
     if args.plot:
         result.curves = sensitivity.plot(result, args.plot)

@@ -347,3 +347,81 @@ def greedy_order(
             seq.append(gid)
     log.info("greedy allocation: %d evaluations", evaluations)
     return RemovalOrder(np.array(seq, dtype=np.int64), strategy)
+
+
+@dataclass(frozen=True)
+class DropProbe:
+    """One candidate budget of a ``--max-drop`` search, measured after the probe's (cheap) repair.
+
+    ``target``/``achieved``: fractions of the original's MACs (or params when MACs are unknown);
+    ``value``: the task metric; ``drop``: points below the original.
+    """
+
+    target: float
+    achieved: float
+    value: float
+    drop: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"target": round(self.target, 6), "achieved": round(self.achieved, 6), "value": self.value,
+                "drop_points": round(self.drop, 6), "passed": self.passed}
+
+
+@dataclass
+class DropSearch:
+    """What ``--max-drop`` tried and chose, for the report.
+
+    ``final_value`` is the returned model's metric: the full repair at the chosen budget, or, when that fell
+    outside the drop (``stepped_back``), the passing probe's model itself.
+    """
+
+    max_drop: float
+    metric: str
+    dimension: str
+    baseline: float
+    floor: float
+    probe_repair: str
+    final_repair: str
+    probes: list[DropProbe] = field(default_factory=list)
+    chosen: DropProbe | None = None
+    final_value: float | None = None
+    full_repair_value: float | None = None
+    stepped_back: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        final_drop = None if self.final_value is None else round((self.baseline - self.final_value) * 100.0, 6)
+        return {
+            "max_drop_points": self.max_drop, "metric": self.metric, "dimension": self.dimension,
+            "original": self.baseline, "floor": round(self.floor, 6),
+            "probe_repair": self.probe_repair, "final_repair": self.final_repair,
+            "probes": [p.to_dict() for p in self.probes],
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "final": {"value": self.final_value, "drop_points": final_drop,
+                      "full_repair_value": self.full_repair_value, "stepped_back_to_probe": self.stepped_back},
+        }
+
+
+def bisect_max_drop(probe: Callable[[float], DropProbe], floor: float, *, tolerance: float = 0.02,
+                    max_probes: int = 7) -> list[DropProbe]:
+    """Bisection over the budget for the most compressed one whose probe stays within the drop.
+
+    No pruning (1.0) passes by definition and ``floor`` (every group down to its cap) bounds the other side;
+    each probe halves the interval between the lowest passing and the highest failing budget, until it is
+    narrower than ``tolerance`` or ``max_probes`` ran. The metric is assumed to fall as the budget shrinks
+    (removal orders are nested, so a smaller budget removes a superset of channels). Returns the probes in
+    the order they ran; the caller picks the passing one with the smallest ``achieved``.
+    """
+    passing, failing = 1.0, floor
+    probes: list[DropProbe] = []
+    while len(probes) < max_probes and passing - failing >= tolerance:
+        target = (passing + failing) / 2
+        result = probe(target)
+        probes.append(result)
+        log.info("max-drop probe: target %.4f -> achieved %.4f, metric %.6g (drop %.3g points, %s)", target,
+                 result.achieved, result.value, result.drop, "pass" if result.passed else "fail")
+        if result.passed:
+            passing = target
+        else:
+            failing = target
+    return probes
