@@ -62,6 +62,68 @@ def _as_distribution(rows: np.ndarray) -> np.ndarray:
     return np.clip(e / e.sum(axis=1, keepdims=True), 1e-12, None)
 
 
+class FidelityAccumulator:
+    """:func:`fidelity` one batch at a time, keeping only running sums: memory stays at one batch's outputs
+    however many samples are compared (a recogniser's ``[N, 40, 6625]`` scores are 1 MB per sample)."""
+
+    def __init__(self, class_axis: int | None = None) -> None:
+        self.class_axis = class_axis
+        self._axis: int | None = None
+        self._classes = True
+        self.samples = 0
+        self.batches = 0
+        self._cos_sum = 0.0
+        self._cos_rows = 0
+        self._max_err = 0.0
+        self._agree = 0
+        self._positions = 0
+        self._kl_sum = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Raises:
+            InvariantError: the batch's output shape changed.
+        """
+        r, c = np.asarray(reference, dtype=np.float64), np.asarray(candidate, dtype=np.float64)
+        if r.shape != c.shape:
+            raise InvariantError(f"fidelity: batch {self.batches} output shape changed from {r.shape} to {c.shape}")
+        if self.batches == 0:
+            self._axis = _default_class_axis([r]) if self.class_axis is None else self.class_axis
+        self.batches += 1
+        self.samples += r.shape[0] if r.ndim else 1
+        rows = r.shape[0] if r.ndim >= 2 else 1  # a 1-D output (one score per sample) is compared as one vector
+        ref, cand = r.reshape(rows, -1), c.reshape(rows, -1)
+        nr, nc = np.linalg.norm(ref, axis=1), np.linalg.norm(cand, axis=1)
+        cos = np.where((nr == 0) & (nc == 0), 1.0, (ref * cand).sum(axis=1) / np.where(nr * nc == 0, 1.0, nr * nc))
+        self._cos_sum += float(cos.sum())
+        self._cos_rows += rows
+        if ref.size:
+            self._max_err = max(self._max_err, float(np.max(np.abs(ref - cand))))
+        axis = self._axis
+        self._classes = self._classes and axis is not None and r.ndim > axis and r.shape[axis] >= 2
+        if self._classes:
+            assert axis is not None
+            rows_r, rows_c = _class_rows(r, axis), _class_rows(c, axis)
+            self._agree += int(np.sum(rows_r.argmax(axis=1) == rows_c.argmax(axis=1)))
+            self._positions += len(rows_r)
+            p, q = _as_distribution(rows_r), _as_distribution(rows_c)
+            self._kl_sum += float((p * (np.log(p) - np.log(q))).sum())
+
+    def result(self) -> Fidelity:
+        """Raises:
+            BadInputError: no batch was added.
+        """
+        if not self.batches:
+            raise BadInputError("fidelity needs at least one batch of outputs", field="fidelity")
+        classes = self._classes and self._positions > 0
+        return Fidelity(
+            samples=self.samples,
+            cosine=self._cos_sum / max(self._cos_rows, 1),
+            max_abs_err=self._max_err,
+            top1_agreement=self._agree / self._positions if classes else None,
+            kl=self._kl_sum / self._positions if classes else None,
+        )
+
+
 def fidelity(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
              class_axis: int | None = None) -> Fidelity:
     """Compare the first output of two models over the same batches.
@@ -83,37 +145,9 @@ def fidelity(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
         >>> fidelity([np.eye(3)], [np.eye(3)]).top1_agreement
         1.0
     """
-    if not reference:
-        raise BadInputError("fidelity needs at least one batch of outputs", field="fidelity")
     if len(reference) != len(candidate):
         raise InvariantError(f"fidelity: {len(reference)} reference batches but {len(candidate)} candidate batches")
-    refs, cands = [], []
-    samples = 0
-    for i, (r, c) in enumerate(zip(reference, candidate, strict=True)):
-        r, c = np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64)
-        if r.shape != c.shape:
-            raise InvariantError(f"fidelity: batch {i} output shape changed from {r.shape} to {c.shape}")
-        samples += r.shape[0] if r.ndim else 1
-        rows = r.shape[0] if r.ndim >= 2 else 1  # a 1-D output (one score per sample) is compared as one vector
-        refs.append(r.reshape(rows, -1))
-        cands.append(c.reshape(rows, -1))
-    ref, cand = np.concatenate(refs), np.concatenate(cands)
-    dot = (ref * cand).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(cand, axis=1) == 0)
-    cos = np.where(both_zero, 1.0, dot / np.where(norms == 0, 1.0, norms))
-    axis = _default_class_axis(reference) if class_axis is None else class_axis
-    top1 = kl = None
-    if axis is not None and all(np.ndim(r) > axis and np.shape(r)[axis] >= 2 for r in reference):
-        rows_r = np.concatenate([_class_rows(np.asarray(r, np.float64), axis) for r in reference])
-        rows_c = np.concatenate([_class_rows(np.asarray(c, np.float64), axis) for c in candidate])
-        top1 = float(np.mean(rows_r.argmax(axis=1) == rows_c.argmax(axis=1)))
-        p, q = _as_distribution(rows_r), _as_distribution(rows_c)
-        kl = float(np.mean((p * (np.log(p) - np.log(q))).sum(axis=1)))
-    return Fidelity(
-        samples=samples,
-        cosine=float(np.mean(cos)),
-        max_abs_err=float(np.max(np.abs(ref - cand))) if ref.size else 0.0,
-        top1_agreement=top1,
-        kl=kl,
-    )
+    acc = FidelityAccumulator(class_axis)
+    for r, c in zip(reference, candidate, strict=True):
+        acc.add(r, c)
+    return acc.result()
