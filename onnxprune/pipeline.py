@@ -40,7 +40,7 @@ from onnxprune.planning.budget import (
 )
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
-from onnxprune.measure.fidelity import Fidelity, fidelity
+from onnxprune.measure.fidelity import Fidelity, FidelityAccumulator
 from onnxprune.measure.metrics import POINTS, TaskMetric
 from onnxprune.measure.stats import ModelStats, model_stats
 from onnxprune.report import build_report, metric_report
@@ -584,6 +584,7 @@ def _adopt(state: PruneState, child: PruneState) -> None:
 def _repair_words(spec: PruneSpec) -> str:
     """The repair a probe or the final model gets, as the report names it."""
     parts = (["reconstruct"] if spec.reconstruct else []) + (
+        ["BatchNorm refresh"] if spec.calib and spec.calib != "random" else []) + (
         [f"{spec.finetune_steps} fine-tuning steps"] if spec.finetune_steps else [])
     return ", ".join(parts) or "none"
 
@@ -729,7 +730,7 @@ def stage_verify(state: PruneState) -> None:
     if batches is None:
         return
     choice = _device(state)
-    refs, cands = [], []
+    compared = FidelityAccumulator(class_axis=_class_axis(state))
     with make_session(_reference(state), choice) as ref, _pruned_session(state.pruned, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
@@ -739,9 +740,8 @@ def stage_verify(state: PruneState) -> None:
             for name in names:
                 if a[name].shape != b[name].shape:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
-            refs.append(a[names[0]])
-            cands.append(b[names[0]])
-    state.fidelity = fidelity(refs, cands, class_axis=_class_axis(state))
+            compared.add(a[names[0]], b[names[0]])
+    state.fidelity = compared.result()
 
 
 def _class_axis(state: PruneState) -> int | None:
