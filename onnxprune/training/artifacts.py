@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "onnxprune-training/1"
 STEP_KEY = "__step__"
+#: Manifest ``updates`` value of graphs whose new params/state may overwrite their inputs' buffers.
+UPDATES_IN_PLACE = "in_place"
 
 #: (op type, input positions) that hold weights: the tensors fine-tuning trains by default.
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
@@ -151,10 +153,12 @@ def build_gradient_model(
     *,
     trainable: Sequence[str] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    recompute: bool = True,
 ) -> GradientModel:
     """The loss and its gradients w.r.t. ``trainable`` (default :func:`select_trainable`).
 
-    Parameters with no path to the loss stay frozen initializers (logged).
+    Parameters with no path to the loss stay frozen initializers (logged). ``recompute``: the backward
+    re-runs cheap elementwise chains instead of keeping their outputs (see :func:`build_gradients`).
 
     Raises:
         BadInputError: a named trainable tensor is not a float initializer.
@@ -169,7 +173,7 @@ def build_gradient_model(
     init_names = set(inits)
     batch_inputs = tuple(i.name for i in base.graph.input if i.name not in init_names)
     lg = add_loss(base, loss)
-    result = build_gradients(params_to_inputs(lg.model, names), lg.loss, names)
+    result = build_gradients(params_to_inputs(lg.model, names), lg.loss, names, recompute=recompute)
     if result.missing:  # put the unreachable ones back as constants
         graph = result.model.graph
         keep_inputs = [i for i in graph.input if i.name not in set(result.missing)]
@@ -243,6 +247,7 @@ def export_artifacts(
     trainable: Sequence[str] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     output_dir: str | os.PathLike[str] | None = None,
+    recompute: bool = True,
 ) -> TrainingArtifacts:
     """Build the training and eval graphs, initial checkpoint and manifest for ``model``.
 
@@ -251,8 +256,13 @@ def export_artifacts(
         loss: a :class:`LossSpec` or its kind (``ce``, ``distill``, ``mse``).
         optimizer: an :class:`OptimizerSpec` or its kind (``sgd``, ``adamw``).
         trainable: initializer names to train; default :func:`select_trainable`.
-        shapes: fixed dims for inputs (Conv/pool gradients need static spatial dims).
+        shapes: fixed dims for inputs (Conv/pool gradients need static spatial dims). Fixing the batch
+            too (as :func:`~onnxprune.training.finetune` does) makes every shape in the training graph
+            static, so no Shape nodes keep forward tensors alive.
         output_dir: also write the four files there.
+        recompute: rebuild cheap activations (elementwise chains after a Conv or MatMul) in the
+            backward instead of keeping them from the forward: the same values in a fraction of the
+            memory (PP-OCRv4 rec, batch 4: 532 MB of saved activations down to about 110 MB).
 
     Raises:
         BadInputError: bad loss/optimizer/trainable/shape options.
@@ -266,7 +276,7 @@ def export_artifacts(
 
     loss_spec = LossSpec(kind=loss) if isinstance(loss, str) else loss
     opt_spec = OptimizerSpec(kind=optimizer) if isinstance(optimizer, str) else optimizer
-    gm = build_gradient_model(model, loss_spec, trainable=trainable, shapes=shapes)
+    gm = build_gradient_model(model, loss_spec, trainable=trainable, shapes=shapes, recompute=recompute)
     train = onnx.ModelProto()
     train.CopyFrom(gm.result.model)
     graph = train.graph
@@ -319,6 +329,8 @@ def export_artifacts(
         "optimizer": asdict(opt_spec),
         "eval": {"inputs": [i.name for i in evaluation.graph.input], "outputs": [o.name for o in evaluation.graph.output]},
         "checkpoint": {"step": STEP_KEY},
+        # every update waits for all gradients (optimizers._after), so each output may share its input's buffer
+        "updates": UPDATES_IN_PLACE,
     }
     arts = TrainingArtifacts(train, evaluation, checkpoint, manifest)
     if output_dir is not None:

@@ -2,6 +2,11 @@
 
 Stock onnxruntime has no optimizer kernels, so the update is plain arithmetic on the gradient
 outputs; learning rate and step count are graph inputs so the trainer can schedule them.
+
+Every update reads the learning rate through a barrier that depends on all gradients, so no new value
+is written before the forward and backward have read the old ones: the trainer may bind each
+``<name>__new`` output to the very buffer that feeds ``<name>`` (updates in place, one copy of the
+parameters and state instead of two).
 """
 
 from __future__ import annotations
@@ -89,11 +94,12 @@ def add_optimizer(graph: onnx.GraphProto, params: list[ParamSlot], spec: Optimiz
     graph.input.append(helper.make_tensor_value_info(LR_INPUT, TensorProto.FLOAT, []))
     graph.input.append(helper.make_tensor_value_info(STEP_INPUT, TensorProto.INT64, []))
     b = _Emit(graph)
-    lr = b.node("Identity", [LR_INPUT])
+    squares = _global_square_norm(b, params)
+    lr = _after(b, LR_INPUT, squares)
     step_f = b.node("Cast", [STEP_INPUT], to=TensorProto.FLOAT)
     shared = _adam_shared(b, spec, step_f) if spec.kind == "adamw" else {}
     if spec.max_grad_norm is not None:
-        params = _clip_global_norm(b, params, spec.max_grad_norm)
+        params = _clip_global_norm(b, params, squares, spec.max_grad_norm)
     states: list[StateSlot] = []
     for p in params:
         decay = spec.weight_decay if (len(p.shape) >= 2 or spec.decay_vectors) else 0.0
@@ -133,12 +139,28 @@ class _Emit:
         return name
 
 
-def _clip_global_norm(b: _Emit, params: list[ParamSlot], max_norm: float) -> list[ParamSlot]:
-    """Scale every gradient by min(1, max_norm / ‖g‖) with ‖g‖ over all params (PyTorch's clip_grad_norm_)."""
+def _global_square_norm(b: _Emit, params: list[ParamSlot]) -> str | None:
+    """‖g‖² over every gradient (float32 scalar), or None without params."""
     squares = [b.node("ReduceSumSquare", [p.grad], keepdims=0) for p in params]
     squares = [s if p.dtype == TensorProto.FLOAT else b.node("Cast", [s], to=TensorProto.FLOAT)
                for s, p in zip(squares, params)]
-    norm = b.node("Sqrt", [b.node("Sum", squares) if len(squares) > 1 else squares[0]])
+    if not squares:
+        return None
+    return b.node("Sum", squares) if len(squares) > 1 else squares[0]
+
+
+def _after(b: _Emit, value: str, barrier: str | None) -> str:
+    """``value`` unchanged, but computed only once ``barrier`` exists (a data dependency, whatever its value)."""
+    if barrier is None:
+        return b.node("Identity", [value])
+    return b.node("Where", [b.node("IsNaN", [barrier]), value, value])
+
+
+def _clip_global_norm(b: _Emit, params: list[ParamSlot], squares: str | None, max_norm: float) -> list[ParamSlot]:
+    """Scale every gradient by min(1, max_norm / ‖g‖) with ‖g‖ over all params (PyTorch's clip_grad_norm_)."""
+    if squares is None:
+        return params
+    norm = b.node("Sqrt", [squares])
     scale = b.node("Min", [b.const(1.0), b.node("Div", [b.const(max_norm), b.node("Add", [norm, b.const(1e-6)])])])
     out = []
     for p in params:

@@ -1,9 +1,15 @@
 """Fine-tuning on onnxruntime with the exported training graph.
 
-Parameters and optimizer state live in two sets of device buffers (OrtValues) bound with IO binding:
-step k reads set k%2 and writes set (k+1)%2, so nothing crosses to the host between steps except the
-batch in and the scalar loss out. The provider comes from :mod:`onnxprune.runtime` (CUDA when usable,
-CPU otherwise, logged there); the teacher and held-out runs use its sessions too.
+Parameters and optimizer state live in device buffers (OrtValues) bound with IO binding, each update
+written over its input (the graph orders every update after the last read; older artifacts ping-pong
+between two sets), so nothing crosses to the host between steps except the batch in and the scalar loss
+out. The provider comes from :mod:`onnxprune.runtime` (CUDA when usable, CPU otherwise, logged there).
+
+Memory (PP-OCRv4 rec, distillation, measured in ``benchmarks/bench_train_memory.py``): the training
+session runs without onnxruntime's memory pattern, buffer reuse and common-subexpression elimination
+(:func:`_training_session`); the teacher runs per batch at the training batch size unless its values for
+all samples are small; held-out metrics are computed a few samples at a time by a session that exists
+only while evaluating.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +28,7 @@ from onnx import helper
 from onnxprune.errors import BadInputError
 from onnxprune.training.artifacts import (
     STEP_KEY,
+    UPDATES_IN_PLACE,
     TrainingArtifacts,
     apply_checkpoint,
     constants_to_initializers,
@@ -30,7 +37,13 @@ from onnxprune.training.artifacts import (
 )
 from onnxprune.training.data import TrainData
 from onnxprune.training.grad.driver import upgrade_opset
-from onnxprune.training.losses import LossSpec, LossTerm, TeacherPlan, teacher_plan, term_metrics
+from onnxprune.training.losses import (
+    LossSpec,
+    LossTerm,
+    TeacherPlan,
+    teacher_plan,
+    term_metrics,
+)
 from onnxprune.training.optimizers import LR_INPUT, STEP_INPUT, OptimizerSpec
 from onnxprune.training.outputs import logits_model
 
@@ -72,6 +85,7 @@ class FinetuneConfig:
     seed: int = 0
     threads: int | None = None
     progress_bar: bool = True
+    recompute: bool = True  # rebuild cheap activations in the backward: about half the memory, ~10 % slower
 
     def validate(self) -> FinetuneConfig:
         """Raises BadInputError naming the bad option."""
@@ -117,36 +131,93 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _training_session(model: onnx.ModelProto, providers: list[str], threads: int | None) -> Any:
-    """A raw onnxruntime session: IO binding needs it (runtime.Session only offers numpy in/out)."""
+#: onnxruntime graph rewrites that would undo the training graph's memory plan: common-subexpression
+#: elimination merges the backward's recomputed activations back into the forward ones (PP-OCRv4 rec at
+#: batch 4: 569 MB peak with it, 377 MB without, before in-place updates and without buffer reuse).
+TRAINING_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
+
+#: Samples whose float64 metric temporaries are computed at once are capped at this many elements
+#: (held-out metrics of PP-OCR rec hold 2 MB per sample per temporary).
+METRIC_CHUNK_ELEMENTS = 1 << 20
+
+
+def _training_session(model: onnx.ModelProto, providers: list[str], threads: int | None, *,
+                      training: bool = True) -> Any:
+    """A raw onnxruntime session: IO binding needs it (runtime.Session only offers numpy in/out).
+
+    Training sessions (each measured on PP-OCRv4 rec at batch 4):
+
+    * no memory pattern: it plans one block for the whole step on top of what the first step took from
+      the arena (1404 MB peak with it, 790 MB without, before the other changes);
+    * no buffer reuse: onnxruntime keeps a dead tensor's buffer for a later tensor of the same size, so a
+      forward activation's memory stays taken until a backward tensor of that size comes along (live
+      tensors at the peak: 188 MB with it, 111 MB without);
+    * no common-subexpression elimination (:data:`TRAINING_DISABLED_OPTIMIZERS`).
+
+    ``training=False`` is for the inference sessions beside the training one (teacher, held-out
+    evaluation): onnxruntime's defaults but the memory pattern.
+    """
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_mem_pattern = False
+    if training:
+        opts.enable_mem_reuse = False
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    disabled = list(TRAINING_DISABLED_OPTIMIZERS) if training else []
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers, disabled_optimizers=disabled)
+
+
+def _release_options(providers: Sequence[str]) -> Any:
+    """Run options that shrink the CPU arena after the run (its free chunks go back to the system)."""
+    options = _ort().RunOptions()
+    if "CUDAExecutionProvider" not in providers:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 class _DeviceState:
-    """Ping-pong OrtValues for params and optimizer state on the session's device."""
+    """Params and optimizer state as OrtValues on the session's device.
 
-    def __init__(self, values: dict[str, np.ndarray], device: str) -> None:
+    With ``in_place`` (graphs whose updates wait for every gradient, manifest ``updates: in_place``) each
+    output is bound to its input's buffer: one copy. Otherwise two sets ping-pong: step k reads set k%2
+    and writes set (k+1)%2.
+    """
+
+    def __init__(self, values: dict[str, np.ndarray], device: str, in_place: bool) -> None:
         ort = _ort()
         self.device = device
-        self.sets = [
-            {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, 0) for k, v in values.items()},
-            {k: ort.OrtValue.ortvalue_from_shape_and_type(list(v.shape), v.dtype, device, 0) for k, v in values.items()},
-        ]
+        # own copies: on CPU an OrtValue wraps the numpy array, and training must not write into the caller's
+        first = {k: ort.OrtValue.ortvalue_from_numpy(np.array(v, order="C", copy=True), device, 0)
+                 for k, v in values.items()}
+        second = first if in_place else {
+            k: ort.OrtValue.ortvalue_from_shape_and_type(list(v.shape), v.dtype, device, 0) for k, v in values.items()
+        }
+        self.sets = [first, second]
         self.current = 0
 
+    @property
+    def live(self) -> dict[str, Any]:
+        """The OrtValues holding the current values."""
+        return self.sets[self.current]
+
+    @property
+    def next(self) -> dict[str, Any]:
+        """The OrtValues the next step writes (the same as :attr:`live` when updating in place)."""
+        return self.sets[1 - self.current]
+
+    def advance(self) -> None:
+        self.current = 1 - self.current
+
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        cur = self.sets[self.current]
+        cur = self.live
         return {n: cur[n].numpy().copy() for n in names}
 
     def write(self, values: dict[str, np.ndarray]) -> None:
         """Overwrite the current values (e.g. restore the best parameters before a final evaluation)."""
-        cur = self.sets[self.current]
+        cur = self.live
         for name, value in values.items():
             cur[name].update_inplace(np.ascontiguousarray(value))
 
@@ -165,20 +236,26 @@ class Trainer:
         carried = self.params + [s["name"] for s in self.manifest["state"]]
         self.carried = carried
         self.new_of = {p["name"]: p["output"] for p in self.manifest["params"] + self.manifest["state"]}
-        self.state = _DeviceState({k: arts.checkpoint[k] for k in carried}, self.device)
+        self.in_place = self.manifest.get("updates") == UPDATES_IN_PLACE
+        self.state = _DeviceState({k: arts.checkpoint[k] for k in carried}, self.device, self.in_place)
         self.step = int(arts.checkpoint.get(STEP_KEY, 0))
         self.binding = self.session.io_binding()
         ort = _ort()
         self.loss_value = ort.OrtValue.ortvalue_from_shape_and_type([], np.float32, "cpu", 0)
+        self.release_options = _release_options(self.providers)
         self.input_dtypes = {
             i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
             for i in arts.training_model.graph.input
         }
 
-    def train_step(self, feeds: dict[str, np.ndarray], lr: float) -> float:
-        """One optimizer step on one batch (model inputs plus labels/teacher arrays); returns the loss."""
+    def train_step(self, feeds: dict[str, np.ndarray], lr: float, *, release: bool = False) -> float:
+        """One optimizer step on one batch (model inputs plus labels/teacher arrays); returns the loss.
+
+        ``release`` gives the step's working memory back to the system afterwards (the arena keeps it
+        otherwise, for the next step): before something else runs, such as a held-out evaluation.
+        """
         b = self.binding
-        cur, nxt = self.state.sets[self.state.current], self.state.sets[1 - self.state.current]
+        cur, nxt = self.state.live, self.state.next
         for name, arr in feeds.items():
             b.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=self.input_dtypes.get(name, arr.dtype)))
         b.bind_cpu_input(LR_INPUT, np.asarray(lr, np.float32))
@@ -187,8 +264,8 @@ class Trainer:
             b.bind_ortvalue_input(name, cur[name])
             b.bind_ortvalue_output(self.new_of[name], nxt[name])
         b.bind_ortvalue_output(self.manifest["outputs"]["loss"], self.loss_value)
-        self.session.run_with_iobinding(b)
-        self.state.current = 1 - self.state.current
+        self.session.run_with_iobinding(b, self.release_options if release else None)
+        self.state.advance()
         self.step += 1
         return float(self.loss_value.numpy())
 
@@ -197,10 +274,15 @@ class Trainer:
 
 
 class _Evaluator:
-    """Runs the eval graph with the live device params bound as inputs (no host round trip for them)."""
+    """Runs the eval graph with the live device params bound as inputs (no host round trip for them).
+
+    The session exists only during :meth:`evaluate`, so its memory is not held beside the training
+    session's between evaluations.
+    """
 
     def __init__(self, eval_model: onnx.ModelProto, trainer: Trainer, threads: int | None) -> None:
-        self.session = _training_session(eval_model, trainer.providers, threads)
+        self.model = eval_model
+        self.threads = threads
         self.trainer = trainer
         self.outputs = [o.name for o in eval_model.graph.output]
         self.dtypes = {
@@ -208,21 +290,42 @@ class _Evaluator:
             for i in eval_model.graph.input
         }
 
-    def predict(self, data: TrainData, batch_size: int) -> dict[str, np.ndarray]:
-        chunks: dict[str, list[np.ndarray]] = {o: [] for o in self.outputs}
-        params = self.trainer.state.sets[self.trainer.state.current]
+    def predict(self, session: Any, batch: TrainData) -> dict[str, np.ndarray]:
+        """The eval graph's outputs for one batch."""
+        params = self.trainer.state.live
+        b = session.io_binding()
+        for name, arr in batch.feeds(self.dtypes).items():
+            b.bind_cpu_input(name, arr)
+        for name in self.trainer.params:
+            b.bind_ortvalue_input(name, params[name])
+        for o in self.outputs:
+            b.bind_output(o, "cpu")
+        session.run_with_iobinding(b)
+        return dict(zip(self.outputs, b.copy_outputs_to_cpu()))
+
+    def evaluate(self, data: _Samples, batch_size: int, loss: LossSpec, terms: Sequence[LossTerm],
+                 teacher: _Teacher | None) -> dict[str, float]:
+        """:func:`metrics` over ``data``, a few samples at a time: every metric is a mean over samples (and
+        positions, the same number per sample), so the sample-weighted mean of the parts' values is the
+        whole set's, without holding every output (PP-OCR rec: 2 MB of float64 logits per sample)."""
+        session = _training_session(self.model, self.trainer.providers, self.threads, training=False)
+        sums: dict[str, float] = {}
+        count = 0
         for batch in data.batches(batch_size, None, drop_last=False):
-            b = self.session.io_binding()
-            for name, arr in batch.feeds(self.dtypes).items():
-                b.bind_cpu_input(name, arr)
-            for name in self.trainer.params:
-                b.bind_ortvalue_input(name, params[name])
-            for o in self.outputs:
-                b.bind_output(o, "cpu")
-            self.session.run_with_iobinding(b)
-            for o, v in zip(self.outputs, b.copy_outputs_to_cpu()):
-                chunks[o].append(v)
-        return {o: np.concatenate(v) for o, v in chunks.items()}
+            if teacher is not None:
+                batch = teacher.attach(batch)
+            outputs = self.predict(session, batch)
+            per_sample = max(math.prod(v.shape[1:]) for v in outputs.values()) if outputs else 1
+            step = max(1, METRIC_CHUNK_ELEMENTS // max(per_sample, 1))
+            for start in range(0, len(batch), step):
+                part = np.arange(start, min(start + step, len(batch)))
+                n = len(part)
+                chunk = {k: v[part] for k, v in outputs.items()}
+                for k, v in metrics(chunk, batch.take(part), loss, terms).items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                count += n
+        del session
+        return {k: v / max(count, 1) for k, v in sums.items()}
 
 
 def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec,
@@ -242,18 +345,92 @@ def metrics(outputs: dict[str, np.ndarray], data: TrainData, loss: LossSpec,
     return out
 
 
-def _teacher_values(plan: TeacherPlan, data: TrainData, device: object, batch_size: int,
-                    threads: int | None) -> dict[str, np.ndarray]:
-    """The teacher inputs' values (teacher logits for KL terms) for every sample, by student output."""
-    from onnxprune.runtime.session import make_session
+#: Teacher values for every sample are computed once and kept while they fit in this many bytes; beyond
+#: it (PP-OCRv4 rec: 1 MB of logits per sample, a few thousand samples) the teacher runs on each batch.
+TEACHER_CACHE_BYTES = 16 * 2**20
 
-    chunks: dict[str, list[np.ndarray]] = {f.output: [] for f in plan.fetches}
-    with make_session(plan.model, device, threads=threads) as sess:  # type: ignore[arg-type]
-        dtypes = {s.name: s.dtype for s in sess.input_specs}
-        for batch in data.batches(max(batch_size, 64), None, drop_last=False):
-            for name, value in plan.values(sess.run(batch.feeds(dtypes), plan.tensors)).items():
-                chunks[name].append(value)
-    return {n: np.concatenate(c) for n, c in chunks.items()}
+
+class _Teacher:
+    """The teacher inputs' values (teacher logits for KL terms) of a batch, by student output.
+
+    One inference session run at the training batch size (an inference peak, not a bigger one);
+    :meth:`precompute` keeps every sample's values when they are small, else :meth:`attach` runs the
+    teacher on each batch.
+    """
+
+    def __init__(self, plan: TeacherPlan, providers: list[str], threads: int | None) -> None:
+        self.session = _training_session(plan.model, providers, threads, training=False)
+        self.dtypes = {
+            i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in plan.model.graph.input
+        }
+        self.plan = TeacherPlan(onnx.ModelProto(), plan.fetches)  # the session holds the weights now
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.runs = 0
+        # the teacher runs once per step beside the training session: its arena gives its memory back after
+        # each run instead of holding an inference's working set for the whole fine-tuning
+        self.run_options = _release_options(providers)
+
+    def values(self, batch: TrainData) -> dict[str, np.ndarray]:
+        """The teacher's values for ``batch`` (one run)."""
+        feeds = {k: v for k, v in batch.feeds(self.dtypes).items() if k in self.inputs}
+        self.runs += 1
+        fetched = self.session.run(self.plan.tensors, feeds, self.run_options)
+        return self.plan.values(dict(zip(self.plan.tensors, fetched)))
+
+    def attach(self, batch: TrainData) -> TrainData:
+        """``batch`` with its teacher values (computed now unless it already has them)."""
+        if batch.teacher:
+            return batch
+        return TrainData(batch.inputs, batch.labels, self.values(batch))
+
+    def precompute(self, data: TrainData, batch_size: int, budget: int | None = None) -> TrainData | None:
+        """``data`` with every sample's teacher values when they fit in ``budget`` bytes (default
+        :data:`TEACHER_CACHE_BYTES`), else None."""
+        budget = TEACHER_CACHE_BYTES if budget is None else budget
+        chunks: dict[str, list[np.ndarray]] = {}
+        for i, batch in enumerate(data.batches(batch_size, None, drop_last=False)):
+            for name, value in self.values(batch).items():
+                chunks.setdefault(name, []).append(value)
+            if i == 0:
+                per_sample = sum(c[0].nbytes for c in chunks.values()) / max(len(batch), 1)
+                if per_sample * len(data) > budget:
+                    log.info("teacher values need %.0f MB for %d samples; the teacher runs on each batch instead",
+                             per_sample * len(data) / 2**20, len(data))
+                    return None
+        return TrainData(data.inputs, data.labels, {n: np.concatenate(c) for n, c in chunks.items()})
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """A subset of a :class:`TrainData` by index, without copying it (the train/held-out split)."""
+
+    data: TrainData
+    index: np.ndarray
+
+    @classmethod
+    def split(cls, data: TrainData, fraction: float, seed: int) -> tuple[_Samples, _Samples | None]:
+        """Same samples and order as :meth:`TrainData.split`, as index views."""
+        n = len(data)
+        n_held = int(round(n * fraction))
+        if n_held < 1 or n_held >= n:
+            return cls(data, np.arange(n)), None
+        order = np.random.default_rng(seed).permutation(n)
+        return cls(data, np.sort(order[n_held:])), cls(data, np.sort(order[:n_held]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self.data.labels is None else self.data.labels[self.index]
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None, drop_last: bool = True) -> Iterator[TrainData]:
+        """One epoch of batches, as :meth:`TrainData.batches` on the subset would give them."""
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        stop = len(self) - (len(self) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            yield self.data.take(self.index[order[start:start + batch_size]])
 
 
 def _eval_model(model: onnx.ModelProto, params: list[str], terms: Sequence[LossTerm]) -> onnx.ModelProto:
@@ -314,13 +491,13 @@ def finetune(
     from onnxprune.runtime.device import select_device
 
     config = (config or FinetuneConfig()).validate()
-    model = constants_to_initializers(model)
+    source, model = model, constants_to_initializers(model)
     _check_inputs(model, data)
     choice = device if not isinstance(device, str) else select_device(device)
     kind = config.loss if config.loss != "auto" else ("ce" if data.labels is not None else "distill")
     if kind == "ce" and data.labels is None:
         raise BadInputError("loss 'ce' needs 'labels' in the training data", field="train_data")
-    train, held = data.split(config.eval_fraction, config.seed)
+    train, held = _Samples.split(data, config.eval_fraction, config.seed)
     batch = min(config.batch_size, len(train))
     # "mse" matches the teacher's outputs by mean squared error (regression heads)
     loss_spec = LossSpec(kind="distill" if kind == "mse" else kind, temperature=config.temperature,
@@ -328,18 +505,24 @@ def finetune(
     opt = OptimizerSpec(kind=config.optimizer, momentum=config.momentum, weight_decay=config.weight_decay,
                         max_grad_norm=config.max_grad_norm)
     arts = export_artifacts(model, loss=loss_spec, optimizer=opt, trainable=config.trainable,
-                            shapes=_fixed_shapes(model, data, batch))
+                            shapes=_fixed_shapes(model, data, batch), recompute=config.recompute)
     terms = arts.loss_terms
+    eval_model = _eval_model(model, arts.param_names, terms) if held is not None else None
+    outputs = [o.name for o in model.graph.output]
+    del model  # a copy of every weight; the end applies the result to ``source`` (converting it again)
+    providers = list(choice.providers)  # type: ignore[attr-defined]
+    teacher_run = None
     if kind in ("distill", "mse") and not data.teacher:
-        plan = teacher_plan(teacher if teacher is not None else model, terms, [o.name for o in model.graph.output])
-        data = TrainData(data.inputs, data.labels,
-                         _teacher_values(plan, data, choice, config.batch_size, config.threads))
-        train, held = data.split(config.eval_fraction, config.seed)  # the same split, now with teacher values
-    trainer = Trainer(arts, list(choice.providers), config.threads)  # type: ignore[attr-defined]
-    evaluator = None
-    if held is not None:
-        evaluator = _Evaluator(_eval_model(model, trainer.params, terms), trainer, config.threads)
-    run = _Run(trainer, evaluator, train, held, config, batch, loss_spec, arts.manifest, terms, reporter)
+        teacher_run = _Teacher(teacher_plan(teacher if teacher is not None else source, terms, outputs),
+                               providers, config.threads)
+        cached = teacher_run.precompute(data, batch)
+        if cached is not None:  # small enough to keep: the same split, now with teacher values
+            data, teacher_run = cached, None
+            train, held = _Samples.split(data, config.eval_fraction, config.seed)
+    trainer = Trainer(arts, providers, config.threads)
+    arts.checkpoint.clear()  # the trainer holds its own copy of these initial values
+    evaluator = _Evaluator(eval_model, trainer, config.threads) if eval_model is not None else None
+    run = _Run(trainer, evaluator, train, held, config, batch, loss_spec, arts.manifest, terms, reporter, teacher_run)
     log.info("fine-tuning %d params for %d steps on %s (batch %d, %s, %s)", len(trainer.params), run.total,
              trainer.provider, batch, kind, config.optimizer)
     started = time.perf_counter()
@@ -352,7 +535,7 @@ def finetune(
         final.update(run.evaluate())
     if reporter is not None:
         reporter("finetune", 1.0, "done")
-    return FinetuneResult(apply_checkpoint(model, params), run.history, final, terms)
+    return FinetuneResult(apply_checkpoint(source, params), run.history, final, terms)
 
 
 @dataclass
@@ -361,14 +544,15 @@ class _Run:
 
     trainer: Trainer
     evaluator: _Evaluator | None
-    train: TrainData
-    held: TrainData | None
+    train: _Samples
+    held: _Samples | None
     config: FinetuneConfig
     batch: int
     loss: LossSpec
     manifest: dict[str, Any]
     terms: tuple[LossTerm, ...]
     reporter: ReporterFn | None
+    teacher: _Teacher | None = None  # runs on each batch when the data carries no teacher values
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -381,11 +565,12 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         assert self.evaluator is not None and self.held is not None  # callers check
-        outputs = self.evaluator.predict(self.held, self.batch)
-        return metrics(outputs, self.held, self.loss, self.terms)
+        return self.evaluator.evaluate(self.held, self.batch, self.loss, self.terms, self.teacher)
 
     def _feeds(self, b: TrainData) -> dict[str, np.ndarray]:
         names = self.manifest["inputs"]
+        if (names["teacher"] or names["targets"]) and self.teacher is not None:
+            b = self.teacher.attach(b)
         feeds = dict(b.inputs)
         if names["labels"]:
             assert b.labels is not None  # finetune() checked the data has labels
@@ -411,13 +596,14 @@ class _Run:
                     batches = self.train.batches(self.batch, rng)
                     b = next(batches)
                 lr = lr_at(step, total, config)
-                loss = self.trainer.train_step(self._feeds(b), lr)
+                evaluating = self.evaluator is not None and (not (step + 1) % config.eval_every or step + 1 == total)
+                loss = self.trainer.train_step(self._feeds(b), lr, release=evaluating)
                 if not math.isfinite(loss):
                     raise BadInputError(f"loss became {loss} at step {step + 1}; lower the learning rate", field="lr")
                 self.history.append({"step": step + 1, "lr": lr, "loss": loss})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if self.evaluator is None or ((step + 1) % config.eval_every and step + 1 != total):
+                if not evaluating:
                     continue
                 m = self.evaluate()
                 self.history.append({"step": step + 1, **{f"eval_{k}": v for k, v in m.items()}})

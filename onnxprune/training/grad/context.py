@@ -89,6 +89,19 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus outer-scope names read inside subgraphs (If/Loop/Scan bodies)."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sub in graphs:
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for n in sub.node:
+                names += [i for i in node_inputs(n) if i and i not in defined]
+                defined.update(n.output)
+    return names
+
+
 @dataclass
 class GradContext:
     """Everything a VJP rule may use: tensor facts, constants, and a node emitter.
@@ -193,8 +206,14 @@ class GradContext:
 
     # -- small op helpers ------------------------------------------------------------------------
     def shape_of(self, name: str) -> str:
+        """The shape of ``name`` as a 1-D int64 tensor: a constant when static, else a Shape node (which
+        would make the backward read ``name``)."""
         if name not in self._shape_cache:
-            self._shape_cache[name] = self.emit("Shape", [name])
+            shape = self.shape(name)
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                self._shape_cache[name] = self.ints([int(d) for d in shape])  # type: ignore[arg-type]
+            else:
+                self._shape_cache[name] = self.emit("Shape", [name])
         return self._shape_cache[name]
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool) -> str:

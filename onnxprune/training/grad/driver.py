@@ -26,7 +26,9 @@ from onnxprune.training.grad.context import (
     VJPRegistry,
     collect_tensor_info,
     constant_node_value,
+    node_inputs,
 )
+from onnxprune.training.grad.memory import plan_recompute, prune_dead, recompute_cheap
 from onnxprune.training.grad.rules import default_registry
 
 log = logging.getLogger(__name__)
@@ -74,19 +76,6 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Explicit inputs plus outer-scope names read inside subgraphs (If/Loop/Scan bodies)."""
-    names = [i for i in node.input if i]
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sub in graphs:
-            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
-            for n in sub.node:
-                names += [i for i in node_inputs(n) if i and i not in defined]
-                defined.update(n.output)
-    return names
-
-
 def _differentiable(
     graph: onnx.GraphProto, wrt: Sequence[str], info: dict[str, TensorInfo], non_diff: frozenset[str]
 ) -> set[str]:
@@ -122,13 +111,17 @@ def build_gradients(
     wrt: Sequence[str],
     *,
     registry: VJPRegistry | None = None,
+    recompute: bool = True,
 ) -> GradientResult:
     """Append the backward pass of ``loss`` w.r.t. ``wrt`` to a copy of ``model``.
 
     ``loss`` must be a scalar float tensor of the graph; ``wrt`` are graph inputs or initializers.
     The result's outputs are ``loss`` followed by one ``<name>__grad`` output per tensor that
     reaches the loss (``missing`` lists the others). ``registry`` defaults to
-    :func:`~onnxprune.training.grad.rules.default_registry`.
+    :func:`~onnxprune.training.grad.rules.default_registry`. Nodes that reach no output are dropped, and
+    with ``recompute`` the backward re-runs chains of cheap elementwise ops from the nearest expensive
+    op's output instead of keeping every link alive (:mod:`~onnxprune.training.grad.memory`): the same
+    values, a fraction of the activation memory.
 
     Raises:
         UnsupportedOpError: an op on a path from ``wrt`` to ``loss`` has no VJP rule (names op and node).
@@ -161,8 +154,10 @@ def build_gradients(
     )
     reach = _differentiable(graph, wrt, info, reg.non_differentiable)
     need, active = _needed(graph, loss, reach)
-    grads: dict[str, list[str]] = {loss: [ctx.emit("ConstantOfShape", [ctx.shape_of(loss)],
-                                                   value=helper.make_tensor("v", ctx.dtype(loss), [1], [1]))]}
+    ones = ctx.emit("ConstantOfShape", [ctx.shape_of(loss)], value=helper.make_tensor("v", ctx.dtype(loss), [1], [1]))
+    # ones that depend on the loss's value: onnxruntime then computes the loss before the backward and
+    # frees what only the loss reads, instead of keeping it (the logits' log-softmaxes) to the step's end
+    grads: dict[str, list[str]] = {loss: [ctx.emit("Where", [ctx.emit("IsNaN", [loss]), ones, ones])]}
     for node in active:
         gouts = [_total(ctx, grads.get(o, [])) if o else None for o in node.output]
         if all(g is None for g in gouts):
@@ -193,8 +188,20 @@ def build_gradients(
         outputs.append(helper.make_tensor_value_info(gname, ctx.dtype(w), ctx.shape(w)))
     if missing:
         log.info("no gradient reaches %d tensor(s): %s", len(missing), ", ".join(missing[:8]))
-    graph.node.extend(ctx.nodes)
-    graph.initializer.extend(ctx.initializers)
+    wanted = [o.name for o in outputs]
+    alive = prune_dead(list(graph.node) + ctx.nodes, wanted)
+    emitted = {id(n) for n in ctx.nodes}
+    forward = [n for n in alive if id(n) not in emitted]
+    backward = [n for n in alive if id(n) in emitted]
+    if recompute:
+        sources = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        plan = plan_recompute(forward, sources | set(ctx.constants), info=ctx.info)
+        backward = recompute_cheap(ctx, backward, plan)
+    nodes = prune_dead(forward + backward, wanted)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in node_inputs(n)}
+    graph.initializer.extend(t for t in ctx.initializers if t.name in used)
     del graph.output[:]
     graph.output.extend(outputs)
     return GradientResult(out, loss, result, tuple(missing))

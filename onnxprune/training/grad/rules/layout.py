@@ -50,10 +50,13 @@ def _concat(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
     rank = ctx.rank(node.output[0], node)
     axis = attr_int(node, "axis", 0)
     axis = axis + rank if axis < 0 else axis
-    sizes = [_dim_along(ctx, x, axis) for x in node.input]
-    split = ctx.emit("Concat", sizes, axis=0) if len(sizes) > 1 else sizes[0]
     if len(node.input) == 1:
         return [g[0]]
+    dims = [(ctx.shape(x) or [None] * rank)[axis] for x in node.input]
+    if all(isinstance(d, int) for d in dims):  # one constant: shape inference then sees the parts' shapes
+        split = ctx.ints([int(d) for d in dims])  # type: ignore[arg-type]
+    else:
+        split = ctx.emit("Concat", [_dim_along(ctx, x, axis) for x in node.input], axis=0)
     return list(ctx.emit_multi("Split", [g[0], split], len(node.input), axis=axis))
 
 

@@ -30,6 +30,13 @@ def _matmul(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
         gy = ctx.unsqueeze(gy, [-1])
     ry = max(max(ra, 2), max(rb, 2))
     ga = ctx.emit("MatMul", [gy, _swap_last(ctx, b2, max(rb, 2))])
+    if rb == 2 and ra > 2:
+        # a shared weight (x[N, T, K] @ W[K, C]): one [K, C] product over the flattened rows instead of
+        # N products [K, C] summed afterwards (PP-OCR rec's head at batch 16: 48 MB less at the peak)
+        k, c = ctx.shape(b) or [None, None]
+        if isinstance(k, int) and isinstance(c, int):
+            gb = ctx.emit("Gemm", [ctx.reshape(a, [-1, k]), ctx.reshape(gy, [-1, c])], transA=1)
+            return [_sum_to_shape(ctx, ga, a, ry, node), gb]
     gb = ctx.emit("MatMul", [_swap_last(ctx, a2, max(ra, 2)), gy])
     return [_sum_to_shape(ctx, ga, a, ry, node), _sum_to_shape(ctx, gb, b, ry, node)]
 
