@@ -14,7 +14,10 @@ mix; the process imports the same libraries in every case:
   artifacts writes;
 * ``finetune``: :func:`onnxprune.training.finetune` end to end on ``--samples`` random inputs (teacher runs,
   held-out evaluation every ``--steps`` // 2 steps included), what ``--finetune-steps`` runs;
-* ``torch`` (the CNN only): the same Conv-BN-ReLU network as ``bench_train_step.py`` in PyTorch eager.
+* ``torch`` (the CNN only): the same Conv-BN-ReLU network as ``bench_train_step.py`` in PyTorch eager
+  (AdamW). Its libraries alone take a few hundred MB, so compare the "over base" column (peak minus the
+  resident set right after the imports), and time it with ``--threads 1`` on a busy machine: PyTorch's
+  spinning worker threads slow down by an order of magnitude when cores are oversubscribed.
 
 Models: ``rec`` (PP-OCRv4 recognizer, input [B, 3, 48, 320], output [B, 40, 6625] Softmax), ``cls`` (PP-OCR
 mobile v2.0 direction classifier, [B, 3, 48, 192]), both from the rapidocr-onnxruntime wheel; ``cnn`` (the
@@ -47,13 +50,17 @@ OCR_SHAPES = {"rec": (3, 48, 320), "cls": (3, 48, 192)}
 CNN_SIZE = 32
 
 
-def peak_mb() -> float:
-    """This process's peak resident set (``VmHWM``) in MiB."""
+def _status_mb(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def peak_mb() -> float:
+    """This process's peak resident set (``VmHWM``) in MiB."""
+    return _status_mb("VmHWM")
 
 
 # -- worker side (one measurement per process) --------------------------------------------------------------
@@ -180,6 +187,7 @@ def work_torch(name: str, batch: int, threads: int, steps: int) -> dict[str, flo
     import numpy as np
     import torch
 
+    base = _status_mb("VmRSS")  # PyTorch's libraries alone take a few hundred MB
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_train_step
 
@@ -200,7 +208,7 @@ def work_torch(name: str, batch: int, threads: int, steps: int) -> dict[str, flo
         torch.nn.functional.cross_entropy(net(xt), yt).backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return {"peak_mb": peak_mb(), "ms": 1e3 * statistics.median(times[3:])}
+    return {"peak_mb": peak_mb(), "ms": 1e3 * statistics.median(times[3:]), "base_mb": base}
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -213,6 +221,7 @@ def worker(args: argparse.Namespace) -> int:
     import onnxruntime  # noqa: F401
 
     name, mode = args.worker
+    base = _status_mb("VmRSS")
     if mode == "infer":
         out = work_infer(name, args.batch, args.threads, args.steps)
     elif mode == "train":
@@ -221,7 +230,7 @@ def worker(args: argparse.Namespace) -> int:
         out = work_finetune(name, args.batch, args.threads, args.steps, args.samples)
     else:
         out = work_torch(name, args.batch, args.threads, args.steps)
-    print(json.dumps(out))
+    print(json.dumps({"base_mb": base, **out}))
     return 0
 
 
@@ -292,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown model or mode: {', '.join(bad)}")
     rows = run(models, modes, args.batch, args.threads, args.steps, args.samples, args.root)
     print(f"batch {args.batch}, {args.threads} threads, median of steps 2..{args.steps}; goal = 3 x infer peak + 4 x params")
-    print(f"{'model':6s} {'mode':9s} {'peak MB':>8s} {'goal MB':>8s} {'ratio':>6s} {'ms/step':>9s} {'params MB':>9s}")
+    print(f"{'model':6s} {'mode':9s} {'peak MB':>8s} {'over base':>9s} {'goal MB':>8s} {'ratio':>6s} {'ms/step':>9s} "
+          f"{'params MB':>9s}")
     for r in rows:
         ratio = f"{r['ratio_to_goal']:.2f}" if r["ratio_to_goal"] is not None else ""
-        print(f"{r['model']:6s} {r['mode']:9s} {r['peak_mb']:8.1f} {r['goal_mb']:8.1f} {ratio:>6s} "
-              f"{r['ms_per_step']:9.1f} {r['param_mb']:9.2f}")
+        print(f"{r['model']:6s} {r['mode']:9s} {r['peak_mb']:8.1f} {r['peak_mb'] - r['base_mb']:9.1f} "
+              f"{r['goal_mb']:8.1f} {ratio:>6s} {r['ms_per_step']:9.1f} {r['param_mb']:9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.limits import readable_ir_version
 from onnxprune.training.artifacts import build_gradient_model
 from onnxprune.training.data import LABELS_KEY
 from onnxprune.training.losses import LossSpec, teacher_plan
@@ -73,8 +75,9 @@ def accumulate_gradients(
         >>> stats = accumulate_gradients(model, [{"input": x, "labels": y}])  # doctest: +SKIP
         >>> taylor = np.abs(stats.mean("conv1.weight") * w)  # doctest: +SKIP
     """
-    from onnxprune.runtime.session import make_session
     from onnxprune.runtime.device import select_device
+    from onnxprune.runtime.session import make_session
+    from onnxprune.training.trainer import training_session
 
     if loss not in ("ce", "distill"):
         raise BadInputError(f"gradient loss must be ce or distill, got {loss!r}", field="loss")
@@ -86,32 +89,37 @@ def accumulate_gradients(
     plan = teacher_plan(teacher if teacher is not None else model, gm.loss.loss_terms,
                         [o.name for o in gm.base.graph.output]) if loss == "distill" else None
     teacher_sess = make_session(plan.model, choice) if plan is not None else None
+    # the trainer's session options: no memory pattern, buffer reuse or CSE (each would keep activations)
+    model_g = gm.result.model
+    model_g.ir_version = readable_ir_version(model_g)
+    sess = training_session(model_g, list(choice.providers), None)  # type: ignore[attr-defined]
+    dtypes = {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+              for i in model_g.graph.input}
+    fetch = [gm.loss.loss] + [grads[n] for n in gm.params]
     try:
-        with make_session(gm.result.model, choice) as sess:
-            dtypes = {s.name: s.dtype for s in sess.input_specs}
-            for i, batch in enumerate(batches):
-                if reporter is not None:
-                    reporter("gradients", 0.0, f"batch {i}")  # type: ignore[operator]
-                feeds = {k: np.asarray(v, dtypes.get(k)) for k, v in batch.items() if k in gm.batch_inputs}
-                if loss == "ce":
-                    if LABELS_KEY not in batch:
-                        raise BadInputError("loss 'ce' needs 'labels' in every batch", field="calib")
-                    feeds[LABELS_KEY] = np.asarray(batch[LABELS_KEY], np.int64)
-                else:
-                    assert teacher_sess is not None and plan is not None
-                    values = plan.values(teacher_sess.run({k: feeds[k] for k in gm.batch_inputs}, plan.tensors))
-                    for out, name in gm.loss.teacher.items():
-                        feeds[name] = values[out]  # the teacher's logits for KL terms
-                feeds.update(gm.params)
-                res = sess.run(feeds, [gm.loss.loss] + [grads[n] for n in gm.params])
-                stats.loss_sum += float(res[gm.loss.loss])
-                batch_grads = {n: res[grads[n]].astype(np.float64) for n in gm.params}
-                for n, g in batch_grads.items():
-                    stats.grad_sum[n] += g
-                    stats.grad_sq_sum[n] += g * g
-                stats.count += 1
-                if on_batch is not None:
-                    on_batch(batch_grads)
+        for i, batch in enumerate(batches):
+            if reporter is not None:
+                reporter("gradients", 0.0, f"batch {i}")  # type: ignore[operator]
+            feeds = {k: np.asarray(v, dtypes.get(k)) for k, v in batch.items() if k in gm.batch_inputs}
+            if loss == "ce":
+                if LABELS_KEY not in batch:
+                    raise BadInputError("loss 'ce' needs 'labels' in every batch", field="calib")
+                feeds[LABELS_KEY] = np.asarray(batch[LABELS_KEY], np.int64)
+            else:
+                assert teacher_sess is not None and plan is not None
+                values = plan.values(teacher_sess.run({k: feeds[k] for k in gm.batch_inputs}, plan.tensors))
+                for out, name in gm.loss.teacher.items():
+                    feeds[name] = values[out]  # the teacher's logits for KL terms
+            feeds.update(gm.params)
+            res = dict(zip(fetch, sess.run(fetch, feeds)))
+            stats.loss_sum += float(res[gm.loss.loss])
+            batch_grads = {n: res[grads[n]].astype(np.float64) for n in gm.params}
+            for n, g in batch_grads.items():
+                stats.grad_sum[n] += g
+                stats.grad_sq_sum[n] += g * g
+            stats.count += 1
+            if on_batch is not None:
+                on_batch(batch_grads)
     finally:
         if teacher_sess is not None:
             teacher_sess.close()

@@ -7,7 +7,7 @@ out. The provider comes from :mod:`onnxprune.runtime` (CUDA when usable, CPU oth
 
 Memory (PP-OCRv4 rec, distillation, measured in ``benchmarks/bench_train_memory.py``): the training
 session runs without onnxruntime's memory pattern, buffer reuse and common-subexpression elimination
-(:func:`_training_session`); the teacher runs per batch at the training batch size unless its values for
+(:func:`training_session`); the teacher runs per batch at the training batch size unless its values for
 all samples are small; held-out metrics are computed a few samples at a time by a session that exists
 only while evaluating.
 """
@@ -141,7 +141,7 @@ TRAINING_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 METRIC_CHUNK_ELEMENTS = 1 << 20
 
 
-def _training_session(model: onnx.ModelProto, providers: list[str], threads: int | None, *,
+def training_session(model: onnx.ModelProto, providers: list[str], threads: int | None, *,
                       training: bool = True) -> Any:
     """A raw onnxruntime session: IO binding needs it (runtime.Session only offers numpy in/out).
 
@@ -228,7 +228,7 @@ class Trainer:
     def __init__(self, arts: TrainingArtifacts, providers: list[str], threads: int | None = None) -> None:
         self.arts = arts
         self.manifest = arts.manifest
-        self.session = _training_session(arts.training_model, providers, threads)
+        self.session = training_session(arts.training_model, providers, threads)
         self.providers = list(providers)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -308,7 +308,7 @@ class _Evaluator:
         """:func:`metrics` over ``data``, a few samples at a time: every metric is a mean over samples (and
         positions, the same number per sample), so the sample-weighted mean of the parts' values is the
         whole set's, without holding every output (PP-OCR rec: 2 MB of float64 logits per sample)."""
-        session = _training_session(self.model, self.trainer.providers, self.threads, training=False)
+        session = training_session(self.model, self.trainer.providers, self.threads, training=False)
         sums: dict[str, float] = {}
         count = 0
         for batch in data.batches(batch_size, None, drop_last=False):
@@ -359,7 +359,7 @@ class _Teacher:
     """
 
     def __init__(self, plan: TeacherPlan, providers: list[str], threads: int | None) -> None:
-        self.session = _training_session(plan.model, providers, threads, training=False)
+        self.session = training_session(plan.model, providers, threads, training=False)
         self.dtypes = {
             i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
             for i in plan.model.graph.input
