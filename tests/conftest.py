@@ -25,14 +25,22 @@ from tests.data import (  # noqa: E402
     light_model_dir,
     light_model_names,
     rapidocr_model_dir,
+    write_npz,
 )
-
 
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_test, y_test)`` of scikit-learn's digits, float32 [N, 1, 8, 8] (see tests/data.py)."""
     return digits_split(seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits_eval(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The held-out digits as an ``--eval-data`` file (labels included)."""
+    _, _, x_test, y_test = digits
+    return write_npz(tmp_path_factory.mktemp("eval") / "digits_test.npz", x_test, y_test)
+
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,12 @@ def rapidocr_model_dir() -> Path:
     if package is None or not (package / "models").is_dir():
         raise FileNotFoundError(f"rapidocr_onnxruntime is not installed; install its models with: {RAPIDOCR_INSTALL}")
     return package / "models"
+
+
+def held_out_accuracy(model: str | Path, digits: tuple[np.ndarray, ...]) -> float:
+    """Held-out digits accuracy computed with onnxruntime alone, to check onnxprune's own metric against."""
+    import onnxruntime as ort
+
+    _, _, x_test, y_test = digits
+    scores = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
+    return float(np.mean(scores.argmax(axis=1) == y_test))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -16,22 +15,7 @@ from onnxprune.pipeline import PruneState, prune
 from onnxprune.planning.budget import DropProbe, bisect_max_drop
 from onnxprune.report import render_table
 from onnxprune.spec import PruneSpec
-from tests.data import write_npz
-
-
-@pytest.fixture(scope="module")
-def digits_eval(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _, _, x_test, y_test = digits
-    return write_npz(tmp_path_factory.mktemp("eval") / "digits_test.npz", x_test, y_test)
-
-
-def _accuracy(model: str | Path, digits) -> float:
-    """Held-out accuracy, computed here without onnxprune."""
-    import onnxruntime as ort
-
-    _, _, x_test, y_test = digits
-    scores = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
-    return float(np.mean(scores.argmax(axis=1) == y_test))
+from tests.data import held_out_accuracy, write_npz
 
 
 def test_bisection_keeps_the_smallest_passing_budget() -> None:
@@ -47,7 +31,7 @@ def test_bisection_keeps_the_smallest_passing_budget() -> None:
 
 def test_max_drop_never_returns_a_model_outside_the_drop(digits_model_path: Path, digits_eval: Path, digits,
                                                           tmp_path: Path) -> None:
-    original = _accuracy(digits_model_path, digits)
+    original = held_out_accuracy(digits_model_path, digits)
     out, rep = tmp_path / "small.onnx", tmp_path / "r.json"
     from onnxprune import cli
 
@@ -55,7 +39,7 @@ def test_max_drop_never_returns_a_model_outside_the_drop(digits_model_path: Path
                      "--metric", "top1", "--max-drop", "1.0", "--device", "cpu", "--report", str(rep)]) == 0
     report = json.loads(rep.read_text())
     search = report["max_drop"]
-    pruned = _accuracy(out, digits)
+    pruned = held_out_accuracy(out, digits)
     assert (original - pruned) * 100 <= 1.0 + 1e-9
     assert report["metric"]["pruned"] == pytest.approx(pruned) and report["metric"]["original"] == pytest.approx(original)
     passed = [p for p in search["probes"] if p["passed"]]
@@ -94,8 +78,8 @@ def test_a_final_repair_outside_the_drop_steps_back_to_the_probe(digits_model_pa
     final = report["max_drop"]["final"]
     assert final["stepped_back_to_probe"] is True
     assert (report["metric"]["original"] - final["full_repair_value"]) * 100 > 1.0
-    assert (_accuracy(digits_model_path, digits) - _accuracy(out, digits)) * 100 <= 1.0 + 1e-9
-    assert final["value"] == pytest.approx(_accuracy(out, digits))
+    assert (held_out_accuracy(digits_model_path, digits) - held_out_accuracy(out, digits)) * 100 <= 1.0 + 1e-9
+    assert final["value"] == pytest.approx(held_out_accuracy(out, digits))
     assert any("returning the passing probe" in n for n in report["notes"])
     assert "the passing probe" in render_table(report)
 

@@ -19,7 +19,7 @@ from onnxprune.measure.metrics import TaskMetric
 from onnxprune.pipeline import prune
 from onnxprune.report import render_table
 from onnxprune.spec import PruneSpec, parse_metric
-from tests.data import write_npz
+from tests.data import held_out_accuracy
 
 # -- the numbers ----------------------------------------------------------------------------------------------
 
@@ -166,18 +166,8 @@ def test_a_class_metric_on_an_output_without_classes_is_refused(tmp_path: Path) 
 
 # -- through the pipeline and the CLI ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def digits_eval(digits, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _, _, x_test, y_test = digits
-    return write_npz(tmp_path_factory.mktemp("eval") / "digits_test.npz", x_test, y_test)
 
 
-def _held_out_accuracy(model: str | Path, digits) -> float:
-    import onnxruntime as ort
-
-    _, _, x_test, y_test = digits
-    scores = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
-    return float(np.mean(scores.argmax(axis=1) == y_test))
 
 
 def test_report_gives_the_metric_of_the_original_each_stage_and_the_result(
@@ -187,8 +177,8 @@ def test_report_gives_the_metric_of_the_original_each_stage_and_the_result(
     report = prune(digits_model_path, out, PruneSpec(ratio=0.25, eval_data=str(digits_eval), device="cpu")).report
     metric = report["metric"]
     assert metric["name"] == "top1" and metric["label"] == "accuracy" and metric["higher_is_better"]
-    assert metric["original"] == pytest.approx(_held_out_accuracy(digits_model_path, digits))
-    assert metric["pruned"] == pytest.approx(_held_out_accuracy(out, digits))
+    assert metric["original"] == pytest.approx(held_out_accuracy(digits_model_path, digits))
+    assert metric["pruned"] == pytest.approx(held_out_accuracy(out, digits))
     assert [s["stage"] for s in metric["stages"]] == ["cut"]
     assert metric["drop_points"] == pytest.approx((metric["original"] - metric["pruned"]) * 100, abs=1e-6)
     assert "450 samples, with labels" in metric["data"]
@@ -214,8 +204,8 @@ def test_python_metric_through_the_cli(digits_model_path: Path, digits_eval: Pat
     assert code == 0, capsys.readouterr().err
     metric = json.loads(rep.read_text())["metric"]
     assert metric["name"] == metric["label"] == "python:tests.metric_fns:accuracy"
-    assert metric["original"] == pytest.approx(_held_out_accuracy(digits_model_path, digits))
-    assert metric["pruned"] == pytest.approx(_held_out_accuracy(out, digits))
+    assert metric["original"] == pytest.approx(held_out_accuracy(digits_model_path, digits))
+    assert metric["pruned"] == pytest.approx(held_out_accuracy(out, digits))
     assert "metric python:tests.metric_fns:accuracy on" in capsys.readouterr().out
     # a broken one is the user's error: exit 2, one line
     code = cli.main(["prune", str(digits_model_path), "-o", str(out), "--eval-data", str(digits_eval),
