@@ -3,19 +3,27 @@
 Why: a BatchNormalization node normalises with the running mean and variance its input had in training. A cut
 changes that input (the producer lost input channels, an upstream block went), so the stored statistics no longer
 centre and scale it, and the error compounds through every following layer. Measuring the new statistics on a few
-hundred real samples is cheap and often recovers much of the damage with no training ("adaptive BN", Li et al.,
-EagleEye 2020); it also gives reconstruction and fine-tuning a better start.
+hundred real samples is cheap and can recover much of the damage with no training ("adaptive BN", Li et al.,
+EagleEye 2020); it also gives fine-tuning a better start (digits CNN at ratio 0.5: 10 % → 49 % held-out, and
+98.4 % → 99.6 % after 300 fine-tuning steps with labels).
+
+What the statistics become: plainly, the input's moments on the data; or, with the original model as reference
+(what the pipeline does), the statistics under which the node's *output* has on the data the per-channel mean and
+std it had in the original (:func:`matched_statistics`). Plain re-estimation pulls a model towards its calibration
+data: PP-OCR's direction classifier, re-estimated on rendered lines without any cut, falls from 99.6 % to 83 % on
+held-out rendered lines; matched statistics leave an uncut model exactly as it was and undo only the cut's change.
 
 How: the nodes are refreshed in *levels*: a node's level is the number of BatchNorm nodes on the longest path
 above it, so nodes of one level never feed each other. Level by level, the model truncated to what those inputs
 need runs over the calibration batches (:func:`onnxprune.runtime.capture.iter_capture`), per-channel moments
 are accumulated over the batch and spatial axes in float64 (Chan et al.'s pairwise merge, so streaming equals
-one pass over all data), and the new mean and (population) variance replace the node's running statistics before
-the next level is measured. The result is exactly the statistics each node sees in the final inference model,
-independent of the batch size. Scale and bias stay as they are.
+one pass over all data), and the new statistics are written before the next level is measured. The result is
+what each node sees in the final inference model, independent of the batch size. Scale and bias stay as they are.
 
-Memory: 3 float64 arrays of C per node of the current level, plus one batch of its captured inputs.
-Time: one run per level of the model truncated to that level (at most ``levels`` runs of the whole model).
+Memory: 3 float64 arrays of C per node of the current level, plus one batch of its captured inputs (the reference
+pass captures every matched node's input of one batch at once).
+Time: one run per level of the model truncated to that level (at most ``levels`` runs of the whole model), plus
+one run of the reference; session creation dominates on small models (PP-OCR cls: 35 levels, ~12 s).
 """
 
 from __future__ import annotations
