@@ -11,9 +11,6 @@ MAX_IR_VERSION = 10
 """The IR version every onnxruntime this project supports (1.20 and later) reads; onnx 1.23 writes 14 by
 default, which onnxruntime 1.31 refuses. 10 covers opsets up to 22; newer opsets raise it to their minimum."""
 
-PROTO_LIMIT = 2**31 - 1
-"""Protobuf refuses to serialise one message of 2 GiB or more."""
-
 EXTERNAL_THRESHOLD = 1800 * 2**20
 """Initializer bytes above which saving switches to external data (protobuf caps one message at 2 GiB)."""
 

@@ -113,10 +113,6 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _all_const(node: gs.Node) -> bool:
-    return bool(node.inputs) and all(isinstance(t, gs.Constant) for t in node.inputs if t is not None)
-
-
 def _bypass_identities(graph: gs.Graph) -> None:
     """Let consumers of ``Identity(initializer)`` read the initializer directly (TorchScript export style)."""
     outputs = set(id(t) for t in graph.outputs)

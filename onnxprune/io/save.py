@@ -40,7 +40,3 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     else:
         onnx.save_model(model, path)
     return path
-
-
-def is_large(model: onnx.ModelProto) -> bool:
-    return initializer_bytes(model) > EXTERNAL_THRESHOLD
