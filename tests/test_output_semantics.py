@@ -127,6 +127,28 @@ def test_opset_11_softmax_default_axis_has_flatten_semantics() -> None:
     assert _only(_text("y = Softmax(x)", "float[N,7,5] x", "float[N,7,5] y", opset=13)).class_axis == 2
 
 
+def test_version_converted_softmax_keeps_its_class_axis() -> None:
+    """onnx's converter rewrites a pre-13 Softmax as Flatten → Softmax(-1) → Reshape(Shape(x)); Paddle models
+    loaded at opset 13 end that way, and the class axis must survive it (it was lost: "rank unknown")."""
+    from onnx import version_converter
+
+    for attrs, axis, span in (("<axis=2>", 2, 1), ("", 1, 2)):
+        # the shape comes from an input, so the converter cannot tell the rank (as with Paddle's graphs)
+        old = _text(f"t = Reshape(x, s)\ny = Softmax{attrs}(t)", "float[N,7,5] x, int64[3] s", "float[N,7,5] y",
+                    opset=11)
+        new = version_converter.convert_version(old, 13)
+        assert [n.op_type for n in new.graph.node][-3:] == ["Flatten", "Softmax", "Reshape"]
+        del new.graph.value_info[:]  # as on the Paddle graphs: nothing known about the flattened tensor
+        sem = _only(new)
+        assert (sem.logits, sem.class_axis, sem.class_span, sem.rank) == ("t", axis, span, 3)
+        with_logits, views = logits_model(new, [sem])
+        x = np.random.default_rng(0).normal(size=(2, 7, 5)).astype(np.float32)
+        out = _run(with_logits, {"x": x, "s": np.array([2, 7, 5])}, ["y", views["y"]])
+        flat = out[views["y"]].reshape(2, -1) if span == 2 else out[views["y"]]
+        probs = np.exp(flat - flat.max(-1, keepdims=True))
+        np.testing.assert_allclose((probs / probs.sum(-1, keepdims=True)).reshape(2, 7, 5), out["y"], atol=1e-6)
+
+
 def test_logits_views_line_up_with_the_output() -> None:
     """The view replays the Transpose on the logits: Softmax of the view over axis 2 is the output."""
     model = _text("p = Softmax<axis=1>(x)\ny = Transpose<perm=[0,2,1]>(p)", "float[N,5,7] x", "float[N,7,5] y")
@@ -408,6 +430,12 @@ def test_ppocr_models_semantics(rapidocr_model) -> None:  # noqa: ANN001
     assert (rec.kind, rec.class_axis, rec.rank) == (OutputKind.PROBS, 2, 3) and rec.logits != rec.output
     det = _only(onnx.load(rapidocr_model("ch_PP-OCRv4_det_infer")))
     assert (det.kind, det.class_axis) == (OutputKind.SIGMOID, 1)
+    # as the loader hands them on (converted to opset 13): the same axes, so planning and --max-drop use top-1
+    from onnxprune.io.load import load_model
+
+    for name, axis, rank in (("ch_ppocr_mobile_v2.0_cls_infer", 1, 2), ("ch_PP-OCRv4_rec_infer", 2, 3)):
+        sem = _only(load_model(rapidocr_model(name)).model)
+        assert (sem.kind, sem.class_axis, sem.rank, sem.note) == (OutputKind.PROBS, axis, rank, "")
 
 
 def test_exporter_minus_one_dims_do_not_flip_the_gradient() -> None:

@@ -240,6 +240,39 @@ def _walk_back(output: str, producers: Mapping[str, onnx.NodeProto]) -> tuple[on
     return None, []
 
 
+def _legacy_softmax(
+    act: onnx.NodeProto, chain: list[onnx.NodeProto], producers: Mapping[str, onnx.NodeProto],
+    info: Mapping[str, TensorInfo], out_rank: int | None,
+) -> tuple[str, _Span | int, list[onnx.NodeProto]] | None:
+    """A pre-13 Softmax as onnx's version converter rewrites it: ``Flatten(x, k) → Softmax(-1) → Reshape(Shape(x))``.
+
+    The three nodes normalise ``x`` over axes ``[k, rank)``, so the logits are ``x`` itself and the class span
+    is known from ``k`` even where shape inference loses the flattened tensor's shape (Paddle exports).
+    Returns ``(logits, span or raw axis, the chain after the Reshape)``, or None for any other pattern.
+    ``out_rank`` (the graph output's) stands in for x's rank when only value-preserving ops follow.
+    """
+    flat = producers.get(act.input[0])
+    if flat is None or flat.op_type != "Flatten" or attr_int(act, "axis", -1) not in (-1, 1) or not chain:
+        return None
+    back = chain[0]
+    shape_of = producers.get(back.input[1]) if back.op_type == "Reshape" and len(back.input) > 1 else None
+    if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != flat.input[0]:
+        return None
+    x = flat.input[0]
+    axis = attr_int(flat, "axis", 1)
+    rank = _rank(info, x) or _rank(info, back.output[0])
+    if rank is None and all(n.op_type in VALUE_PRESERVING for n in chain[1:]):
+        rank = out_rank  # the Reshape restores x's shape, and nothing after it moves data
+    if rank is None:
+        return (x, axis, chain[1:]) if axis < 0 else None
+    axis = _normalise(axis, rank)
+    shape = (info[x].shape if x in info and info[x].shape is not None else None) or []
+    stop = rank
+    while shape and stop > axis + 1 and shape[stop - 1] == 1:
+        stop -= 1
+    return x, _Span(axis, stop, rank), chain[1:]
+
+
 def _semantics_of(output: str, producers: Mapping[str, onnx.NodeProto], opset: int,
                   info: Mapping[str, TensorInfo]) -> OutputSemantics:
     rank = _rank(info, output)
@@ -253,7 +286,12 @@ def _semantics_of(output: str, producers: Mapping[str, onnx.NodeProto], opset: i
     if kind is OutputKind.SIGMOID:  # elementwise: no axis to follow, the rank rule applies to the output
         return OutputSemantics(output, kind, logits, default_class_axis(rank), rank,
                                default_class_axis(_rank(info, logits)), path=path)
-    start = _activation_span(act, opset, info)
+    legacy = _legacy_softmax(act, chain, producers, info, rank) if opset >= 13 else None
+    if legacy is not None:
+        logits, start, chain = legacy
+        path = tuple(n.output[0] for n in chain)
+    else:
+        start = _activation_span(act, opset, info)
     if isinstance(start, int):  # rank unknown: only value-preserving ops keep the raw axis meaningful
         if all(n.op_type in VALUE_PRESERVING for n in chain):
             return OutputSemantics(output, kind, logits, start, rank, start, path=path)
