@@ -74,8 +74,10 @@ def _add_metric_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", metavar="DATA", help=".npz or a directory of .npz (labels optional) to measure the "
                    "task metric on")
     p.add_argument("--metric", metavar="METRIC",
-                   help="top1, agreement, kl, cosine or python:MODULE:FUNC (default: top1 when the data has labels, "
-                        "else agreement with the original); every value is higher-is-better, kl is reported as -KL")
+                   help="top1, agreement, kl, cosine, ctc (character accuracy of a CTC recogniser against labels [N, L] "
+                        "of character indices padded with -1) or python:MODULE:FUNC (default: top1 when the data "
+                        "has labels, else agreement with the original); every value is higher-is-better, kl is "
+                        "reported as -KL")
 
 
 def build_parser() -> argparse.ArgumentParser:

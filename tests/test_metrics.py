@@ -62,6 +62,25 @@ def test_kl_is_reported_negative_and_cosine_per_sample() -> None:
     assert metrics.cosine(a, b) == pytest.approx(0.5)
 
 
+def test_ctc_reads_greedily_and_counts_edit_errors() -> None:
+    def scores(paths: list[list[int]], classes: int = 5) -> np.ndarray:
+        out = np.zeros((len(paths), len(paths[0]), classes))
+        for n, path in enumerate(paths):
+            out[n, np.arange(len(path)), path] = 1.0
+        return out
+
+    # blank 0 dropped, repeats collapsed unless a blank separates them: [3, 3, 0, 3, 1, 1] reads 3 3 1
+    out = scores([[3, 3, 0, 3, 1, 1], [2, 0, 0, 0, 0, 4]])
+    assert [r.tolist() for r in metrics.ctc_greedy(out, axis=2)] == [[3, 3, 1], [2, 4]]
+    labels = np.array([[3, 3, 1, -1], [2, 2, 4, -1]])  # the second line misses one 2: one error in 6 characters
+    assert metrics.ctc_hits(out, labels, axis=2) == (5, 6)
+    assert metrics.edit_distance(np.array([1, 2, 3]), np.array([2, 3, 4, 5])) == 3
+    with pytest.raises(BadInputError, match=r"labels \[N, L\]"):
+        metrics.ctc_hits(out, np.array([3, 2]), axis=2)
+    with pytest.raises(BadInputError, match=r"\[N, T, C\]"):
+        metrics.ctc_hits(np.zeros((2, 5)), labels, axis=1)
+
+
 def test_metric_names_parse_once() -> None:
     assert parse_metric("python:pkg.mod:fn").module == "pkg.mod"
     for bad in ("accuracy", "python:mod", "python:1mod:fn", "python:mod:fn-x"):

@@ -3,7 +3,8 @@
 One convention for every metric, so one search (``--max-drop``, budget planning, sensitivity) compares any of them:
 
 - A metric value is **higher is better**. ``top1`` (accuracy against the data's ``labels``), ``agreement`` (top-1
-  agreement with the original model) and ``cosine`` (similarity to the original's output) lie in [0, 1]; ``kl`` is
+  agreement with the original model), ``ctc`` (character accuracy of a CTC recogniser's greedy reading against label
+  sequences) and ``cosine`` (similarity to the original's output) lie in [0, 1]; ``kl`` is
   reported as ``-KL(original ‖ candidate)`` in nats (0 for the original itself); a ``python:MODULE:FUNC`` user
   function returns its own value, higher better.
 - A **point** is 0.01 of a metric value (:data:`POINTS` per unit): ``--max-drop 1.0`` lets the value fall by 0.01,
@@ -13,6 +14,10 @@ One convention for every metric, so one search (``--max-drop``, budget planning,
   Softmax/LogSoftmax/Sigmoid, else the output-semantics rule by rank (1, but the last axis for ``[N, T, C]``).
   Labels have the output's shape without the class axis (``[N]``, ``[N, T]``, ``[N, H, W]``); negative labels
   (padding) are not counted.
+- ``ctc`` reads ``[N, T, C]`` scores of a CTC recogniser (PP-OCR, CRNN, wav2vec2-style heads): greedy decoding
+  (argmax over C, repeats collapsed, class 0 = blank dropped) against ``labels`` ``[N, L]`` of class indices padded
+  with negatives, scored ``1 - Σ edit distance / Σ label length`` (clipped at 0). Texts become labels through the
+  model's own character table, so no text ever reaches onnxprune.
 
 A user function is called once per evaluated model with every batch::
 
@@ -49,7 +54,8 @@ UserMetric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]
 BatchFactory = Callable[[], Iterable[dict[str, np.ndarray]]]
 """Returns a fresh pass over the evaluation batches (inputs, plus ``labels`` when present), the same every call."""
 
-LABEL_NAMES = {"top1": "accuracy", "agreement": "top1_agreement", "kl": "negative_kl", "cosine": "cosine"}
+LABEL_NAMES = {"top1": "accuracy", "agreement": "top1_agreement", "kl": "negative_kl", "cosine": "cosine",
+               "ctc": "char_accuracy"}
 """How reports name each built-in metric's value."""
 
 
@@ -171,6 +177,50 @@ def top1_hits(output: np.ndarray, labels: np.ndarray, axis: int) -> tuple[int, i
                 f"needs {list(pred.shape)} (one class index per sample or position)", field="eval_data")
     mask = labels >= 0
     return int(np.count_nonzero((pred == labels) & mask)), int(np.count_nonzero(mask))
+
+
+def ctc_greedy(output: np.ndarray, axis: int, blank: int = 0) -> list[np.ndarray]:
+    """Greedy CTC reading of each sequence: argmax over ``axis``, repeats collapsed, ``blank`` dropped."""
+    best = output.argmax(axis=axis)
+    if best.ndim != 2:
+        raise BadInputError(f"--metric ctc reads [N, T, C] scores; the output's class axis {axis} leaves shape "
+                            f"{list(best.shape)}, not [N, T]", field="metric")
+    keep = np.ones(best.shape, dtype=bool)
+    keep[:, 1:] = best[:, 1:] != best[:, :-1]
+    keep &= best != blank
+    return [row[mask] for row, mask in zip(best, keep)]
+
+
+def edit_distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Levenshtein distance of two index sequences (unit insert, delete, substitute); one numpy row per step."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = np.arange(len(b) + 1)
+    for i, x in enumerate(a, 1):
+        substitute = previous[:-1] + (b != x)
+        current = np.empty_like(previous)
+        current[0] = i
+        current[1:] = np.minimum(previous[1:] + 1, substitute)
+        current = np.minimum.accumulate(current - np.arange(len(current))) + np.arange(len(current))  # inserts
+        previous = current
+    return int(previous[-1])
+
+
+def ctc_hits(output: np.ndarray, labels: np.ndarray, axis: int) -> tuple[int, int]:
+    """(label characters minus edit errors, label characters) of the greedy reading against ``labels`` ``[N, L]``.
+
+    Raises:
+        BadInputError: labels that are not one padded index sequence per sample.
+    """
+    labels = np.asarray(labels)
+    reads = ctc_greedy(output, axis)
+    if labels.ndim != 2 or len(labels) != len(reads):
+        raise BadInputError(f"--metric ctc needs labels [N, L] (class indices per sample, padded with -1); got shape "
+                            f"{list(labels.shape)} for {len(reads)} samples", field="eval_data")
+    truth = [row[row >= 0] for row in labels]
+    errors = sum(edit_distance(r, t) for r, t in zip(reads, truth))
+    total = sum(len(t) for t in truth)
+    return total - errors, total
 
 
 def agreement_hits(reference_argmax: np.ndarray, output: np.ndarray, axis: int) -> tuple[int, int]:
@@ -380,6 +430,9 @@ class TaskMetric:
             explicit = False
         else:
             explicit = True
+        if choice.name == "ctc" and not has_labels:
+            raise BadInputError("--metric ctc needs labels in the evaluation data: an array named 'labels' [N, L] of "
+                                "character indices padded with -1", field="metric")
         if choice.name == "top1" and not has_labels:
             raise BadInputError("--metric top1 needs labels in the evaluation data (an array named 'labels'); "
                                 "use --metric agreement to compare with the original model instead", field="metric")
@@ -396,7 +449,7 @@ class TaskMetric:
 
     @property
     def needs_class_axis(self) -> bool:
-        return self.choice.name in ("top1", "agreement", "kl")
+        return self.choice.name in ("top1", "agreement", "kl", "ctc")
 
     def __call__(self, model: onnx.ModelProto | str | os.PathLike[str]) -> Measurement:
         """The metric of ``model`` on the same batches.
@@ -459,7 +512,8 @@ class TaskMetric:
         if self._user is not None:
             value = call_user_metric(self._user, self.choice, outputs_seen, batches_seen)
             return Measurement(value, self._divergence(spread), samples)
-        return Measurement(score.mean, self._divergence(spread), score.count)
+        value = max(0.0, score.mean) if self.choice.name == "ctc" and score.count else score.mean
+        return Measurement(value, self._divergence(spread), score.count)
 
     def _layout(self, model: onnx.ModelProto | str | os.PathLike[str], name: str, out: np.ndarray, explicit: bool) -> OutputLayout:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
@@ -494,6 +548,9 @@ class TaskMetric:
         if name == "top1":
             assert labels is not None and layout.class_axis is not None
             return top1_hits(out, labels, layout.class_axis)
+        if name == "ctc":
+            assert labels is not None and layout.class_axis is not None
+            return ctc_hits(out, labels, layout.class_axis)
         if name == "agreement":
             assert ref.argmax is not None and layout.class_axis is not None
             return agreement_hits(ref.argmax, out, layout.class_axis)

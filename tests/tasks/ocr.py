@@ -380,6 +380,23 @@ def save_npz(path: str | os.PathLike, input_name: str, images: np.ndarray, label
 # --------------------------------------------------------------------------------------------------------------
 # Decoding and metrics
 # --------------------------------------------------------------------------------------------------------------
+def text_labels(texts: Sequence[str], charset: Sequence[str]) -> np.ndarray:
+    """Texts as ``--metric ctc`` labels: int64 [N, L] indices into ``charset`` (0 is the blank), padded with -1.
+
+    Raises:
+        ValueError: a character the table does not have (the model could never read it).
+    """
+    index = {c: i for i, c in enumerate(charset) if i}
+    width = max((len(t) for t in texts), default=0)
+    labels = np.full((len(texts), max(width, 1)), -1, dtype=np.int64)
+    for row, text in enumerate(texts):
+        missing = sorted(set(text) - set(index))
+        if missing:
+            raise ValueError(f"characters {missing} of {text!r} are not in the model's table")
+        labels[row, :len(text)] = [index[c] for c in text]
+    return labels
+
+
 def ctc_decode_indices(indices: np.ndarray, charset: Sequence[str]) -> list[str]:
     """Greedy CTC on argmax indices [N, T]: collapse repeats, then drop the blank (index 0), as rapidocr does."""
     indices = np.asarray(indices)
