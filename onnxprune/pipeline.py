@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from onnxprune.repair.reconstruct import ReconstructResult
     from onnxprune.runtime.device import DeviceChoice
     from onnxprune.runtime.session import Session
+    from onnxprune.training.data import TrainData
+    from onnxprune.training.losses import FeatureMatch
     from onnxprune.transform.depth import DepthResult
 
 log = logging.getLogger(__name__)
@@ -702,8 +704,9 @@ def stage_finetune(state: PruneState) -> None:
 
     data = TrainData.load(spec.train_data)
     teacher = load_model(state.teacher_path).model if state.teacher_path else state.model
+    features = _distill_features(state, data, teacher) if data.labels is None else ()
     config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
-                            progress_bar=False)
+                            progress_bar=False, features=features)
     result = finetune(state.pruned, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
     state.pruned = export_checked(result.model)
     how = "labels" if data.labels is not None else "distillation from the original model"
@@ -713,6 +716,23 @@ def stage_finetune(state: PruneState) -> None:
     state.finetune = FinetuneSummary(steps=spec.finetune_steps, loss=how, lr=spec.lr, batch_size=spec.batch_size,
                                      metrics=metrics, terms=terms)
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
+
+
+def _distill_features(state: PruneState, data: TrainData, teacher: onnx.ModelProto) -> tuple[FeatureMatch, ...]:
+    """Block and stage outputs the pruned model distils from the original besides its outputs
+    (:func:`onnxprune.training.features.choose_features`); channel-matched only against the model the plan
+    was made on (an iterative run's teacher is the unpruned original, whose channels the plan does not index)."""
+    from onnxprune.training.features import choose_features
+
+    assert state.pruned is not None
+    same_model = teacher is state.model
+    shapes = {name: [1, *value.shape[1:]] for name, value in data.inputs.items()}
+    found = choose_features(teacher, state.pruned, shapes, analysis=state.analysis if same_model else None,
+                            plan=state.plan if same_model else None)
+    if found:
+        state.notes.append("distilled intermediate features too: " + ", ".join(
+            m.tensor + ("" if m.keep is None else f" ({len(m.keep)} kept channels)") for m in found))
+    return tuple(found)
 
 
 def _reference(state: PruneState) -> str:

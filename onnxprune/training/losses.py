@@ -49,6 +49,19 @@ def target_input(output: str) -> str:
 
 
 @dataclass(frozen=True)
+class FeatureMatch:
+    """An intermediate tensor distilled from the teacher's tensor of the same name.
+
+    ``axis``/``keep``: the student lost channels there; the teacher's value is taken at positions ``keep``
+    along ``axis`` (the channels the cut kept, in order). None: both have the same shape.
+    """
+
+    tensor: str
+    axis: int | None = None
+    keep: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """Which loss, on which outputs.
 
@@ -59,6 +72,9 @@ class LossSpec:
     MSE for the rest; ``distill_mode`` forces KL or MSE) or ``mse`` (against ``target/<output>`` inputs).
     ``outputs`` empty means: the first model output for ce, every float output for distill and mse.
     ``class_axis`` overrides the class axis (in the output's axes) of every output the loss uses.
+    ``features`` names intermediate tensors matched against the teacher's same-named tensors (feature
+    distillation, ``distill`` only): each adds ``feature_weight / len(features)`` times its squared error
+    relative to the teacher's mean square, so tensors of any scale weigh alike.
     """
 
     kind: str = "ce"
@@ -66,6 +82,8 @@ class LossSpec:
     temperature: float = 2.0
     distill_mode: str = "auto"  # auto | kl | mse
     class_axis: int | None = None
+    features: tuple[str, ...] = ()
+    feature_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("ce", "distill", "mse"):
@@ -74,6 +92,10 @@ class LossSpec:
             raise BadInputError(f"unknown distill_mode {self.distill_mode!r}; use auto, kl or mse", field="loss")
         if self.temperature <= 0:
             raise BadInputError(f"temperature must be > 0, got {self.temperature}", field="loss")
+        if self.features and self.kind != "distill":
+            raise BadInputError("feature distillation needs a teacher: loss 'distill'", field="loss")
+        if self.feature_weight < 0:
+            raise BadInputError(f"feature_weight must be >= 0, got {self.feature_weight}", field="loss")
 
 
 class LossKind(StrEnum):
@@ -84,6 +106,7 @@ class LossKind(StrEnum):
     KL = "kl"  # KL(teacher || student) of temperature-softened softmax over the class axis
     BERNOULLI_KL = "bernoulli_kl"  # per-element KL of temperature-softened Sigmoid probabilities
     MSE = "mse"  # mean squared error of the output against a teacher or target
+    FEATURE = "feature"  # squared error of an intermediate tensor relative to the teacher's mean square
 
 
 @dataclass(frozen=True)
@@ -108,7 +131,7 @@ class LossTerm:
 
     @property
     def reads_logits(self) -> bool:
-        return self.kind is not LossKind.MSE
+        return self.kind not in (LossKind.MSE, LossKind.FEATURE)
 
     def to_json(self) -> dict[str, Any]:
         """Plain fields for a manifest."""
@@ -258,6 +281,31 @@ def _mse(b: _Builder, x: str, ref: str) -> str:
     return b.mean_all(b.node("Mul", [d, d]))
 
 
+FEATURE_EPS = 1e-6
+"""Added to the teacher's mean square in feature terms (an all-zero teacher tensor stays finite)."""
+
+
+def _feature(b: _Builder, x: str, ref: str, weight: float) -> str:
+    """``weight · mean((x - ref)²) / (mean(ref²) + eps)``: the relative error, scale-free across tensors."""
+    energy = b.node("Add", [_mse(b, ref, b.scalar(0.0)), b.scalar(FEATURE_EPS)])
+    return b.node("Mul", [b.node("Div", [_mse(b, x, ref), energy]), b.scalar(weight)])
+
+
+def _feature_terms(b: _Builder, spec: LossSpec, info: Mapping[str, TensorInfo]) -> list[tuple[LossTerm, str]]:
+    """One term per ``spec.features`` tensor, fed the teacher's value of the same tensor."""
+    found: list[tuple[LossTerm, str]] = []
+    for name in spec.features:
+        ti = info.get(name)
+        if ti is None or ti.dtype not in FLOAT_TYPES:
+            raise BadInputError(f"feature {name!r} is not a float tensor of the model", field="loss")
+        feed = b.input(teacher_input(name), ti.dtype, ti.shape)
+        rank = None if ti.shape is None else len(ti.shape)
+        sem = OutputSemantics(name, OutputKind.LOGITS, name, None, rank, note="intermediate feature")
+        found.append((LossTerm(name, LossKind.FEATURE, name, sem, feed),
+                      _feature(b, name, feed, spec.feature_weight / len(spec.features))))
+    return found
+
+
 def _semantics(model: onnx.ModelProto, spec: LossSpec, info: Mapping[str, TensorInfo],
                given: Mapping[str, OutputSemantics] | None) -> dict[str, OutputSemantics]:
     sems = dict(output_semantics(model, info=info))
@@ -319,6 +367,9 @@ def add_loss(model: onnx.ModelProto, spec: LossSpec, *,
             else:
                 values.append(_mse(b, x, feed))
         terms.append(LossTerm(name, kind, x, sem, feed))
+    for term, value in _feature_terms(b, spec, info):
+        terms.append(term)
+        values.append(value)
     g.node.append(helper.make_node("Sum" if len(values) > 1 else "Identity", values, [LOSS_OUTPUT], name=LOSS_OUTPUT))
     g.output.append(helper.make_tensor_value_info(LOSS_OUTPUT, info[chosen[0]].dtype, []))
     teacher = {t.output: t.feed for t in terms if t.feed and spec.kind != "mse"}
@@ -338,6 +389,16 @@ class TeacherFetch:
     output: str  # the student output whose teacher input this feeds (``TrainData.teacher`` key)
     tensor: str
     convert: OutputSemantics | None = None
+    keep: FeatureMatch | None = None  # a feature whose student lost channels: take the kept ones
+
+    def read(self, fetched: Mapping[str, np.ndarray]) -> np.ndarray:
+        """This fetch's teacher value from one run's fetched tensors."""
+        value = fetched[self.tensor]
+        if self.convert is not None:
+            return as_logits(value, self.convert)
+        if self.keep is not None and self.keep.axis is not None and self.keep.keep is not None:
+            return np.ascontiguousarray(np.take(value, list(self.keep.keep), axis=self.keep.axis))
+        return np.asarray(value)
 
 
 @dataclass(frozen=True)
@@ -359,17 +420,18 @@ class TeacherPlan:
 
     def values(self, fetched: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Student output → teacher input values, from one run's fetched tensors."""
-        return {f.output: as_logits(fetched[f.tensor], f.convert) if f.convert else np.asarray(fetched[f.tensor])
-                for f in self.fetches}
+        return {f.output: f.read(fetched) for f in self.fetches}
 
 
-def teacher_plan(teacher: onnx.ModelProto, terms: Sequence[LossTerm], student_outputs: Sequence[str]) -> TeacherPlan:
+def teacher_plan(teacher: onnx.ModelProto, terms: Sequence[LossTerm], student_outputs: Sequence[str],
+                 features: Sequence[FeatureMatch] = ()) -> TeacherPlan:
     """How to compute the teacher inputs of ``terms`` with ``teacher`` (outputs matched by position).
 
     KL terms want the teacher's logits: when the teacher's output has the same semantics as the
     student's (the original model of a pruned one), its pre-activation tensor is exposed as an extra
     output; otherwise its output values are converted (:func:`~onnxprune.training.outputs.as_logits`).
-    MSE terms take the teacher's outputs as they are.
+    MSE terms take the teacher's outputs as they are. Feature terms take the teacher's tensor of the same
+    name, at the kept channels when ``features`` says the student lost some.
 
     Raises:
         BadInputError: the teacher has another number of outputs than the student.
@@ -382,8 +444,14 @@ def teacher_plan(teacher: onnx.ModelProto, terms: Sequence[LossTerm], student_ou
     by_student = dict(zip(student_outputs, t_names))
     views: list[OutputSemantics] = []
     fetches: list[TeacherFetch] = []
+    exposed: list[str] = []
+    matches = {m.tensor: m for m in features}
     for term in terms:
         if term.feed is None:
+            continue
+        if term.kind is LossKind.FEATURE:  # the teacher's tensor of the same name, exposed as an output
+            exposed.append(term.tensor)
+            fetches.append(TeacherFetch(term.output, term.tensor, keep=matches.get(term.tensor)))
             continue
         t_sem = t_sems[by_student[term.output]]
         if not term.reads_logits:
@@ -398,7 +466,30 @@ def teacher_plan(teacher: onnx.ModelProto, terms: Sequence[LossTerm], student_ou
                             term.output, term.semantics.kind.value, term.class_axis)
             fetches.append(TeacherFetch(term.output, t_sem.output, t_sem))
     model = logits_model(teacher, views)[0] if views else teacher
+    if exposed:
+        model = with_outputs(model, exposed)
     return TeacherPlan(model, tuple(fetches))
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """Copy of ``model`` with ``tensors`` (node outputs of its main graph) as extra graph outputs.
+
+    Raises:
+        BadInputError: a tensor the graph does not compute (a teacher without that feature).
+    """
+    produced = {o for n in model.graph.node for o in n.output if o}
+    missing = [t for t in tensors if t not in produced]
+    if missing:
+        raise BadInputError(f"feature tensor(s) {missing[:5]} are not computed by the teacher model", field="teacher")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    info = collect_tensor_info(out)
+    for name in dict.fromkeys(tensors):
+        if name not in present:
+            ti = info.get(name)
+            out.graph.output.append(helper.make_tensor_value_info(name, ti.dtype if ti else TensorProto.FLOAT, None))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,12 +514,14 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def term_metrics(term: LossTerm, value: np.ndarray, *, labels: np.ndarray | None = None,
-                 reference: np.ndarray | None = None, temperature: float = 2.0) -> dict[str, float]:
+                 reference: np.ndarray | None = None, temperature: float = 2.0,
+                 feature_weight: float = 1.0) -> dict[str, float]:
     """The term's loss computed in float64 numpy from the tensor it reads, plus a task metric.
 
     ``value`` is the term's tensor (logits view, or the output for MSE); ``reference`` the teacher or
     target value it is compared with. ``accuracy`` needs labels; ``agreement`` is the fraction of
     positions where student and teacher pick the same class (same side of 0.5 for Sigmoid outputs).
+    ``feature_weight`` is the weight of a feature term (:class:`LossSpec`'s, divided by the number of features).
     """
     x = np.asarray(value, np.float64)
     t2 = temperature * temperature
@@ -457,4 +550,7 @@ def term_metrics(term: LossTerm, value: np.ndarray, *, labels: np.ndarray | None
         s, u = x / temperature, ref / temperature
         kl = np.logaddexp(0.0, s) - np.logaddexp(0.0, u) - _sigmoid(u) * (s - u)
         return {"loss": float(t2 * np.mean(kl)), "agreement": float(np.mean((s > 0) == (u > 0)))}
+    if term.kind is LossKind.FEATURE:
+        relative = float(np.mean((x - ref) ** 2) / (np.mean(ref ** 2) + FEATURE_EPS))
+        return {"loss": relative * feature_weight, f"feature_error/{term.output}": relative}
     return {"loss": float(np.mean((x - ref) ** 2))}
