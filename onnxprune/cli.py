@@ -24,6 +24,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"onnxprune: error: {message} (see 'onnxprune {self.prog.split()[-1]} --help')\n")
 
 
+def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
+    """``serve`` options for running as one replica of a fleet (docs/deploy.md); the defaults stay embedded."""
+    g = p.add_argument_group("scale-out (defaults: local worker processes, SQLite and blobs under --store)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: jobs run in worker processes of this server; ray: each job is a Ray task on the "
+                        "cluster at --ray-address (needs the ray extra)")
+    g.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="Ray head node (GCS) address; default: start a private single-node Ray instance")
+    g.add_argument("--ray-cpus-per-job", type=float, default=1.0, metavar="N",
+                   help="CPUs a CPU job asks Ray for (device=cuda jobs ask for one GPU instead)")
+    g.add_argument("--ray-max-retries", type=int, default=0, metavar="N",
+                   help="times Ray re-runs a job whose worker node died; 0 marks it FAILED with the reason")
+    g.add_argument("--store-url", metavar="URL",
+                   help="job database: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB (shared by "
+                        "replicas; needs the postgres extra); default: sqlite in --store")
+    g.add_argument("--blob-dir", metavar="DIR|URL",
+                   help="blob store: a folder (on shared storage for several replicas) or an fsspec URL such as "
+                        "s3://bucket/prefix; default: blobs in --store. --store keeps scratch and caches")
+    g.add_argument("--heartbeat", type=float, default=2.0, metavar="S",
+                   help="with a shared database: seconds between this replica's heartbeats and queue polls")
+    g.add_argument("--replica-timeout", type=float, default=20.0, metavar="S",
+                   help="with a shared database: a replica silent this long counts as dead; its jobs are "
+                        "taken back by the others")
+    g.add_argument("--max-attempts", type=int, default=2, metavar="N",
+                   help="with a shared database: runs a job may get when replicas running it die (2: re-run once)")
+
+
 def _add_server_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--server", metavar="HOST:PORT", required=required, help="run on a remote onnxprune service")
     p.add_argument("--token", help="bearer token for the service")
@@ -149,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-metric-module", action="append", default=[], metavar="MODULE",
                    help="let jobs use --metric python:MODULE:FUNC from this module (repeat for more); without it "
                         "the service refuses python: metrics, which would run client-chosen code on the server")
+    _add_scale_out_args(p)
 
     p = sub.add_parser("jobs", help="list, show, cancel or fetch jobs on a service")
     p.add_argument("action", choices=("list", "show", "cancel", "fetch"))

@@ -1,7 +1,7 @@
 """Running jobs: a bounded queue feeding a fixed number of worker slots, each job in its own process.
 
-:class:`Executor` is the interface (submit, cancel, status), so an executor for a fleet (e.g. Ray tasks)
-can replace the local pool without touching job records or the servicer. :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
+:class:`Executor` is the interface (submit, cancel, status, capacity), so an executor for a fleet
+(:class:`~onnxprune.service.rayexec.RayExecutor`) can replace the local pool without touching job records or the servicer. :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
 
 - CPU-heavy pruning never holds the server's GIL or its gRPC threads;
 - cancellation is cooperative first (an Event the pipeline checks at stage and batch boundaries) and forced
@@ -81,6 +81,10 @@ class Executor(Protocol):
     def cancel(self, job_id: str) -> bool: ...
 
     def status(self, job_id: str) -> str | None: ...
+
+    def capacity(self) -> int:
+        """How many more jobs it would start now (a replica sharing a queue claims no more than this)."""
+        ...
 
     def shutdown(self, grace: float) -> None: ...
 
@@ -168,6 +172,10 @@ class LocalProcessExecutor:
             if job_id in self._queued:
                 return "queued"
         return None
+
+    def capacity(self) -> int:
+        with self._lock:
+            return max(0, self._workers - len(self._running) - len(self._queued))
 
     def shutdown(self, grace: float) -> None:
         """Stop taking jobs; let running ones finish for ``grace`` seconds, then interrupt them.

@@ -2,6 +2,11 @@
 
 :class:`JobManager` is what the servicer calls; it speaks in plain Python values (no protobuf) and raises
 onnxprune / service errors, which the servicer maps to statuses. Every state change is one structured log line.
+
+With a shared store (``store.shared``: PostgreSQL, several API replicas) a submission only records the job; each
+replica's dispatcher thread heartbeats, takes back the jobs of replicas that stopped heartbeating, claims queued
+jobs up to its executor's free capacity and stops the jobs it owns that any replica was asked to cancel. Watchers
+of a job another replica runs follow its record in the database.
 """
 
 from __future__ import annotations
@@ -52,11 +57,28 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,199}$")
 _FEED_LIMIT = 2000  # events kept per running job for late watchers
 _FEED_KEEP_S = 60.0  # how long a finished job's feed stays for watchers that are catching up
 _DB_PROGRESS_INTERVAL_S = 0.5
+_REMOTE_WATCH_POLL_S = 0.3  # how often a watcher of a job another replica runs re-reads its record
+_FINISH_RETRY_S = 600.0  # how long a finished job's outcome is retried while the database is down
 _ERROR_TYPES: dict[str, type[OnnxpruneError]] = {
     name: cls
     for name, cls in vars(onnxprune_errors).items()
     if isinstance(cls, type) and issubclass(cls, OnnxpruneError)
 }
+
+
+@dataclass(frozen=True)
+class SharingOptions:
+    """How a replica takes part in a shared queue (only used with a shared store).
+
+    ``heartbeat_s``: how often it says it is alive and looks for work; ``replica_timeout_s``: silence after which
+    a replica counts as dead and its jobs are taken back; ``max_attempts``: runs a job may get when replicas
+    running it die (2: it is re-run once, then fails with the reason).
+    """
+
+    heartbeat_s: float = 2.0
+    replica_timeout_s: float = 20.0
+    max_attempts: int = 2
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,7 +177,8 @@ def check_relative_path(path: str, field_name: str) -> str:
 class JobManager:
     """Owns job records, blob ownership checks, watcher feeds and retention; delegates running to the executor."""
 
-    def __init__(self, store: JobStore, blobs: BlobStore, executor: Executor, limits: Limits) -> None:
+    def __init__(self, store: JobStore, blobs: BlobStore, executor: Executor, limits: Limits,
+                 sharing: SharingOptions | None = None) -> None:
         self._store = store
         self._blobs = blobs
         self._executor = executor
@@ -164,6 +187,13 @@ class JobManager:
         self._last_db_write: dict[str, float] = {}
         self._lock = threading.Lock()
         self._accepting = True
+        self._shared: Any = store if getattr(store, "shared", False) else None
+        self._sharing = sharing or SharingOptions()
+        self._owner: str | None = self._shared.replica_id if self._shared is not None else None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        self._cancel_sent: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -173,6 +203,9 @@ class JobManager:
         Jobs that were RUNNING when the server died are marked FAILED (their process died with it; re-running
         a job that may have crashed the server could crash it again). QUEUED jobs never started and run now.
         """
+        if self._shared is not None:
+            self._start_shared()
+            return
         failed, queued = self._store.recover("server stopped while the job was running; submit it again")
         for job_id in failed:
             log_event(log, "job.failed", job=job_id, reason="server restarted while running")
@@ -189,13 +222,85 @@ class JobManager:
             self._executor.submit(self._exec_job(record))
             log_event(log, "job.requeued", job=record.job_id, tenant=record.tenant)
 
+    def _start_shared(self) -> None:
+        self._shared.heartbeat(self._sharing.address)
+        self._adopt_blobs()
+        self._executor.start(self)
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="onnxprune-dispatcher", daemon=True)
+        self._dispatcher.start()
+
+    def _adopt_blobs(self) -> None:
+        known = self._store.known_blobs()
+        for blob_id in self._blobs.list_ids():
+            if blob_id not in known:  # stored just before a crash, never recorded: let retention remove it
+                self._store.add_blob(blob_id, self._blobs.size(blob_id) or 0, None)
+                log_event(log, "blob.adopted", blob=blob_id)
+
+    def _dispatch_loop(self) -> None:
+        """Shared store: heartbeat, take back dead replicas' jobs, claim work, forward cancel requests."""
+        opts = self._sharing
+        last_beat = 0.0
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - last_beat >= opts.heartbeat_s:
+                    self._shared.heartbeat(opts.address)
+                    last_beat = time.monotonic()
+                    requeued, failed = self._shared.reclaim(
+                        stale_after_s=opts.replica_timeout_s, max_attempts=opts.max_attempts,
+                        reason="the replica running the job stopped, and the job had no runs left; submit it again")
+                    for job_id in requeued:
+                        log_event(log, "job.requeued", job=job_id, reason="replica lost")
+                    for job_id in failed:
+                        log_event(log, "job.failed", job=job_id, reason="replica lost")
+                self._forward_cancels()
+                if self._accepting:
+                    self._claim_work()
+            except UnavailableError as e:
+                log_event(log, "dispatch.unavailable", logging.WARNING, error=str(e)[:300])
+            except Exception as e:  # noqa: BLE001 - the dispatcher must outlive one bad round
+                log_event(log, "dispatch.error", logging.ERROR, error=repr(e)[:500])
+                log.debug("dispatcher error", exc_info=e)
+            self._wake.wait(min(opts.heartbeat_s, 0.5))
+            self._wake.clear()
+
+    def _claim_work(self) -> None:
+        for record in self._shared.claim(self._executor.capacity()):
+            if not self._still_allowed(record):
+                continue
+            with self._lock:
+                self._feeds[record.job_id] = _Feed()
+            try:
+                self._executor.submit(self._exec_job(record))
+            except OnnxpruneError as e:
+                self._shared.release(record.job_id)
+                log_event(log, "job.released", job=record.job_id, reason=str(e)[:200])
+                return
+            log_event(log, "job.claimed", job=record.job_id, replica=self._owner)
+
+    def _forward_cancels(self) -> None:
+        for job_id in self._shared.cancel_requests():
+            if job_id in self._cancel_sent:
+                continue
+            self._cancel_sent.add(job_id)
+            self._executor.cancel(job_id)
+            if self._store.update(job_id, only_if=[QUEUED], owned_by=self._owner, state=CANCELLED,
+                                  error="cancelled", error_type="CancelledError", finished=time.time()):
+                self._publish(job_id, FeedEvent(CANCELLED, "", 0.0, "cancelled"), close=True)
+            log_event(log, "job.cancel_forwarded", job=job_id)
+
+    def _update_own(self, job_id: str, *, only_if: Iterable[str] | None = None, **changes: Any) -> bool:
+        """Update a job this server runs; with a shared store, only while this replica still owns it."""
+        if self._owner is None:
+            return self._store.update(job_id, only_if=only_if, **changes)
+        return self._store.update(job_id, only_if=only_if, owned_by=self._owner, **changes)  # type: ignore[call-arg]
+
     def _still_allowed(self, record: JobRecord) -> bool:
         """A queued job from before a restart runs only if this server's policy still accepts it."""
         try:
             check_metric_allowed(PruneSpec.from_dict(record.spec), self._limits.metric_modules)
         except PermissionDeniedError as e:
-            self._store.update(record.job_id, state=FAILED, error=str(e), error_type=type(e).__name__,
-                               finished=time.time())
+            self._update_own(record.job_id, state=FAILED, error=str(e), error_type=type(e).__name__,
+                             finished=time.time())
             log_event(log, "job.failed", job=record.job_id, reason="metric module no longer allowed")
             return False
         return True
@@ -205,7 +310,16 @@ class JobManager:
 
     def shutdown(self, grace: float) -> None:
         self._accepting = False
+        self._stopping.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout=30)
         self._executor.shutdown(grace)
+        if self._shared is not None:
+            try:
+                self._shared.leave()
+            except UnavailableError as e:  # the others take our claims back once our heartbeat is stale
+                log_event(log, "replica.leave_failed", logging.WARNING, error=str(e)[:300])
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -263,6 +377,11 @@ class JobManager:
             created=time.time(),
         )
         self._store.create(record)
+        if self._shared is not None:  # whichever replica has room claims it
+            self._wake.set()
+            log_event(log, "job.submitted", job=record.job_id, tenant=tenant, kind=kind, model=model_rel,
+                      inputs=len(all_inputs))
+            return record
         with self._lock:
             self._feeds[record.job_id] = _Feed()
         try:
@@ -288,7 +407,12 @@ class JobManager:
     def cancel(self, tenant: str | None, job_id: str) -> JobRecord:
         """Cancel a queued job at once or ask a running one to stop; finished jobs are returned unchanged."""
         record = self.get(tenant, job_id)
-        if record.state in ACTIVE_STATES:
+        if record.state in ACTIVE_STATES and self._shared is not None:
+            if self._shared.request_cancel(job_id):
+                self._publish(job_id, FeedEvent(CANCELLED, record.stage, record.fraction, "cancelled"), close=True)
+            self._wake.set()  # this replica may be the owner: forward at once
+            log_event(log, "job.cancel_requested", job=job_id, tenant=record.tenant, state=record.state)
+        elif record.state in ACTIVE_STATES:
             self._executor.cancel(job_id)
             if self._store.update(job_id, only_if=[QUEUED], state=CANCELLED, error="cancelled",
                                   error_type="CancelledError", finished=time.time()):
@@ -302,7 +426,11 @@ class JobManager:
         yield record, ""
         with self._lock:
             feed = self._feeds.get(job_id)
-        if record.terminal or feed is None:
+        if record.terminal:
+            return
+        if feed is None:
+            if self._shared is not None:  # another replica runs it (or none has claimed it yet)
+                yield from self._watch_record(tenant, record, active)
             return
         seq = 0
         while active():
@@ -315,6 +443,21 @@ class JobManager:
             if closed and not events:
                 yield self.get(tenant, job_id), ""
                 return
+
+    def _watch_record(self, tenant: str | None, record: JobRecord,
+                      active: Callable[[], bool]) -> Iterator[tuple[JobRecord, str]]:
+        """Follow a job through its database record (state, stage, progress) until it ends."""
+        last = (record.state, record.stage, record.fraction, record.message)
+        while active():
+            time.sleep(_REMOTE_WATCH_POLL_S)
+            current = self.get(tenant, record.job_id)
+            if current.terminal:
+                yield current, ""
+                return
+            key = (current.state, current.stage, current.fraction, current.message)
+            if key != last:
+                last = key
+                yield current, ""
 
     def open_result(self, tenant: str | None, job_id: str, name: str) -> tuple[ResultFile, Iterator[bytes]]:
         """The result file's metadata and its chunks.
@@ -371,7 +514,11 @@ class JobManager:
     # -- executor callbacks ----------------------------------------------------------------------------------
 
     def on_start(self, job_id: str) -> bool:
-        started = self._store.update(job_id, only_if=[QUEUED], state=RUNNING, started=time.time())
+        try:
+            started = self._update_own(job_id, only_if=[QUEUED], state=RUNNING, started=time.time())
+        except UnavailableError as e:  # shared store down: leave it queued; its claim is taken back later
+            log_event(log, "job.start_failed", logging.WARNING, job=job_id, error=str(e)[:300])
+            return False
         if started:
             self._publish(job_id, FeedEvent(RUNNING, "", 0.0, "started"))
             log_event(log, "job.started", job=job_id)
@@ -386,7 +533,10 @@ class JobManager:
             if write:
                 self._last_db_write[job_id] = now
         if write:
-            self._store.update(job_id, stage=progress.stage, fraction=progress.fraction, message=progress.message)
+            try:
+                self._update_own(job_id, stage=progress.stage, fraction=progress.fraction, message=progress.message)
+            except UnavailableError:  # progress is advisory; the feed below still has it
+                pass
         if progress.stage != last_stage:
             log_event(log, "job.stage", job=job_id, stage=progress.stage)
         self._publish(job_id, FeedEvent(RUNNING, progress.stage, progress.fraction, progress.message))
@@ -398,10 +548,32 @@ class JobManager:
         self._publish(job_id, replace(last, log_line=line))
 
     def on_finish(self, job_id: str, outcome: Outcome) -> None:
+        self._with_retry(job_id, lambda: self._record_finish(job_id, outcome))
+
+    def _with_retry(self, job_id: str, write: Callable[[], None]) -> None:
+        """A job's outcome must not be lost to a database outage: retry the write until it is back."""
+        deadline = time.monotonic() + _FINISH_RETRY_S
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except UnavailableError as e:
+                if time.monotonic() > deadline:
+                    log_event(log, "job.finish_lost", logging.ERROR, job=job_id, error=str(e)[:300])
+                    raise
+                log_event(log, "job.finish_retry", logging.WARNING, job=job_id, error=str(e)[:200])
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _record_finish(self, job_id: str, outcome: Outcome) -> None:
         now = time.time()
         if outcome.state == INTERRUPTED:
-            self._store.update(job_id, state=QUEUED, started=None, stage="", fraction=0.0,
-                               message="interrupted by server shutdown; will run again after restart")
+            message = "interrupted by server shutdown; will run again after restart"
+            if self._shared is not None:
+                self._shared.requeue(job_id, message)  # another replica may take it at once
+            else:
+                self._store.update(job_id, state=QUEUED, started=None, stage="", fraction=0.0, message=message)
             log_event(log, "job.interrupted", job=job_id)
             return
         for result in outcome.results:
@@ -412,7 +584,10 @@ class JobManager:
         )
         if outcome.state == SUCCEEDED:
             changes.update(stage="done", fraction=1.0, message="")
-        self._store.update(job_id, **changes)
+        if not self._update_own(job_id, only_if=ACTIVE_STATES if self._shared is not None else None, **changes):
+            log_event(log, "job.outcome_dropped", logging.WARNING, job=job_id, state=outcome.state,
+                      reason="the job is no longer this server's (taken back or already ended)")
+        self._cancel_sent.discard(job_id)
         with self._lock:
             self._last_db_write.pop(job_id, None)
         self._publish(job_id, FeedEvent(outcome.state, "", 1.0, outcome.error), close=True)

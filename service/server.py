@@ -4,6 +4,11 @@
 Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING at once, new uploads and submissions get UNAVAILABLE,
 running jobs get ``shutdown_grace`` seconds to finish; jobs still running then are interrupted and put back in
 the queue (they run again, from the start, after a restart), and the gRPC server stops.
+
+What runs where is chosen by :class:`ServerConfig`: the embedded default is local worker processes, SQLite and a
+blob folder under ``--store``; ``executor="ray"``, ``store_url="postgresql://…"`` and ``blob_dir`` (a shared folder
+or an fsspec URL) make one replica of a fleet. Health turns NOT_SERVING while the job database or the Ray cluster
+does not answer, and back to SERVING when it does.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import logging
 import signal
 import sys
 import threading
+import uuid
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -25,9 +32,9 @@ from onnxprune._proto import compressor_pb2 as pb
 from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune.errors import BadInputError
 from onnxprune.service.auth import Authenticator, AuthInterceptor, load_tokens
-from onnxprune.service.blobs import CHUNK_SIZE, DirBlobStore
-from onnxprune.service.executor import LocalProcessExecutor
-from onnxprune.service.jobs import JobManager, Limits
+from onnxprune.service.blobs import CHUNK_SIZE, open_blob_store
+from onnxprune.service.executor import Executor, LocalProcessExecutor
+from onnxprune.service.jobs import JobManager, Limits, SharingOptions
 from onnxprune.service.logs import log_event
 from onnxprune.service.servicer import CompressorServicer
 from onnxprune.service.store import SqliteJobStore
@@ -59,28 +66,68 @@ class ServerConfig:
     sweep_interval_s: float = 60.0
     metric_modules: tuple[str, ...] = ()
     """Modules jobs may name in ``--metric python:MODULE:FUNC``; none by default (it runs client-chosen code)."""
+    executor: str = "local"
+    """``local`` (worker processes of this server) or ``ray`` (each job a Ray task on the cluster)."""
+    ray_address: str | None = None  # HOST:PORT of the Ray head (GCS); None: start a local Ray instance
+    ray_cpus_per_job: float = 1.0
+    ray_max_retries: int = 0
+    """Times Ray re-runs a job whose worker node died (0: the job fails with the reason)."""
+    store_url: str | None = None  # sqlite:///PATH or postgresql://…; None: sqlite in the store folder
+    blob_dir: str | None = None  # folder or fsspec URL; None: ``blobs`` in the store folder
+    heartbeat_s: float = 2.0
+    replica_timeout_s: float = 20.0
+    max_attempts: int = 2
+    health_interval_s: float = 1.0
 
 
 class CompressionServer:
     """A bound, not yet started service; ``start`` it, then ``stop`` it (gracefully) or ``wait`` for it."""
 
     def __init__(self, grpc_server: grpc.Server, manager: JobManager, health_servicer: health.HealthServicer,
-                 store: SqliteJobStore, config: ServerConfig) -> None:
+                 store: Any, config: ServerConfig, executor: Executor | None = None) -> None:
         self.grpc_server = grpc_server
         self.manager = manager
         self.health = health_servicer
         self._store = store
+        self._executor = executor
         self._config = config
         self._stopped = threading.Event()
         self._janitor = threading.Thread(target=self._sweep_loop, name="onnxprune-janitor", daemon=True)
+        self._monitor = threading.Thread(target=self._health_loop, name="onnxprune-health", daemon=True)
+        self.unhealthy_reason: str | None = None
 
     def start(self) -> None:
         self.manager.start()
         self.manager.sweep()
         self.grpc_server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(self._problem())
         self._janitor.start()
+        self._monitor.start()
+
+    def _problem(self) -> str | None:
+        """Why this replica cannot do its work now (database or Ray cluster not answering), or None."""
+        for part in (self._store, self._executor):
+            ping = getattr(part, "ping", None)
+            reason = ping() if ping is not None else None
+            if reason:
+                return reason
+        return None
+
+    def _set_health(self, reason: str | None) -> None:
+        if reason != self.unhealthy_reason:
+            log_event(log, "server.health", logging.WARNING if reason else logging.INFO,
+                      serving=reason is None, reason=reason)
+        self.unhealthy_reason = reason
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if reason else health_pb2.HealthCheckResponse.SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _health_loop(self) -> None:
+        while not self._stopped.wait(self._config.health_interval_s):
+            try:
+                self._set_health(self._problem())
+            except Exception as e:  # noqa: BLE001 - the monitor must keep running
+                self._set_health(f"health check failed: {e!r}")
 
     def _sweep_loop(self) -> None:
         while not self._stopped.wait(self._config.sweep_interval_s):
@@ -143,14 +190,23 @@ def create_server(
     config = config or ServerConfig()
     root = Path(store)
     root.mkdir(parents=True, exist_ok=True)
-    job_store = SqliteJobStore(root / "jobs.sqlite")
-    blobs = DirBlobStore(root / "blobs", quota_bytes=config.quota_bytes, max_upload_bytes=config.max_upload_bytes)
-    executor = LocalProcessExecutor(task, blobs, root / "work", workers=config.workers,
-                                    queue_size=config.queue_size, cancel_grace=config.cancel_grace_s)
+    replica_id = uuid.uuid4().hex[:16]
+    job_store = open_job_store(config.store_url, root, replica_id)
+    shared = getattr(job_store, "shared", False)
+    try:
+        blobs = open_blob_store(config.blob_dir or root / "blobs", cache_dir=root / f"cache-{replica_id}",
+                                quota_bytes=config.quota_bytes, max_upload_bytes=config.max_upload_bytes,
+                                shared=shared, usage_source=job_store.usage if shared else None)
+        executor = _executor(config, task, blobs, root / f"work-{replica_id}" if shared else root / "work")
+    except BaseException:
+        job_store.close()
+        raise
     limits = Limits(max_tensor_bytes=config.max_tensor_bytes or config.max_upload_bytes,
                     retention_s=config.retention_s, quota_bytes=config.quota_bytes,
                     metric_modules=frozenset(config.metric_modules))
-    manager = JobManager(job_store, blobs, executor, limits)
+    sharing = SharingOptions(heartbeat_s=config.heartbeat_s, replica_timeout_s=config.replica_timeout_s,
+                             max_attempts=config.max_attempts, address=address)
+    manager = JobManager(job_store, blobs, executor, limits, sharing)
     auth = Authenticator(config.tokens)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="onnxprune-rpc"),
@@ -178,8 +234,48 @@ def create_server(
         job_store.close()
         raise BadInputError(f"cannot listen on {address}", field="port")
     log_event(log, "server.created", address=address, port=port, store=str(root), workers=config.workers,
-              auth=auth.enabled, tls=credentials is not None, mtls=config.tls_client_ca is not None)
-    return CompressionServer(server, manager, health_servicer, job_store, config), port
+              auth=auth.enabled, tls=credentials is not None, mtls=config.tls_client_ca is not None,
+              executor=config.executor, job_store=type(job_store).__name__, blobs=type(blobs).__name__,
+              replica=replica_id if shared else None)
+    return CompressionServer(server, manager, health_servicer, job_store, config, executor), port
+
+
+def open_job_store(url: str | None, root: Path, replica_id: str) -> Any:
+    """``--store-url``: ``sqlite:///PATH`` (default: ``jobs.sqlite`` in the store folder) or ``postgresql://…``.
+
+    Raises:
+        BadInputError: another scheme, or PostgreSQL without the ``postgres`` extra.
+        UnavailableError: the database does not answer.
+    """
+    if not url:
+        return SqliteJobStore(root / "jobs.sqlite")
+    if url.startswith("sqlite:///"):
+        return SqliteJobStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from onnxprune.service.pgstore import PostgresJobStore
+        except ImportError as e:
+            raise BadInputError(f"--store-url postgresql://… needs psycopg: pip install 'onnxprune[postgres]' ({e})",
+                                field="store_url") from e
+        return PostgresJobStore(url, replica_id=replica_id)
+    raise BadInputError(f"--store-url must be sqlite:///PATH or postgresql://…, got {url[:100]!r}",
+                        field="store_url")
+
+
+def _executor(config: ServerConfig, task: TaskFn, blobs: Any, work_root: Path) -> Executor:
+    if config.executor == "local":
+        return LocalProcessExecutor(task, blobs, work_root, workers=config.workers,
+                                    queue_size=config.queue_size, cancel_grace=config.cancel_grace_s)
+    if config.executor == "ray":
+        try:
+            from onnxprune.service.rayexec import RayExecutor
+        except ImportError as e:
+            raise BadInputError(f"--executor ray needs Ray: pip install 'onnxprune[ray]' ({e})",
+                                field="executor") from e
+        return RayExecutor(task, blobs, address=config.ray_address, max_in_flight=config.workers,
+                           cpus_per_job=config.ray_cpus_per_job, max_retries=config.ray_max_retries,
+                           cancel_grace=config.cancel_grace_s)
+    raise BadInputError(f"--executor must be local or ray, got {config.executor!r}", field="executor")
 
 
 def serve(host: str, port: int, store: str | Path, config: ServerConfig, *, task: TaskFn = run_task) -> int:
@@ -203,10 +299,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     Raises:
         BadInputError: non-positive sizes or a bad token file.
     """
-    for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours", "queue_size", "shutdown_grace"):
+    for name in ("workers", "quota_gb", "max_upload_gb", "retention_hours", "queue_size", "shutdown_grace",
+                 "ray_cpus_per_job", "heartbeat", "replica_timeout", "max_attempts"):
         value = getattr(args, name)
         if value <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be > 0, got {value}", field=name)
+    if args.ray_max_retries < 0:
+        raise BadInputError(f"--ray-max-retries must be >= 0, got {args.ray_max_retries}", field="ray_max_retries")
     optional_path = lambda value: Path(value) if value else None  # noqa: E731
     return ServerConfig(
         workers=args.workers,
@@ -221,6 +320,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         queue_size=args.queue_size,
         shutdown_grace_s=args.shutdown_grace,
         metric_modules=tuple(_metric_modules(args.allow_metric_module)),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        ray_cpus_per_job=args.ray_cpus_per_job,
+        ray_max_retries=args.ray_max_retries,
+        store_url=args.store_url,
+        blob_dir=args.blob_dir,
+        heartbeat_s=args.heartbeat,
+        replica_timeout_s=args.replica_timeout,
+        max_attempts=args.max_attempts,
     )
 
 

@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.cluster import postgres, ray_cluster  # noqa: E402,F401 - session fixtures of the scale-out tests
 from tests.data import (  # noqa: E402
     RAPIDOCR_INSTALL,
     digits_split,
