@@ -15,7 +15,8 @@ process's own ``VmHWM``; a watchdog kills it above ``--max-rss-gb``), then score
 * ``finetune``: ``--finetune-steps N --train-data`` (the classifier's data has labels 0/180; the recognizer's has
   none, so it distils from the original);
 * ``reconstruct+finetune``: both, reconstruction first;
-* ``max-drop``: ``--max-drop X --eval-data`` on a separate validation set with labels (classifier only);
+* ``max-drop``: ``--max-drop X --eval-data`` on a separate validation set with labels: 0/180 for the classifier
+  (``--metric top1``), each line's character indices for the recognizer (``--metric ctc``);
 * ``reconstruct-nobn``, ``finetune-nobn``: the same with the BatchNorm stage switched off.
 
 Every run gets the same plan: ``--plan scores`` (the default) ranks channels globally by their l2 importance;
@@ -84,6 +85,8 @@ class Task:
     """The score key the table and the tests look at first."""
     validation: Path | None = None
     """Labelled data for --max-drop (never the held-out set)."""
+    metric: str = "top1"
+    """--metric of the max-drop run on ``validation``."""
 
 
 def make_tasks(names: list[str], args: argparse.Namespace, tmp: Path) -> list[Task]:
@@ -94,8 +97,12 @@ def make_tasks(names: list[str], args: argparse.Namespace, tmp: Path) -> list[Ta
             images, _ = ocr.make_rec_dataset(args.train_samples, seed=SEEDS["train"])
             train = ocr.save_npz(tmp / "rec_train.npz", ocr.INPUT_NAME, images)
             held, texts = ocr.make_rec_dataset(args.eval_samples, seed=SEEDS["eval"])
+            val_images, val_texts = ocr.make_rec_dataset(args.eval_samples, seed=SEEDS["validation"])
+            validation = ocr.save_npz(tmp / "rec_val.npz", ocr.INPUT_NAME, val_images,
+                                      ocr.text_labels(val_texts, ocr.load_charset()))
             tasks.append(Task("rec", ocr.rec_model_path(), REC_SHAPE, train, held,
-                              lambda m, held=held, texts=texts: ocr.evaluate_rec(m, held, texts), "char_acc"))
+                              lambda m, held=held, texts=texts: ocr.evaluate_rec(m, held, texts), "char_acc",
+                              validation, "ctc"))
         elif name == "cls":
             images, labels = ocr.make_cls_dataset(args.train_samples, seed=SEEDS["train"])
             train = ocr.save_npz(tmp / "cls_train.npz", ocr.INPUT_NAME, images, labels)
@@ -123,7 +130,7 @@ def spec_for(task: Task, repair: str, budget: float, args: argparse.Namespace) -
                     batch_size=args.batch_size)
     if repair == "max-drop":
         del spec["target_macs"]
-        spec.update(max_drop=args.max_drop, eval_data=str(task.validation))
+        spec.update(max_drop=args.max_drop, eval_data=str(task.validation), metric=task.metric)
     return spec
 
 
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-drop", type=float, default=2.0, help="points, for the max-drop run (classifier)")
+    parser.add_argument("--max-drop", type=float, default=2.0, help="points, for the max-drop runs")
     parser.add_argument("--plan", default="scores", choices=("measured", "scores"),
                         help="scores: l2 global ranking (fast); measured: the pipeline's default with data (slow)")
     parser.add_argument("--threads", type=int, default=2, help="cores each run may use (0: all)")
