@@ -14,7 +14,16 @@ import sys
 from traceback import print_exception
 
 from onnxprune.errors import USER_ERRORS, OnnxpruneError, is_internal
-from onnxprune.spec import CRITERIA, DEPTH_METHODS, DEVICES, HEADS, LOSSES, OPTIMIZERS
+from onnxprune.spec import (
+    CRITERIA,
+    DEPTH_METHODS,
+    DEVICES,
+    HEADS,
+    LOSSES,
+    OPTIMIZERS,
+    QUANT_CALIBRATIONS,
+    QUANTIZE_MODES,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,11 +99,35 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, metavar="X",
                    help="find the smallest MACs budget whose metric stays within X points (0.01 of the metric's "
                         "value: 1.0 = one percentage point of accuracy) of the original; needs --eval-data")
+    _add_quantize_args(p)
     p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     p.add_argument("--bench", action="store_true", help="measure latency before and after")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     _add_server_args(p)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                   help="quantize the pruned (and fine-tuned) model last: int8 (static QDQ, per-channel, needs "
+                        "--calib DATA), int8-dynamic, fp16")
+    p.add_argument("--quant-calibration", choices=QUANT_CALIBRATIONS, default="minmax",
+                   help="how int8 turns calibration activations into ranges")
+    p.add_argument("--quant-exclude", nargs="+", default=[], metavar="PATTERN",
+                   help="node names (glob) to leave in float")
+    p.add_argument("--keep-io-types", type=_bool, default=True, metavar="true|false",
+                   help="fp16: keep float32 model inputs and outputs (default true)")
+    p.add_argument("--quant-max-drop", type=float, metavar="X",
+                   help="accuracy guard: keep the most sensitive layers in float until quantization loses at most X "
+                        "points against its FP32 input (measured on --eval-data, else agreement on --calib)")
 
 
 def _add_metric_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""The pipeline: load → analyze → calibrate → score → plan → cut → reconstruct → fine-tune → verify → report.
+"""The pipeline: load → analyze → calibrate → score → plan → cut → reconstruct → fine-tune → quantize → verify → report.
 
 ``prune`` is the one function every front door calls (CLI embedded mode, gRPC service, Python API):
 a pure function of (model file, spec) → (pruned model file, report), with progress and cancellation
@@ -42,7 +42,7 @@ from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
 from onnxprune.measure.fidelity import Fidelity, FidelityAccumulator
 from onnxprune.measure.metrics import POINTS, TaskMetric
-from onnxprune.measure.stats import ModelStats, model_stats
+from onnxprune.measure.stats import ModelStats, model_bytes, model_stats
 from onnxprune.report import build_report, metric_report
 from onnxprune.errors import BadInputError, InvariantError, OnnxpruneError, PlanError
 from onnxprune.analysis.core import Analysis, AnalysisOptions, group_to_dict
@@ -58,6 +58,7 @@ from onnxprune.transform.surgery import cut_channels
 if TYPE_CHECKING:
     from onnxprune.data import DataSource
     from onnxprune.planning.sensitivity import Evaluator, SensitivityResult
+    from onnxprune.quantize.stage import Judge, QuantizeResult
     from onnxprune.repair.reconstruct import ReconstructResult
     from onnxprune.runtime.device import DeviceChoice
     from onnxprune.runtime.session import Session
@@ -134,6 +135,8 @@ class PruneState:
     """What ranks channels by measurement (planning data and metric), built once when first needed."""
     max_drop: DropSearch | None = None
     """``--max-drop``: the budgets probed and the one chosen."""
+    quantize: QuantizeResult | None = None
+    """``--quantize``: the conversion, the layers left float and why, size and metric before/after."""
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -718,6 +721,100 @@ def stage_finetune(state: PruneState) -> None:
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
 
 
+QUANT_BATCH = 32
+"""Samples per calibration run of static INT8 (models that fix their batch get theirs)."""
+
+
+def stage_quantize(state: PruneState) -> None:
+    """``--quantize int8|int8-dynamic|fp16``: the final compression, after fine-tuning and before verify
+    (:mod:`onnxprune.quantize`: onnxruntime's quantizer and float16 converter).
+
+    The metric is measured before and after (``--eval-data``/``--metric``, else top-1 agreement with the FP32
+    model on ``--calib DATA``); with a limit (:func:`_quant_limit`) the accuracy guard keeps the most sensitive
+    layers in float until the drop is within it.
+    """
+    spec = state.spec
+    if spec.quantize == "none":
+        return
+    assert state.pruned is not None
+    from onnxprune.quantize.convert import QuantizeOptions
+    from onnxprune.quantize.stage import quantize
+    from onnxprune.repair import calibration
+
+    calib = _calibration_data(state) if spec.calib and spec.calib != "random" else None
+    batches = (lambda: calibration.stream(calib.source, QUANT_BATCH)) if calib else None
+    judge = _quant_judge(state, calib)
+    options = QuantizeOptions(spec.quantize, spec.quant_calibration, tuple(spec.quant_exclude), spec.keep_io_types)
+    fp32 = state.pruned
+    result = quantize(fp32, options, batches=batches, calibration_data=calib.description if calib else None,
+                      judge=judge, limit_points=_quant_limit(state, judge))
+    state.pruned = result.model
+    if state.task is not None and result.metric is not None:
+        state.scored = ScoredModel(result.model, result.metric.after)  # measured by the judge: not again
+    if spec.bench:
+        result.latency = _quant_bench(state, fp32, result.model)
+    state.quantize = result
+    state.notes.extend(result.notes)
+    floats = f", {len(result.kept_float)} weighted layers left float" if result.kept_float else ""
+    state.notes.append(f"quantized {spec.quantize}: {result.bytes_before} -> {result.bytes_after} bytes{floats}")
+
+
+def _quant_judge(state: PruneState, calib: CalibrationData | None) -> Judge | None:
+    """The task metric (``--eval-data``) on the FP32 input and the quantized model, else top-1 agreement with the
+    FP32 input on the calibration data; None without real data."""
+    from onnxprune.quantize.stage import Judge
+    from onnxprune.repair import calibration
+
+    assert state.pruned is not None
+    task = state.task
+    if task is not None:
+        return Judge(lambda m: task(m).value, task.label, state.task_data or "", _score(state))
+    if calib is None:
+        return None
+    agree = TaskMetric.create(state.pruned, lambda: calibration.stream(calib.source, EVAL_BATCH), None,
+                              has_labels=False, device=_device(state))
+    return Judge(lambda m: agree(m).value, agree.label, f"calibration data {calib.description} (against the FP32 "
+                 "model)", agree.baseline.value)
+
+
+def _quant_limit(state: PruneState, judge: Judge | None) -> float | None:
+    """Points quantization may lose: ``--quant-max-drop`` against its FP32 input, and with ``--max-drop`` what is
+    left of that budget after pruning (so the result stays within ``--max-drop`` of the original)."""
+    spec = state.spec
+    limits = [spec.quant_max_drop] if spec.quant_max_drop is not None else []
+    if spec.max_drop is not None and state.task is not None and judge is not None:
+        limits.append(max(0.0, spec.max_drop - state.task.drop_points(judge.before)))
+    return min(limits) if limits else None
+
+
+def _quant_bench(state: PruneState, fp32: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, Any]:
+    """``--bench``: the FP32 input against the quantized model (batch 1, interleaved); INT8 on CPU, where its
+    kernels are, FP16 on the job's device."""
+    from onnxprune.measure import bench
+
+    device = "cpu" if state.spec.quantize.startswith("int8") else _device(state)
+    result = bench.compare(fp32, quantized, device=device, batch=1, runs=50, shapes=state.spec.shapes or None,
+                           seed=state.spec.seed)
+    return {"provider": result.b.provider, "batch": 1, "fp32_p50_ms": result.a.p50_ms,
+            "quantized_p50_ms": result.b.p50_ms, "speedup": round(result.speedup, 4)}
+
+
+def _quantize_report(state: PruneState) -> dict[str, Any] | None:
+    """The ``quantize`` section, with size and metric of the original, the pruned FP32 and the quantized model."""
+    q = state.quantize
+    if q is None:
+        return None
+    out = q.to_dict()
+    task = state.task if q.metric is not None and state.task is not None else None
+    metric = q.metric
+    out["stages"] = [
+        {"stage": "original", "bytes": _original_stats(state).bytes, "metric": task.baseline.value if task else None},
+        {"stage": "pruned", "bytes": model_bytes(q.source), "metric": metric.before if metric else None},
+        {"stage": "quantized", "bytes": model_bytes(q.model), "metric": metric.after if metric else None},
+    ]
+    return out
+
+
 def _distill_features(state: PruneState, data: TrainData, teacher: onnx.ModelProto) -> tuple[FeatureMatch, ...]:
     """Block and stage outputs the pruned model distils from the original besides its outputs
     (:func:`onnxprune.training.features.choose_features`); channel-matched only against the model the plan
@@ -751,7 +848,8 @@ def stage_verify(state: PruneState) -> None:
         return
     choice = _device(state)
     compared = FidelityAccumulator(class_axis=_class_axis(state))
-    with make_session(_reference(state), choice) as ref, _pruned_session(state.pruned, choice) as cand:
+    candidate = state.quantize.measurable if state.quantize is not None else state.pruned  # FP16 IO: cast
+    with make_session(_reference(state), choice) as ref, _pruned_session(candidate, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
@@ -831,7 +929,7 @@ def stage_report(state: PruneState) -> None:
     assert state.analysis is not None and state.pruned is not None and state.plan is not None
     shapes = state.spec.shapes or None
     original = _original_stats(state)
-    pruned = model_stats(state.pruned, shapes)
+    pruned = _result_stats(state, shapes)
     kept = state.group_kept or {}
     groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
     latency = _bench(state) if state.spec.bench else None
@@ -845,8 +943,18 @@ def stage_report(state: PruneState) -> None:
                "metric": _metric_report(state),
                "max_drop": state.max_drop.to_dict() if state.max_drop else None,
                "reconstruct": _reconstruct_report(state.reconstruct),
-               "finetune": state.finetune.to_dict() if state.finetune else None},
+               "finetune": state.finetune.to_dict() if state.finetune else None,
+               "quantize": _quantize_report(state)},
     )
+
+
+def _result_stats(state: PruneState, shapes: dict[str, list[int]] | None) -> ModelStats:
+    """Params, MACs and layers of the result; after ``--quantize`` those of its FP32 input (a quantized graph
+    moves weights into Dequantize nodes, and counts the same MACs) with the bytes of the written quantized file."""
+    assert state.pruned is not None
+    if state.quantize is None:
+        return model_stats(state.pruned, shapes)
+    return dataclasses.replace(model_stats(state.quantize.source, shapes), bytes=model_bytes(state.pruned))
 
 
 def _metric_report(state: PruneState) -> dict[str, Any] | None:
@@ -886,6 +994,7 @@ REPAIR_STAGES: list[tuple[str, Stage]] = [
     ("finetune", _measured("finetune", stage_finetune)),
 ]
 FINISH_STAGES: list[tuple[str, Stage]] = [
+    ("quantize", _measured("quantize", stage_quantize)),
     ("verify", stage_verify),
     ("save", stage_save),
     ("report", stage_report),

@@ -184,6 +184,7 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     lines += _metric_lines(report.get("metric"))
     lines += _fidelity_lines(report)
     lines += _max_drop_lines(report.get("max_drop"))
+    lines += _quantize_lines(report.get("quantize"))
     changed = [
         r for r in report.get("layers", [])
         if r["params_before"] != r["params_after"] or r["macs_before"] != r["macs_after"]
@@ -259,6 +260,41 @@ def _max_drop_lines(search: Mapping[str, Any] | None) -> list[str]:
                if final.get("stepped_back_to_probe") else f"repair: {search['final_repair']}")
         lines.append(f"  chosen {dim} {chosen['achieved']:.3f}: {search['metric']} {final.get('value', 0.0):.4f} "
                      f"(drop {final.get('drop_points', 0.0):.2f} points), {how}")
+    return lines
+
+
+def _quantize_lines(q: Mapping[str, Any] | None) -> list[str]:
+    """``--quantize``: size and metric of the original, the pruned FP32 and the quantized model; the layers left
+    in float and why; the guard's choice; the latency of FP32 against quantized."""
+    if not q:
+        return []
+    how = q["mode"] + (f", {q['calibration']} calibration on {q['calibration_data']}" if q.get("calibration") else "")
+    lines = [f"quantize {how}:"]
+    stages = q.get("stages") or []
+    if stages:
+        table = [("", "bytes", "metric")]
+        table += [(s["stage"], _fmt_int(s["bytes"]), "" if s["metric"] is None else f"{s['metric']:.4f}")
+                  for s in stages]
+        lines += ["  " + line for line in _table(table, "<>>")]
+    metric = q.get("metric")
+    if metric:
+        lines.append(f"  {metric['label']} on {metric['data']}: {metric['before']:.4f} -> {metric['after']:.4f} "
+                     f"(drop {metric['drop_points']:.2f} points" + (f", limit {q['max_drop_points']}" if
+                                                                   q.get("max_drop_points") is not None else "") + ")")
+    guard = q.get("guard")
+    if guard:
+        lines.append(f"  accuracy guard: all quantized {guard['all_quantized']:.4f}, {len(guard['ranking'])} layers "
+                     f"ranked by sensitivity, {len(guard['steps'])} prefixes measured"
+                     + ("; no quantized model within the limit, FP32 kept" if guard["fell_back"] else ""))
+    floats = q.get("nodes_kept_float") or []
+    for f in floats[:20]:
+        lines.append(f"  float: {f['node']} ({f['op']}): {f['reason']}")
+    if len(floats) > 20:
+        lines.append(f"  ... and {len(floats) - 20} more float layers")
+    lat = q.get("latency")
+    if lat:
+        lines.append(f"  latency batch {lat['batch']} on {lat['provider']}: FP32 {lat['fp32_p50_ms']:.3f} ms, "
+                     f"quantized {lat['quantized_p50_ms']:.3f} ms ({lat['speedup']:.2f}x)")
     return lines
 
 

@@ -24,6 +24,10 @@ DEPTH_METHODS = ("ratio", "fidelity")
 METRICS = ("top1", "agreement", "kl", "cosine", "ctc")
 """Built-in task metrics (``--metric``); ``python:MODULE:FUNC`` names a user function besides these."""
 PYTHON_METRIC = "python:"
+QUANTIZE_MODES = ("none", "int8", "int8-dynamic", "fp16")
+"""``--quantize``: the final stage (after fine-tuning, before verify); ``none`` leaves the model in float32."""
+QUANT_CALIBRATIONS = ("minmax", "entropy", "percentile")
+"""``--quant-calibration``: how static INT8 turns calibration activations into ranges (onnxruntime's methods)."""
 DATA_OPTIONS = ("calib", "train_data", "eval_data")
 """Options naming a DATA path: clients upload these files with the job and the service places them."""
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -110,6 +114,16 @@ class PruneSpec:
     """``--metric``; None: ``top1`` when the evaluation data has labels, else ``agreement``."""
     max_drop: float | None = None
     """Metric points (100 × the metric's value) the result may lose against the original; chooses the budget."""
+    quantize: str = "none"
+    """``none|int8|int8-dynamic|fp16``: quantize the pruned (and fine-tuned) model as the last stage."""
+    quant_calibration: str = "minmax"
+    quant_exclude: list[str] = field(default_factory=list)
+    """Node-name globs left in float by quantization."""
+    keep_io_types: bool = True
+    """``fp16``: keep float32 graph inputs and outputs (Casts inside the graph)."""
+    quant_max_drop: float | None = None
+    """The accuracy guard: metric points quantization may lose against its FP32 input (with ``--max-drop``, the
+    result also stays within that of the original); the most sensitive layers stay float until it holds."""
 
     @property
     def metric_choice(self) -> MetricChoice | None:
@@ -170,7 +184,32 @@ class PruneSpec:
         if self.fidelity_samples < 1:
             raise BadInputError("fidelity_samples must be >= 1", field="fidelity_samples")
         self._validate_metric()
+        self._validate_quantize()
         return self
+
+    def _validate_quantize(self) -> None:
+        """``--quantize`` and its options; static INT8 calibrates on real samples only."""
+        if self.quantize not in QUANTIZE_MODES:
+            raise BadInputError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}",
+                                field="quantize")
+        if self.quant_calibration not in QUANT_CALIBRATIONS:
+            raise BadInputError(f"--quant-calibration must be one of {', '.join(QUANT_CALIBRATIONS)}, got "
+                                f"{self.quant_calibration!r}", field="quant_calibration")
+        if self.quant_max_drop is not None and not self.quant_max_drop >= 0.0:
+            raise BadInputError(f"--quant-max-drop must be >= 0 metric points, got {self.quant_max_drop}",
+                                field="quant_max_drop")
+        if self.quantize == "none":
+            return
+        real_calib = bool(self.calib) and self.calib != "random"
+        if self.quantize == "int8" and not real_calib:
+            raise BadInputError("--quantize int8 is calibrated on real samples: pass --calib DATA (an .npz or a "
+                                "directory of .npz, not random), or use --quantize int8-dynamic", field="quantize")
+        if self.quant_max_drop is not None and not self.eval_data and not real_calib:
+            raise BadInputError("--quant-max-drop measures the quantized model: pass --eval-data DATA or --calib DATA",
+                                field="quant_max_drop")
+        if self.iterations > 1 or self.granularity != "channel":
+            raise BadInputError("--quantize applies to channel pruning in one pass: it takes neither --iterations "
+                                "nor --granularity element|N:M", field="quantize")
 
     def _validate_metric(self) -> None:
         """``--metric`` needs data to measure on; ``--max-drop`` needs ``--eval-data`` and owns the budget."""

@@ -13,7 +13,7 @@ from onnxprune._proto import compressor_pb2 as pb
 from onnxprune.errors import BadInputError
 from onnxprune.spec import PruneSpec
 
-_REPEATED = "exclude"
+_REPEATED = ("exclude", "quant_exclude")
 _MAP = "shapes"
 
 
@@ -29,8 +29,8 @@ def spec_to_proto(spec: PruneSpec) -> pb.JobSpec:
         if f.name == _MAP:
             for name, dims in value.items():
                 msg.shapes[name].dims.extend(int(d) for d in dims)
-        elif f.name == _REPEATED:
-            msg.exclude.extend(value)
+        elif f.name in _REPEATED:
+            getattr(msg, f.name).extend(value)
         elif value is not None:
             try:
                 setattr(msg, f.name, value)
@@ -49,8 +49,8 @@ def spec_from_proto(msg: pb.JobSpec) -> PruneSpec:
     for field in msg.DESCRIPTOR.fields:
         if field.name == _MAP:
             data[_MAP] = {name: list(shape.dims) for name, shape in msg.shapes.items()}
-        elif field.name == _REPEATED:
-            data[_REPEATED] = list(msg.exclude)
+        elif field.name in _REPEATED:
+            data[field.name] = list(getattr(msg, field.name))
         elif msg.HasField(field.name):
             data[field.name] = getattr(msg, field.name)
     return PruneSpec.from_dict(data).validate()

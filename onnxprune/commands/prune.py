@@ -19,7 +19,8 @@ def spec_from_args(args: argparse.Namespace) -> PruneSpec:
         reconstruct=args.reconstruct, finetune_steps=args.finetune_steps, train_data=args.train_data, lr=args.lr,
         batch_size=args.batch_size, iterations=args.iterations, bench=args.bench, device=args.device, seed=args.seed,
         heads=args.heads, depth_method=args.depth_method, eval_data=args.eval_data, metric=args.metric,
-        max_drop=args.max_drop,
+        max_drop=args.max_drop, quantize=args.quantize, quant_calibration=args.quant_calibration,
+        quant_exclude=list(args.quant_exclude), keep_io_types=args.keep_io_types, quant_max_drop=args.quant_max_drop,
     ).validate()
 
 

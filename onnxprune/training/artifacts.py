@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from onnxprune.errors import BadInputError
 from onnxprune.io.limits import readable_ir_version
 from onnxprune.io.shapes import set_input_shapes
+from onnxprune.quantize.detect import has_float16, quantized_nodes
 from onnxprune.training.grad.context import FLOAT_TYPES
 from onnxprune.training.grad.driver import (
     GradientResult,
@@ -136,6 +137,25 @@ def params_to_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Model
     return out
 
 
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Training needs float32 weights: a QDQ/INT8 graph stores its weights as 8-bit integers (nothing to train, the
+    float bias alone would move) and an FP16 graph overflows the float32 loss and optimizer, so both are refused
+    rather than trained into garbage.
+
+    Raises:
+        BadInputError: the model holds quantized ops or float16 weights.
+    """
+    nodes = quantized_nodes(model)
+    if nodes:
+        raise BadInputError(f"the model is quantized ({len(nodes)} quantized nodes, e.g. {nodes[0]}) and cannot be "
+                            "fine-tuned: fine-tune its float model and quantize afterwards (onnxprune prune "
+                            "--finetune-steps N --train-data DATA --quantize int8 runs them in that order)",
+                            field="model")
+    if has_float16(model):
+        raise BadInputError("the model stores float16 weights and cannot be fine-tuned: fine-tune its float32 model "
+                            "and convert afterwards (--finetune-steps N ... --quantize fp16)", field="model")
+
+
 @dataclass(frozen=True)
 class GradientModel:
     """A model computing ``loss`` and one ``<param>__grad`` per trained parameter (params as inputs)."""
@@ -161,9 +181,10 @@ def build_gradient_model(
     re-runs cheap elementwise chains instead of keeping their outputs (see :func:`build_gradients`).
 
     Raises:
-        BadInputError: a named trainable tensor is not a float initializer.
+        BadInputError: a named trainable tensor is not a float initializer, or the model is quantized.
         UnsupportedOpError: an op on the differentiated path has no VJP rule.
     """
+    refuse_quantized(model)
     base = upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes))
     inits = {t.name: t for t in base.graph.initializer}
     names = list(trainable) if trainable is not None else select_trainable(base)
