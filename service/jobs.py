@@ -305,6 +305,10 @@ class JobManager:
             return False
         return True
 
+    def set_address(self, address: str) -> None:
+        """The address this replica serves on, as other replicas' operators see it in the replicas table."""
+        self._sharing = replace(self._sharing, address=address)
+
     def stop_accepting(self) -> None:
         self._accepting = False
 

@@ -233,6 +233,7 @@ def create_server(
     if port == 0:
         job_store.close()
         raise BadInputError(f"cannot listen on {address}", field="port")
+    manager.set_address(f"{address.rsplit(':', 1)[0]}:{port}")
     log_event(log, "server.created", address=address, port=port, store=str(root), workers=config.workers,
               auth=auth.enabled, tls=credentials is not None, mtls=config.tls_client_ca is not None,
               executor=config.executor, job_store=type(job_store).__name__, blobs=type(blobs).__name__,
