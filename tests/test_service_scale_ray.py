@@ -6,6 +6,7 @@ has it re-run, as configured. The server runs in this process; every wait is bou
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from onnxprune.spec import PruneSpec
 from onnxprune.service.server import CompressionServer, ServerConfig, create_server
 from tests.service_tasks import slow_task
 from tests.test_service import DIGITS, tiny_model
+from tests.test_service_scale_replicas import _owner, replicas, slow  # noqa: F401 - replicas is a fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 ray = pytest.importorskip("ray")
@@ -124,3 +126,24 @@ def test_a_dead_worker_node_fails_its_job_or_retries_it(ray_server, ray_cluster,
     assert executor.placements[retried.job_id][0] != first_node
     assert client.wait(other.job_id).state == "SUCCEEDED"
     ray_cluster.start_worker_node()  # leave the session's cluster as it was
+
+
+def test_two_ray_replicas_on_one_database_survive_the_loss_of_one(ray_cluster, replicas, tmp_path: Path) -> None:
+    """A replica's Ray tasks end with it (Ray fate-shares tasks with their driver); the other replica takes its
+    jobs back and runs them on the cluster again."""
+    ray_args = ("--executor", "ray", "--ray-address", ray_cluster.address)
+    a, b = replicas("a", *ray_args), replicas("b", *ray_args)
+    model = tiny_model(tmp_path / "m.onnx")
+    with Client(b.target, timeout=30) as on_b:
+        jobs = [on_b.submit(model, slow(50)) for _ in range(3)]
+        lost = wait_for(lambda: [j for j in jobs if _owner(replicas.url, j.job_id) == a.target], 60,
+                        "a job running on replica A")
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        for job in jobs:
+            assert on_b.wait(job.job_id).state == "SUCCEEDED"
+        for job in lost:
+            on_b.fetch(job.job_id, tmp_path / f"{job.job_id}.onnx")
+            assert (tmp_path / f"{job.job_id}.onnx").read_bytes() == model.read_bytes()
+    requeued = (tmp_path / "replica-b.log").read_text()
+    assert all(f"event=job.requeued job={j.job_id}" in requeued for j in lost)

@@ -49,15 +49,15 @@ def slow(steps: int) -> PruneSpec:
 
 @pytest.fixture
 def replicas(postgres, tmp_path: Path) -> Iterator[Callable[[str], ServerProcess]]:
-    """``replicas("a")`` starts one more replica on this test's database and shared blob folder."""
+    """``replicas("a", *serve_options)`` starts one more replica on this test's database and shared blob folder."""
     url = postgres.new_database()
     started: list[ServerProcess] = []
 
-    def start(name: str) -> ServerProcess:
+    def start(name: str, *extra: str) -> ServerProcess:
         server = ServerProcess(
             [sys.executable, "-c", SERVE, "serve", "--port", "0", "--store", str(tmp_path / f"replica-{name}"),
              "--store-url", url, "--blob-dir", str(tmp_path / "shared-blobs"), "--workers", "2",
-             "--heartbeat", "0.5", "--replica-timeout", str(REPLICA_TIMEOUT_S), "--shutdown-grace", "5"],
+             "--heartbeat", "0.5", "--replica-timeout", str(REPLICA_TIMEOUT_S), "--shutdown-grace", "5", *extra],
             tmp_path / f"replica-{name}.log")
         server.url = url  # type: ignore[attr-defined]
         started.append(server)
