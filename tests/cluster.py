@@ -105,19 +105,21 @@ def _has_user(name: str) -> bool:
 class RayCluster:
     """Two Ray nodes on this machine: the head and a worker node with the custom resource ``worker_node``."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker_nodes: int = 1) -> None:
         self.ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.worker_manager_port = free_port()
-        self.env = dict(os.environ, RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
+        self.env = dict(os.environ, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5",
                         RAY_health_check_initial_delay_ms="0", RAY_USAGE_STATS_ENABLED="0",
                         RAY_memory_monitor_refresh_ms="0")
         common = ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", "100000000",
                   "--include-dashboard", "false", "--disable-usage-stats"]
         self._run("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), *common,
                   "--resources", '{"head_node": 1}', "--min-worker-port", "20000", "--max-worker-port", "20999")
-        self.start_worker_node()
+        self.nodes = 1
+        for _ in range(worker_nodes):
+            self.start_worker_node()
 
     def _run(self, *args: str, timeout: float = 180) -> str:
         proc = subprocess.run([self.ray, *args], capture_output=True, text=True, timeout=timeout, env=self.env)
@@ -126,12 +128,14 @@ class RayCluster:
         return proc.stdout
 
     def start_worker_node(self) -> None:
+        """Add a worker node (one CPU, resource ``worker_node``); ``kill_worker_node`` kills the latest one."""
         self.worker_manager_port = free_port()
         self._run("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
                   "--num-gpus", "0", "--object-store-memory", "100000000", "--disable-usage-stats",
                   "--resources", '{"worker_node": 1}', "--node-manager-port", str(self.worker_manager_port),
                   "--min-worker-port", "21000", "--max-worker-port", "21999")
-        self.wait_nodes(2)
+        self.nodes += 1
+        self.wait_nodes(self.nodes)
 
     def alive_nodes(self) -> int:
         out = subprocess.run(
@@ -160,6 +164,7 @@ class RayCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.nodes -= 1
 
     def close(self) -> None:
         try:
