@@ -799,8 +799,9 @@ def _quant_bench(state: PruneState, fp32: onnx.ModelProto, quantized: onnx.Model
             "quantized_p50_ms": result.b.p50_ms, "speedup": round(result.speedup, 4)}
 
 
-def _quantize_report(state: PruneState) -> dict[str, Any] | None:
-    """The ``quantize`` section, with size and metric of the original, the pruned FP32 and the quantized model."""
+def _quantize_report(state: PruneState, latency: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``quantize`` section, with size, metric and (``--bench``) p50 latency of the original, the pruned FP32
+    and the quantized model."""
     q = state.quantize
     if q is None:
         return None
@@ -809,9 +810,13 @@ def _quantize_report(state: PruneState) -> dict[str, Any] | None:
     metric = q.metric
     out["stages"] = [
         {"stage": "original", "bytes": _original_stats(state).bytes, "metric": task.baseline.value if task else None},
-        {"stage": "pruned", "bytes": model_bytes(q.source), "metric": metric.before if metric else None},
-        {"stage": "quantized", "bytes": model_bytes(q.model), "metric": metric.after if metric else None},
+        {"stage": "pruned", "bytes": q.bytes_before, "metric": metric.before if metric else None},
+        {"stage": "quantized", "bytes": q.bytes_after, "metric": metric.after if metric else None},
     ]
+    if latency is not None and q.latency is not None:  # the FP32/quantized pair was timed in its own run
+        for stage, value in zip(out["stages"], (latency["original"]["p50"], q.latency["fp32_p50_ms"],
+                                                q.latency["quantized_p50_ms"]), strict=True):
+            stage["latency_p50_ms"] = value
     return out
 
 
@@ -944,7 +949,7 @@ def stage_report(state: PruneState) -> None:
                "max_drop": state.max_drop.to_dict() if state.max_drop else None,
                "reconstruct": _reconstruct_report(state.reconstruct),
                "finetune": state.finetune.to_dict() if state.finetune else None,
-               "quantize": _quantize_report(state)},
+               "quantize": _quantize_report(state, latency)},
     )
 
 

@@ -272,10 +272,10 @@ def _quantize_lines(q: Mapping[str, Any] | None) -> list[str]:
     lines = [f"quantize {how}:"]
     stages = q.get("stages") or []
     if stages:
-        table = [("", "bytes", "metric")]
-        table += [(s["stage"], _fmt_int(s["bytes"]), "" if s["metric"] is None else f"{s['metric']:.4f}")
-                  for s in stages]
-        lines += ["  " + line for line in _table(table, "<>>")]
+        table = [("", "bytes", "metric", "p50 latency")]
+        table += [(s["stage"], _fmt_int(s["bytes"]), "" if s["metric"] is None else f"{s['metric']:.4f}",
+                   f"{s['latency_p50_ms']:.3f} ms" if s.get("latency_p50_ms") is not None else "") for s in stages]
+        lines += ["  " + line for line in _table(table, "<>>>")]
     metric = q.get("metric")
     if metric:
         lines.append(f"  {metric['label']} on {metric['data']}: {metric['before']:.4f} -> {metric['after']:.4f} "

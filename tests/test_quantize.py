@@ -110,13 +110,20 @@ def test_int8_after_finetune_stays_within_half_a_point_and_reports_every_stage(
 
 def test_int8_dynamic_needs_no_calibration(digits_model_path: Path, digits, tmp_path: Path) -> None:
     out = tmp_path / "dyn.onnx"
-    report = prune(digits_model_path, out, PruneSpec(ratio=0.25, quantize="int8-dynamic", device="cpu")).report
+    report = prune(digits_model_path, out, PruneSpec(ratio=0.25, quantize="int8-dynamic", device="cpu",
+                                                     bench=True)).report
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {"ConvInteger", "MatMulInteger"} & ops and "DynamicQuantizeLinear" in ops
     q = report["quantize"]
     assert q["mode"] == "int8-dynamic" and q["calibration"] is None and q["metric"] is None
     assert q["bytes_after"] < 0.5 * q["bytes_before"]
     assert held_out_accuracy(out, digits) > 0.5  # a working classifier, not garbage
+    latency = q["latency"]  # --bench: the FP32 input against the quantized model, interleaved
+    assert latency["provider"] == "CPUExecutionProvider" and latency["batch"] == 1
+    assert latency["fp32_p50_ms"] > 0 and latency["quantized_p50_ms"] > 0 and latency["speedup"] > 0
+    assert [s["latency_p50_ms"] for s in q["stages"]] == [report["original"]["latency_ms"]["p50"],
+                                                        latency["fp32_p50_ms"], latency["quantized_p50_ms"]]
+    assert "latency batch 1 on CPUExecutionProvider" in render_table(report)
 
 
 @pytest.mark.parametrize("keep_io", [True, False])

@@ -79,15 +79,20 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prepare(model: onnx.ModelProto, workdir: str) -> Prepared:
-    """Run onnxruntime's ``quant_pre_process`` (onnx and symbolic shape inference, basic graph optimisation such
-    as folding BatchNorm into Conv), which its quantizer expects; fall back to the model as it is, with a note,
-    when the pre-processing fails on it."""
+    """Run onnxruntime's ``quant_pre_process`` (onnx shape inference, basic graph optimisation such as folding
+    BatchNorm into Conv), which its quantizer expects; fall back to the model as it is, with a note, when the
+    pre-processing fails on it.
+
+    Its symbolic shape inference is skipped: where it cannot infer every shape (PP-OCR's recogniser) it saves a
+    temporary model with uuid-named external data into the process's working directory, which a library (or a
+    server running many jobs) must not do; onnx's shape inference covers the graphs quantization handles.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "fp32.pre.onnx")
     onnx.save(name_nodes(model), src)
     try:
-        quant_pre_process(src, dst, skip_symbolic_shape=False)
+        quant_pre_process(src, dst, skip_symbolic_shape=True)
         prepared = name_nodes(onnx.load(dst))
         onnx.save(prepared, dst)
         return Prepared(dst, prepared, True)
