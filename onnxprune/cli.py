@@ -191,18 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("serve", help="run the gRPC compression service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--store", default="./onnxprune-store", metavar="DIR")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--token-file", metavar="F")
-    p.add_argument("--tls-cert", metavar="C")
-    p.add_argument("--tls-key", metavar="K")
-    p.add_argument("--tls-client-ca", metavar="CA")
-    p.add_argument("--retention-hours", type=float, default=168.0)
-    p.add_argument("--quota-gb", type=float, default=50.0)
-    p.add_argument("--max-upload-gb", type=float, default=8.0)
+    p = sub.add_parser("serve", help="run the gRPC compression service",
+                       description="Run the gRPC compression service until SIGTERM. Embedded by default (local "
+                                   "worker processes, SQLite and blobs under --store); see docs/deploy.md for a "
+                                   "cluster of replicas with Ray, PostgreSQL and object storage.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (printed)")
+    p.add_argument("--store", default="./onnxprune-store", metavar="DIR",
+                   help="folder for the job database, blobs and job scratch space (default ./onnxprune-store)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="jobs run at once: local worker processes, or with --executor ray jobs this server keeps "
+                        "on the cluster")
+    p.add_argument("--token-file", metavar="F",
+                   help="bearer tokens, one 'TENANT TOKEN' (or 'TOKEN') a line; without it: no auth")
+    p.add_argument("--tls-cert", metavar="C", help="server certificate (PEM) for TLS")
+    p.add_argument("--tls-key", metavar="K", help="server private key (PEM) for TLS")
+    p.add_argument("--tls-client-ca", metavar="CA", help="CA bundle (PEM) clients' certificates must chain to (mTLS)")
+    p.add_argument("--retention-hours", type=float, default=168.0,
+                   help="hours finished jobs' results are kept before they expire")
+    p.add_argument("--quota-gb", type=float, default=50.0, help="total size of stored blobs; uploads over it are refused")
+    p.add_argument("--max-upload-gb", type=float, default=8.0, help="largest single upload accepted")
     p.add_argument("--max-tensor-gb", type=float, help="largest declared tensor accepted (default: --max-upload-gb)")
     p.add_argument("--queue-size", type=int, default=256, help="jobs waiting beyond the workers")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running jobs get on SIGTERM")
