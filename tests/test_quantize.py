@@ -288,3 +288,17 @@ def test_service_runs_quantize_jobs(start_server, digits_model_path: Path, digit
     assert remote.report["quantize"]["nodes_kept_float"] == embedded.report["quantize"]["nodes_kept_float"]
     assert remote.report["quantize"]["bytes_after"] == embedded.report["quantize"]["bytes_after"]
     assert QUANT_OPS <= {n.op_type for n in onnx.load(tmp_path / "remote" / "q.onnx").graph.node}
+
+
+def test_max_drop_budget_covers_pruning_and_quantization(digits_model_path: Path, digits_train: Path,
+                                                          digits_eval: Path, tmp_path: Path) -> None:
+    """With --max-drop the guard gets what pruning left of the budget, so the result stays within it."""
+    report = prune(digits_model_path, tmp_path / "q.onnx",
+                   PruneSpec(eval_data=str(digits_eval), max_drop=1.0, calib=str(digits_train), calib_samples=256,
+                             quantize="int8", device="cpu")).report
+    metric, q = report["metric"], report["quantize"]
+    pruned_drop = 100 * (metric["original"] - q["metric"]["before"])
+    assert q["max_drop_points"] == pytest.approx(max(0.0, 1.0 - pruned_drop))
+    assert metric["drop_points"] <= 1.0 + 1e-9
+    assert metric["pruned"] == pytest.approx(q["metric"]["after"])
+    assert metric["stages"][-1]["stage"] == "quantize"
