@@ -75,3 +75,18 @@ def test_store_and_blob_locations(tmp_path: Path) -> None:
     remote = open_blob_store("memory://onnxprune-test/blobs", cache_dir=tmp_path / "c", quota_bytes=100,
                              max_upload_bytes=100)
     assert isinstance(remote, FsspecBlobStore) and remote.list_ids() == []
+
+
+def test_gpu_check_reports_unusable_cuda_as_one_json_error() -> None:
+    import json
+    import subprocess
+
+    from onnxprune.runtime.device import probe_cuda
+
+    if probe_cuda().cuda_usable:
+        pytest.skip("CUDA is usable here: benchmarks/gpu_check.sh runs the real check instead")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([str(repo / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["ok"] is False and summary["error"].startswith("CUDA execution provider is not usable: ")
