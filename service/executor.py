@@ -1,7 +1,8 @@
 """Running jobs: a bounded queue feeding a fixed number of worker slots, each job in its own process.
 
 :class:`Executor` is the interface (submit, cancel, status, capacity), so an executor for a fleet
-(:class:`~onnxprune.service.rayexec.RayExecutor`) can replace the local pool without touching job records or the servicer. :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
+(:class:`~onnxprune.service.rayexec.RayExecutor`) replaces the local pool without touching job records or the
+servicer. :class:`LocalProcessExecutor` runs every job in a fresh ``spawn``-ed process, so
 
 - CPU-heavy pruning never holds the server's GIL or its gRPC threads;
 - cancellation is cooperative first (an Event the pipeline checks at stage and batch boundaries) and forced
