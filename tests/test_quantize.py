@@ -166,10 +166,11 @@ def test_guard_keeps_the_sensitive_layer_float_until_within_the_drop(outlier_cas
     q = guarded["quantize"]
     assert q["max_drop_points"] == 1.0 and q["metric"]["drop_points"] <= 1.0
     assert [f["node"] for f in q["nodes_kept_float"]] == ["fc1"]
-    assert q["nodes_kept_float"][0]["reason"].startswith("accuracy guard: sensitivity rank 1 of 2")
+    assert q["nodes_kept_float"][0]["reason"].startswith("accuracy guard: sensitivity rank 1 of 3")
     guard = q["guard"]
     assert guard["all_quantized"] == pytest.approx(unguarded["metric"]["after"])
-    assert [r["node"] for r in guard["ranking"]] == ["fc1", "fc2"] and guard["kept_float"] == ["fc1"]
+    assert [r["node"] for r in guard["ranking"]] == ["fc1", "fc2", "every Relu (1 nodes)"]
+    assert guard["kept_float"] == ["fc1"]
     assert not guard["fell_back"]
     written = onnx.load(tmp_path / "guarded.onnx")
     fc1 = next(n for n in written.graph.node if n.name == "fc1")
@@ -200,7 +201,7 @@ def test_guard_falls_back_to_float_when_no_quantized_model_is_within(outlier_cas
     assert quantized_nodes(result.model) == [] and result.metric is not None and result.metric.after == 1.0
     assert {f.node for f in result.kept_float} == {"fc1", "fc2"}
     assert any("FP32 model is kept" in n for n in result.notes)
-    assert len(judged) == 1 + 2 + 1  # all quantized, one per layer left float, then every layer float
+    assert len(judged) == 1 + 3 + 1  # all quantized, one per candidate (fc1, fc2, the Relu) float, all float
 
 
 # -- refusals ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """The layers the guard and the report talk about: the ops whose weights quantization stores in 8 bits."""
 
+LAYOUT_OPS = frozenset({"Constant", "Cast", "Shape", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                        "Identity", "Concat", "Slice", "Split", "Gather", "Expand", "Tile", "Range", "ConstantOfShape"})
+"""Ops that only move values: the guard never offers them as float candidates for FP16."""
+
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 """A fresh pass over calibration batches (input name → array) per call."""
 
@@ -51,6 +55,16 @@ class FloatNode:
     node: str
     op: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the accuracy guard may leave float: one weighted layer, or every node of one other quantized op type
+    (activation quantization of Add, Mul, Softmax… can cost more than any weight)."""
+
+    label: str
+    op: str
+    nodes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,29 @@ def weighted_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [(n.name, n.op_type) for n in model.graph.node
             if n.op_type in WEIGHTED_OPS and any(i in consts for i in n.input[:2])]
+
+
+def _converted_op_types(mode: str) -> frozenset[str]:
+    """The op types the converter of ``mode`` turns into quantized (or float16) form."""
+    if mode == "fp16":
+        return frozenset()  # every op but LAYOUT_OPS, see guard_candidates
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    return frozenset(IntegerOpsRegistry) if mode == "int8-dynamic" else frozenset(QDQRegistry) | set(QLinearOpsRegistry)
+
+
+def guard_candidates(model: onnx.ModelProto, mode: str, exclude: Sequence[str] = ()) -> list[Candidate]:
+    """Each weighted layer on its own, then each other converted op type as one group (graph order), leaving out
+    the nodes ``exclude`` keeps float anyway."""
+    skip = set(exclude)
+    layers = [Candidate(name, op, (name,)) for name, op in weighted_nodes(model) if name not in skip]
+    types = _converted_op_types(mode)
+    groups: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        converted = n.op_type not in LAYOUT_OPS if mode == "fp16" else n.op_type in types
+        if converted and n.op_type not in WEIGHTED_OPS and n.name not in skip:
+            groups.setdefault(n.op_type, []).append(n.name)
+    return layers + [Candidate(f"every {op} ({len(names)} nodes)", op, tuple(names)) for op, names in groups.items()]
 
 
 class _Reader:

@@ -159,7 +159,7 @@ def quantize(model: onnx.ModelProto, options: QuantizeOptions, *, batches: Batch
 def _guard(result: QuantizeResult, prepared: convert.Prepared, excluded: list[str],
            run: Callable[[list[str]], onnx.ModelProto], judge: Judge, after: float, limit: float) -> None:
     """Leave the most sensitive layers float (:func:`keep_sensitive_float`), or keep the FP32 model."""
-    candidates = [(n, op) for n, op in convert.weighted_nodes(prepared.model) if n not in set(excluded)]
+    candidates = convert.guard_candidates(prepared.model, result.mode, excluded)
     guard, model = keep_sensitive_float(candidates, run, judge.measure, judge.before, after, limit)
     result.guard = guard
     assert result.metric is not None
@@ -173,8 +173,9 @@ def _guard(result: QuantizeResult, prepared: convert.Prepared, excluded: list[st
     result.model = model
     assert guard.final is not None
     result.metric = dataclasses.replace(result.metric, after=guard.final)
-    result.notes.append(f"accuracy guard: {len(guard.kept_float)} of {len(candidates)} weighted layers kept in float "
-                        f"to stay within {limit} points ({judge.label} {after:.4f} -> {guard.final:.4f})")
+    result.notes.append(f"accuracy guard: {len(guard.kept_float)} of {len(candidates)} candidates kept in float "
+                        f"({', '.join(guard.kept_float)}) to stay within {limit} points ({judge.label} {after:.4f} -> "
+                        f"{guard.final:.4f})")
 
 
 def _explain_float(result: QuantizeResult, prepared: onnx.ModelProto, excluded: list[str],
@@ -186,6 +187,11 @@ def _explain_float(result: QuantizeResult, prepared: onnx.ModelProto, excluded: 
         return
     rank = {s.node: (k + 1, s) for k, s in enumerate(result.guard.ranking)} if result.guard else {}
     guarded = set(result.guard.kept_float) if result.guard else set()
+    groups = {c.label: c for c in convert.guard_candidates(prepared, result.mode, excluded) if c.label in guarded}
+
+    def why(label: str) -> str:
+        k, s = rank[label]
+        return f"accuracy guard: sensitivity rank {k} of {len(rank)} (float alone recovers {s.gain_points:.2f} points)"
     kept = []
     for name, op in convert.float_layers(result.model, result.mode):
         if name not in excluded and name not in guarded and name.endswith("_MatMul"):
@@ -194,10 +200,11 @@ def _explain_float(result: QuantizeResult, prepared: onnx.ModelProto, excluded: 
             pattern = next(p for p in options.exclude if fnmatch.fnmatchcase(name, p))
             reason = f"--quant-exclude {pattern}"
         elif name in guarded:
-            k, s = rank[name]
-            reason = (f"accuracy guard: sensitivity rank {k} of {len(rank)} (float alone recovers "
-                      f"{s.gain_points:.2f} points)")
+            reason = why(name)
         else:
             reason = f"not converted by onnxruntime's {result.mode} quantizer (op or tensor types not supported)"
         kept.append(FloatNode(name, op, reason))
+    for label, group in groups.items():  # the op types the guard kept float as a whole
+        if len(group.nodes) > 1 or group.nodes[0] != label:
+            kept += [FloatNode(n, group.op, f"{why(label)}: {label} kept float") for n in group.nodes]
     result.kept_float = kept
