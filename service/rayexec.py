@@ -266,7 +266,9 @@ class RayExecutor:
 
     def _probe(self) -> None:
         try:
-            ray.get(self._sink.ping.remote(), timeout=_PING_TIMEOUT_S)
+            ray.get(self._sink.ping.remote(), timeout=_PING_TIMEOUT_S)  # the event path
+            if not any(n["Alive"] for n in ray.nodes()):  # the cluster's control plane (GCS)
+                raise ConnectionError("no live node")
             self._ping_result = None
         except Exception as e:  # noqa: BLE001 - any failure means "not answering"
             self._ping_result = f"Ray cluster at {self._address or 'local'} unreachable: {type(e).__name__}: {e}"[:500]

@@ -166,6 +166,15 @@ class RayCluster:
                 pass
         self.nodes -= 1
 
+    def signal_gcs(self, sig: int) -> None:
+        """Send ``sig`` to the head's GCS server (SIGSTOP: the cluster stops answering; SIGCONT: it is back)."""
+        pids = [pid for pid in _pids_with(f"--gcs_server_port={self.port}") if "gcs_server" in
+                Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")]
+        if not pids:
+            raise RuntimeError(f"no gcs_server process for port {self.port}")
+        for pid in pids:
+            os.kill(pid, sig)
+
     def close(self) -> None:
         try:
             self._run("stop", "--force", timeout=120)

@@ -6,6 +6,7 @@ has it re-run, as configured. The server runs in this process; every wait is bou
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from grpc_health.v1 import health_pb2
+
 from onnxprune.client import Client
 from onnxprune.spec import PruneSpec
 from onnxprune.service.server import CompressionServer, ServerConfig, create_server
 from tests.service_tasks import slow_task
 from tests.test_service import DIGITS, tiny_model
-from tests.test_service_scale_replicas import _owner, replicas, slow  # noqa: F401 - replicas is a fixture
+from tests.test_service_scale_replicas import _owner, health, replicas, slow  # noqa: F401 - replicas is a fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 ray = pytest.importorskip("ray")
@@ -34,8 +37,9 @@ def ray_server(ray_cluster, tmp_path: Path) -> Iterator:
                                      ServerConfig(executor="ray", ray_address=ray_cluster.address, **config),
                                      task=task)
         server.start()
+        server.target = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
         started.append(server)
-        return server, Client(f"127.0.0.1:{port}", timeout=30)
+        return server, Client(server.target, timeout=30)
 
     yield start
     for server in started:
@@ -147,3 +151,18 @@ def test_two_ray_replicas_on_one_database_survive_the_loss_of_one(ray_cluster, r
             assert (tmp_path / f"{job.job_id}.onnx").read_bytes() == model.read_bytes()
     requeued = (tmp_path / "replica-b.log").read_text()
     assert all(f"event=job.requeued job={j.job_id}" in requeued for j in lost)
+
+
+def test_health_is_not_serving_while_the_ray_cluster_does_not_answer(ray_server, ray_cluster, tmp_path: Path) -> None:
+    server, client = ray_server()
+    target = server.target
+    assert health(target) == health_pb2.HealthCheckResponse.SERVING
+    ray_cluster.signal_gcs(signal.SIGSTOP)  # the head's control plane hangs, as behind a network partition
+    try:
+        wait_for(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING, 20, "NOT_SERVING")
+        assert re.search(r"Ray cluster at \S+ (did not answer|unreachable)", server.unhealthy_reason or "")
+    finally:
+        ray_cluster.signal_gcs(signal.SIGCONT)
+    wait_for(lambda: health(target) == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING again")
+    job = client.submit(tiny_model(tmp_path / "m.onnx"), PruneSpec(calib_samples=2))
+    assert client.wait(job.job_id).state == "SUCCEEDED"
