@@ -157,12 +157,16 @@ def test_health_is_not_serving_while_the_ray_cluster_does_not_answer(ray_server,
     server, client = ray_server()
     target = server.target
     assert health(target) == health_pb2.HealthCheckResponse.SERVING
+    model = tiny_model(tmp_path / "m.onnx")
     ray_cluster.signal_gcs(signal.SIGSTOP)  # the head's control plane hangs, as behind a network partition
     try:
         wait_for(lambda: health(target) == health_pb2.HealthCheckResponse.NOT_SERVING, 20, "NOT_SERVING")
         assert re.search(r"Ray cluster at \S+ (did not answer|unreachable)", server.unhealthy_reason or "")
+        started = time.monotonic()  # no RPC handler waits for Ray: they answer while it hangs
+        job = client.submit(model, PruneSpec(calib_samples=2))
+        assert client.get(job.job_id).state in ("QUEUED", "RUNNING") and client.list()
+        assert time.monotonic() - started < 5
     finally:
         ray_cluster.signal_gcs(signal.SIGCONT)
     wait_for(lambda: health(target) == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING again")
-    job = client.submit(tiny_model(tmp_path / "m.onnx"), PruneSpec(calib_samples=2))
-    assert client.wait(job.job_id).state == "SUCCEEDED"
+    assert client.wait(job.job_id).state == "SUCCEEDED"  # submitted during the hang, run once it was back
