@@ -264,16 +264,18 @@ class JobManager:
             self._wake.clear()
 
     def _claim_work(self) -> None:
-        for record in self._shared.claim(self._executor.capacity()):
+        claimed = self._shared.claim(self._executor.capacity())
+        for i, record in enumerate(claimed):
             if not self._still_allowed(record):
                 continue
             with self._lock:
                 self._feeds[record.job_id] = _Feed()
             try:
                 self._executor.submit(self._exec_job(record))
-            except OnnxpruneError as e:
-                self._shared.release(record.job_id)
-                log_event(log, "job.released", job=record.job_id, reason=str(e)[:200])
+            except OnnxpruneError as e:  # full or stopping: this one and the rest go back for others to take
+                for rest in claimed[i:]:
+                    self._shared.release(rest.job_id)
+                    log_event(log, "job.released", job=rest.job_id, reason=str(e)[:200])
                 return
             log_event(log, "job.claimed", job=record.job_id, replica=self._owner)
 
@@ -286,6 +288,7 @@ class JobManager:
             if self._store.update(job_id, only_if=[QUEUED], owned_by=self._owner, state=CANCELLED,
                                   error="cancelled", error_type="CancelledError", finished=time.time()):
                 self._publish(job_id, FeedEvent(CANCELLED, "", 0.0, "cancelled"), close=True)
+                self._cancel_sent.discard(job_id)  # it never started: no outcome will clear it
             log_event(log, "job.cancel_forwarded", job=job_id)
 
     def _update_own(self, job_id: str, *, only_if: Iterable[str] | None = None, **changes: Any) -> bool:

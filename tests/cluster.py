@@ -103,7 +103,8 @@ def _has_user(name: str) -> bool:
 
 
 class RayCluster:
-    """Two Ray nodes on this machine: the head and a worker node with the custom resource ``worker_node``."""
+    """Ray nodes on this machine: the head (no GPU) and worker nodes with one declared GPU and the resource
+    ``worker_node``."""
 
     def __init__(self, worker_nodes: int = 1) -> None:
         self.ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -128,10 +129,14 @@ class RayCluster:
         return proc.stdout
 
     def start_worker_node(self) -> None:
-        """Add a worker node (one CPU, resource ``worker_node``); ``kill_worker_node`` kills the latest one."""
+        """Add a worker node (one CPU, resource ``worker_node``); ``kill_worker_node`` kills the latest one.
+
+        The node declares one GPU (``--num-gpus 1``; Ray only counts it), so a ``device=cuda`` job's request for a
+        GPU can only be placed here: the tests see GPU-aware placement without a GPU.
+        """
         self.worker_manager_port = free_port()
         self._run("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                  "--num-gpus", "0", "--object-store-memory", "100000000", "--disable-usage-stats",
+                  "--num-gpus", "1", "--object-store-memory", "100000000", "--disable-usage-stats",
                   "--resources", '{"worker_node": 1}', "--node-manager-port", str(self.worker_manager_port),
                   "--min-worker-port", "21000", "--max-worker-port", "21999")
         self.nodes += 1

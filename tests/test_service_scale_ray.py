@@ -98,6 +98,19 @@ def test_jobs_spread_over_both_nodes_and_cancel_ends_the_process(ray_server, tmp
     assert client.wait(quick.job_id).state == "SUCCEEDED"
 
 
+def test_cuda_jobs_go_to_the_gpu_node(ray_server, tmp_path: Path) -> None:
+    """Only the worker node declares a GPU: ``device=cuda`` jobs ask Ray for one and all land there (one at a
+    time), while the head has a free CPU all along."""
+    server, client = ray_server()
+    executor = server.manager._executor
+    jobs = [client.submit(tiny_model(tmp_path / f"g{i}.onnx", seed=i), PruneSpec(device="cuda", calib_samples=5))
+            for i in range(3)]
+    for job in jobs:
+        assert client.wait(job.job_id).state == "SUCCEEDED"
+    gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+    assert {executor.placements[j.job_id][0] for j in jobs} <= gpu_nodes and len(gpu_nodes) == 1
+
+
 def _job_on_the_worker_node(client: Client, executor, tmp_path: Path, tag: str):
     """Start two 6-second jobs (one per node) and return (the worker node's job, the head node's job)."""
     jobs = [client.submit(tiny_model(tmp_path / f"{tag}{i}.onnx", seed=i), PruneSpec(calib_samples=60))
