@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from onnxprune.errors import BadInputError
 from onnxprune.service.errors import NotFoundError, ResourceExhaustedError

@@ -145,7 +145,8 @@ def test_a_dead_worker_node_fails_its_job_or_retries_it(ray_server, ray_cluster,
     ray_cluster.start_worker_node()  # leave the session's cluster as it was
 
 
-def test_two_ray_replicas_on_one_database_survive_the_loss_of_one(ray_cluster, replicas, tmp_path: Path) -> None:
+def test_two_ray_replicas_on_one_database_survive_the_loss_of_one(
+        ray_cluster, replicas, tmp_path: Path) -> None:  # noqa: F811 - replicas is the imported fixture
     """A replica's Ray tasks end with it (Ray fate-shares tasks with their driver); the other replica takes its
     jobs back and runs them on the cluster again."""
     ray_args = ("--executor", "ray", "--ray-address", ray_cluster.address)
