@@ -40,7 +40,8 @@ def _add_scale_out_args(p: argparse.ArgumentParser) -> None:
                    help="local: jobs run in worker processes of this server; ray: each job is a Ray task on the "
                         "cluster at --ray-address (needs the ray extra)")
     g.add_argument("--ray-address", metavar="HOST:PORT",
-                   help="Ray head node (GCS) address; default: start a private single-node Ray instance")
+                   help="Ray head node (GCS) address; default: the cluster this machine joined with `ray start`, "
+                        "else a private single-node Ray instance")
     g.add_argument("--ray-cpus-per-job", type=float, default=1.0, metavar="N",
                    help="CPUs a CPU job asks Ray for (device=cuda jobs ask for one GPU instead)")
     g.add_argument("--ray-max-retries", type=int, default=0, metavar="N",
