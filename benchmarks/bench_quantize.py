@@ -142,8 +142,9 @@ def digits(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         out = tmp / f"digits_{mode}.onnx"
         report = prune(model, out, PruneSpec(**base, quantize=mode)).report
         stages = {s["stage"]: s for s in report["quantize"]["stages"]}
-        row = {"mode": mode, "original_acc": stages["original"]["metric"], "pruned_fp32_acc": stages["pruned"]["metric"],
-               "quantized_acc": stages["quantized"]["metric"], "onnxruntime_acc": held_out_accuracy(out, (x_train, y_train, x_test, y_test)),
+        row = {"mode": mode, "original_acc": stages["original"]["metric"],
+               "pruned_fp32_acc": stages["pruned"]["metric"], "quantized_acc": stages["quantized"]["metric"],
+               "onnxruntime_acc": held_out_accuracy(out, (x_train, y_train, x_test, y_test)),
                "bytes": {k: v["bytes"] for k, v in stages.items()}}
         row["drop_points"] = 100 * (row["pruned_fp32_acc"] - row["quantized_acc"])
         print(f"digits 0.5 + BN + 300 steps + {mode}: accuracy original {row['original_acc']:.4f}, pruned FP32 "
@@ -200,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT.json")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"cpu": cpu_features()}
-    print(f"CPU: {results['cpu']['model']} ({results['cpu']['cores']} cores), INT8 path: {results['cpu']['int8_path']}; "
-          f"flags {results['cpu']['flags']}", flush=True)
+    cpu = results["cpu"]
+    print(f"CPU: {cpu['model']} ({cpu['cores']} cores), INT8 path: {cpu['int8_path']}; flags {cpu['flags']}",
+          flush=True)
     parts = {"resnet50": resnet50, "digits": digits, "ocr": ocr}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.parts.split(","):

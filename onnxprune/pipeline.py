@@ -1,4 +1,5 @@
-"""The pipeline: load → analyze → calibrate → score → plan → cut → reconstruct → fine-tune → quantize → verify → report.
+"""The pipeline: load → analyze → calibrate → score → plan → cut → reconstruct → fine-tune → quantize → verify
+→ report.
 
 ``prune`` is the one function every front door calls (CLI embedded mode, gRPC service, Python API):
 a pure function of (model file, spec) → (pruned model file, report), with progress and cancellation

@@ -283,8 +283,8 @@ def _quantize_lines(q: Mapping[str, Any] | None) -> list[str]:
                                                                    q.get("max_drop_points") is not None else "") + ")")
     guard = q.get("guard")
     if guard:
-        lines.append(f"  accuracy guard: all quantized {guard['all_quantized']:.4f}, {len(guard['ranking'])} layers "
-                     f"ranked by sensitivity, {len(guard['steps'])} prefixes measured"
+        lines.append(f"  accuracy guard: all quantized {guard['all_quantized']:.4f}, {len(guard['ranking'])} "
+                     f"candidates ranked by sensitivity, {len(guard['steps'])} float sets measured"
                      + ("; no quantized model within the limit, FP32 kept" if guard["fell_back"] else ""))
     floats = q.get("nodes_kept_float") or []
     for f in floats[:20]:

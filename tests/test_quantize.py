@@ -45,7 +45,8 @@ def outlier_mlp(seed: int = 0) -> onnx.ModelProto:
     w1[15] = 0.0
     w2 = rng.standard_normal((32, 10)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
          helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")], "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
@@ -303,3 +304,23 @@ def test_max_drop_budget_covers_pruning_and_quantization(digits_model_path: Path
     assert metric["drop_points"] <= 1.0 + 1e-9
     assert metric["pruned"] == pytest.approx(q["metric"]["after"])
     assert metric["stages"][-1]["stage"] == "quantize"
+
+
+def test_guard_bisects_the_ranking_then_requantizes_passengers() -> None:
+    """A synthetic metric whose single-layer gains mislead: C ranks above B alone, but B is the one needed."""
+    from onnxprune.quantize.convert import Candidate
+    from onnxprune.quantize.guard import keep_sensitive_float
+
+    def value(floats: frozenset[str]) -> float:
+        a, b, c = ("A" not in floats), ("B" not in floats), ("C" not in floats)  # quantized?
+        return 1.0 - 0.012 * a - 0.008 * b - 0.001 * c - 0.012 * (a and c)
+
+    candidates = [Candidate(x, "Conv", (f"{x}_node",)) for x in "ABCD"]
+    quantize = lambda names: frozenset(n.removesuffix("_node") for n in names)  # noqa: E731 - the "model"
+    result, model = keep_sensitive_float(candidates, quantize, value, 1.0, value(frozenset()), limit=0.5)
+    assert [r.node for r in result.ranking] == ["A", "C", "B", "D"]
+    assert result.kept_float == ["A", "B"] and model == frozenset({"A", "B"})
+    assert result.final == pytest.approx(0.999) and not result.fell_back
+    # bisection: all four, then two (fails), three (passes); the pass back drops C but needs B and A
+    assert [(s.float_layers, s.passed, s.requantized) for s in result.steps] == [
+        (4, True, None), (2, False, None), (3, True, None), (2, False, "B"), (2, True, "C"), (1, False, "A")]

@@ -5,9 +5,11 @@ Candidates are the weighted layers one by one and, as one group each, the other 
 21 points below its FP32 model with every Conv and MatMul float). A sensitivity pass quantizes the model once per
 candidate with that candidate left in float and ranks them by the metric this recovers (the candidate whose float
 copy helps most is the most sensitive). The
-smallest prefix of that ranking that brings the drop within the limit is then found by bisection over its length;
-every prefix tried is measured, so the answer is a measured model, never an estimate. When even every candidate
-in float stays outside the limit, the guard says so and the caller keeps the FP32 model.
+smallest prefix of that ranking that brings the drop within the limit is then found by bisection over its length,
+and pruned back: from the least sensitive member up, each is quantized again when the drop stays within the limit
+without it (single-layer gains are noisy and do not add up, so a prefix carries passengers). Every set tried is
+measured, so the answer is a measured model, never an estimate. When even every candidate in float stays outside
+the limit, the guard says so and the caller keeps the FP32 model.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ class LayerSensitivity:
 
 @dataclass(frozen=True)
 class GuardStep:
-    """One bisection probe: the first ``float_layers`` of the ranking left in float."""
+    """One measured set: ``float_layers`` candidates left in float (a prefix of the ranking while bisecting; then
+    the chosen set without ``requantized``, when the pass back tried to quantize that one again)."""
 
     float_layers: int
     value: float
     drop_points: float
     passed: bool
+    requantized: str | None = None
 
 
 @dataclass
@@ -106,27 +110,36 @@ def keep_sensitive_float(
     result.ranking.sort(key=lambda s: -s.value)  # stable: ties keep graph order
     order = [s.node for s in result.ranking]
 
-    def probe(k: int) -> tuple[bool, onnx.ModelProto]:
-        model = quantize([n for label in order[:k] for n in nodes[label]])
+    def probe(labels: list[str], requantized: str | None = None) -> tuple[GuardStep, onnx.ModelProto]:
+        model = quantize([n for label in labels for n in nodes[label]])
         value = measure(model)
         drop = _drop(before, value)
-        step = GuardStep(k, value, round(drop, 6), drop <= limit + SLACK)
+        step = GuardStep(len(labels), value, round(drop, 6), drop <= limit + SLACK, requantized)
         result.steps.append(step)
-        return step.passed, model
+        return step, model
 
     n = len(order)
-    passed, best = probe(n) if n else (False, None)
-    if not passed:
+    if not n:
         result.fell_back = True
         return result, None
+    step, best = probe(order)
+    if not step.passed:
+        result.fell_back = True
+        return result, None
+    final = step.value
     lo, hi = 0, n  # lo fails (everything quantized), hi passes
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        ok, model = probe(mid)
-        if ok:
-            hi, best = mid, model
+        step, model = probe(order[:mid])
+        if step.passed:
+            hi, best, final = mid, model, step.value
         else:
             lo = mid
-    result.kept_float = order[:hi]
-    result.final = next(s.value for s in reversed(result.steps) if s.float_layers == hi)
+    chosen = order[:hi]
+    for label in reversed(order[:hi]) if hi > 1 else ():  # the pass back, least sensitive first
+        trial = [c for c in chosen if c != label]
+        step, model = probe(trial, requantized=label)
+        if step.passed:
+            chosen, best, final = trial, model, step.value
+    result.kept_float, result.final = chosen, final
     return result, best

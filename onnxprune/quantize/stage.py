@@ -138,9 +138,10 @@ def quantize(model: onnx.ModelProto, options: QuantizeOptions, *, batches: Batch
             return judge.measure(convert.float32_io(m))
 
         result_model = run([])
-        result = QuantizeResult(result_model, model, options.mode, options.calibration if options.mode == "int8" else None,
-                                calibration_data if options.mode == "int8" else None, prepared.preprocessed, [],
-                                model_bytes(model), 0, limit_points=limit_points, notes=notes)
+        static = options.mode == "int8"
+        result = QuantizeResult(result_model, model, options.mode, options.calibration if static else None,
+                                calibration_data if static else None, prepared.preprocessed, [], model_bytes(model), 0,
+                                limit_points=limit_points, notes=notes)
         if judge is not None:
             after = measure(result_model)
             result.metric = MetricChange(judge.label, judge.data, judge.before, after)
@@ -167,7 +168,7 @@ def _guard(result: QuantizeResult, prepared: convert.Prepared, excluded: list[st
         result.model = prepared.model
         result.metric = dataclasses.replace(result.metric, after=judge.before)
         result.notes.append(f"{result.mode} stayed {guard.steps[-1].drop_points if guard.steps else 'n/a'} points "
-                            f"below the FP32 model with every weighted layer in float, outside {limit} points: "
+                            f"below the FP32 model with every candidate in float, outside {limit} points: "
                             "the FP32 model is kept")
         return
     result.model = model
