@@ -266,6 +266,22 @@ def test_cli_options_reach_the_spec_and_the_report(digits_model_path: Path, digi
     assert q["calibration"] == "percentile" and q["metric"]["label"] == "top1_agreement"
     assert "calibration data" in q["metric"]["data"] and q["metric"]["drop_points"] <= 2.0
     assert {f["node"] for f in q["nodes_kept_float"]} >= {"/fc/Gemm", "/block/conv1/Conv"}
+    assert any(n.startswith("percentile calibration holds every activation") for n in q["notes"])
+
+
+def test_histogram_calibration_is_bounded_by_activation_memory(digits_model_path: Path) -> None:
+    """Entropy/percentile calibration keeps every activation in memory: samples are capped to a byte budget."""
+    from onnxprune.quantize import convert
+
+    model = onnx.load(digits_model_path)
+    x = np.zeros((8, 1, 8, 8), np.float32)
+    limit, per_sample = convert.histogram_samples(model, lambda: [{"input": x}])
+    assert 4 * 16 * 8 * 8 < per_sample < 4 * 200 * 8 * 8 * 4  # the stem's activations, not the weights
+    assert limit == convert.HISTOGRAM_BUDGET // per_sample
+    reader = convert._Reader(lambda: [{"input": x}, {"input": x}], ["input"], limit=11)
+    assert [len(b["input"]) for b in iter(reader.get_next, None)] == [8, 3]
+    reader.rewind()
+    assert reader.get_next()["input"].shape == (8, 1, 8, 8)
 
 
 def test_quantize_options_cross_the_wire() -> None:

@@ -33,6 +33,11 @@ LAYOUT_OPS = frozenset({"Constant", "Cast", "Shape", "Reshape", "Transpose", "Sq
                         "Identity", "Concat", "Slice", "Split", "Gather", "Expand", "Tile", "Range", "ConstantOfShape"})
 """Ops that only move values: the guard never offers them as float candidates for FP16."""
 
+HISTOGRAM_BUDGET = 2 << 30
+"""Bytes of activations entropy/percentile calibration may hold: onnxruntime's HistogramCalibrater keeps every
+intermediate tensor of every calibration sample in memory before building histograms (PP-OCR's recogniser: about
+200 MB a line), so those methods calibrate on as many samples as fit."""
+
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 """A fresh pass over calibration batches (input name → array) per call."""
 
@@ -46,6 +51,8 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()
     keep_io_types: bool = True
     per_channel: bool = True
+    max_samples: int | None = None
+    """Calibration samples at most (entropy/percentile: what fits :data:`HISTOGRAM_BUDGET`)."""
 
 
 @dataclass(frozen=True)
@@ -153,20 +160,43 @@ def guard_candidates(model: onnx.ModelProto, mode: str, exclude: Sequence[str] =
 
 
 class _Reader:
-    """onnxruntime's ``CalibrationDataReader`` protocol (``get_next``, ``rewind``) over our calibration batches."""
+    """onnxruntime's ``CalibrationDataReader`` protocol (``get_next``, ``rewind``) over our calibration batches,
+    ``limit`` samples at most."""
 
-    def __init__(self, batches: Batches, names: Sequence[str]):
-        self._batches, self._names = batches, list(names)
+    def __init__(self, batches: Batches, names: Sequence[str], limit: int | None = None):
+        self._batches, self._names, self._limit = batches, list(names), limit
         self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._left = limit
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:
-            self._it = iter(self._batches())
+            self._it, self._left = iter(self._batches()), self._limit
         feeds = next(self._it, None)
-        return None if feeds is None else {k: feeds[k] for k in self._names}
+        if feeds is None or self._left == 0:
+            return None
+        out = {k: feeds[k] for k in self._names}
+        if self._left is not None:
+            out = {k: v[: self._left] for k, v in out.items()}
+            self._left -= len(next(iter(out.values())))
+        return out
 
     def rewind(self) -> None:
         self._it = None
+
+
+def histogram_samples(model: onnx.ModelProto, batches: Batches) -> tuple[int, int]:
+    """(samples that fit :data:`HISTOGRAM_BUDGET`, estimated activation bytes per sample), from the shapes onnx
+    infers for one calibration sample (tensors it cannot size are not counted)."""
+    from onnxprune.io.shapes import static_shapes
+
+    first = next(iter(batches()), None)
+    if first is None:
+        return 1, 0
+    dims = static_shapes(model, {k: [1, *v.shape[1:]] for k, v in first.items() if k != "labels"})
+    consts = {t.name for t in model.graph.initializer}
+    per_sample = sum(4 * int(np.prod(d)) for name, d in dims.items()
+                     if name not in consts and all(isinstance(x, int) and x > 0 for x in d))
+    return max(1, HISTOGRAM_BUDGET // max(per_sample, 1)), per_sample
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         self.rewind()
@@ -194,7 +224,8 @@ def quantize_static(prepared: Prepared, batches: Batches, options: QuantizeOptio
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[options.calibration]
-    reader = _Reader(batches, _graph_inputs(prepared.model))  # onnxruntime's reader ABC accepts any get_next()
+    # onnxruntime's reader ABC accepts any object with get_next()
+    reader = _Reader(batches, _graph_inputs(prepared.model), options.max_samples)
     try:
         ort_quantize_static(
             prepared.path, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=options.per_channel,

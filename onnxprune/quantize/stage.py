@@ -129,6 +129,11 @@ def quantize(model: onnx.ModelProto, options: QuantizeOptions, *, batches: Batch
         if options.exclude and not excluded:
             notes.append(f"--quant-exclude {' '.join(options.exclude)} matched no node")
         cache = f"{tmp}/calibration.json" if options.mode == "int8" else None
+        if options.mode == "int8" and options.calibration != "minmax" and batches is not None:
+            limit, per_sample = convert.histogram_samples(prepared.model, batches)
+            options = dataclasses.replace(options, max_samples=limit)
+            notes.append(f"{options.calibration} calibration holds every activation of every sample in memory "
+                         f"(~{per_sample >> 20} MB a sample here): calibrated on at most {limit} samples")
 
         def run(extra: list[str]) -> onnx.ModelProto:
             return convert.converted(prepared, batches, options, excluded + extra, tmp, cache)
