@@ -59,6 +59,7 @@ _FEED_KEEP_S = 60.0  # how long a finished job's feed stays for watchers that ar
 _DB_PROGRESS_INTERVAL_S = 0.5
 _REMOTE_WATCH_POLL_S = 0.3  # how often a watcher of a job another replica runs re-reads its record
 _FINISH_RETRY_S = 600.0  # how long a finished job's outcome is retried while the database is down
+_SHARED_LOG_LIMIT = 2000  # log lines per job written to a shared store, for watchers on other replicas
 _ERROR_TYPES: dict[str, type[OnnxpruneError]] = {
     name: cls
     for name, cls in vars(onnxprune_errors).items()
@@ -194,6 +195,8 @@ class JobManager:
         self._stopping = threading.Event()
         self._dispatcher: threading.Thread | None = None
         self._cancel_sent: set[str] = set()
+        self._log_buffer: list[tuple[str, str]] = []  # shared store: lines not yet written
+        self._log_counts: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -252,6 +255,7 @@ class JobManager:
                         log_event(log, "job.requeued", job=job_id, reason="replica lost")
                     for job_id in failed:
                         log_event(log, "job.failed", job=job_id, reason="replica lost")
+                self._flush_logs()
                 self._forward_cancels()
                 if self._accepting:
                     self._claim_work()
@@ -290,6 +294,17 @@ class JobManager:
                 self._publish(job_id, FeedEvent(CANCELLED, "", 0.0, "cancelled"), close=True)
                 self._cancel_sent.discard(job_id)  # it never started: no outcome will clear it
             log_event(log, "job.cancel_forwarded", job=job_id)
+
+    def _flush_logs(self) -> None:
+        """Write buffered log lines to the shared store (put back in front if it is down)."""
+        with self._lock:
+            lines, self._log_buffer = self._log_buffer, []
+        try:
+            self._shared.add_logs(lines)
+        except UnavailableError:
+            with self._lock:
+                self._log_buffer[:0] = lines[-_SHARED_LOG_LIMIT:]
+            raise
 
     def _update_own(self, job_id: str, *, only_if: Iterable[str] | None = None, **changes: Any) -> bool:
         """Update a job this server runs; with a shared store, only while this replica still owns it."""
@@ -453,11 +468,15 @@ class JobManager:
 
     def _watch_record(self, tenant: str | None, record: JobRecord,
                       active: Callable[[], bool]) -> Iterator[tuple[JobRecord, str]]:
-        """Follow a job through its database record (state, stage, progress) until it ends."""
+        """Follow a job through its database record (state, stage, progress) and its log lines until it ends."""
         last = (record.state, record.stage, record.fraction, record.message)
+        seen = 0
         while active():
             time.sleep(_REMOTE_WATCH_POLL_S)
             current = self.get(tenant, record.job_id)
+            lines = self._shared.logs_since(record.job_id, seen)
+            for seen, line in lines:
+                yield current, line
             if current.terminal:
                 yield current, ""
                 return
@@ -553,6 +572,11 @@ class JobManager:
             feed = self._feeds.get(job_id)
             last = feed.events[-1] if feed and feed.events else FeedEvent(RUNNING, "", 0.0, "")
         self._publish(job_id, replace(last, log_line=line))
+        if self._shared is not None:
+            with self._lock:
+                count = self._log_counts[job_id] = self._log_counts.get(job_id, 0) + 1
+                if count <= _SHARED_LOG_LIMIT:
+                    self._log_buffer.append((job_id, line))
 
     def on_finish(self, job_id: str, outcome: Outcome) -> None:
         self._with_retry(job_id, lambda: self._record_finish(job_id, outcome))
@@ -574,6 +598,10 @@ class JobManager:
                 delay = min(delay * 2, 5.0)
 
     def _record_finish(self, job_id: str, outcome: Outcome) -> None:
+        if self._shared is not None:  # other replicas' watchers get the last lines before the end
+            self._flush_logs()
+            with self._lock:
+                self._log_counts.pop(job_id, None)
         now = time.time()
         if outcome.state == INTERRUPTED:
             message = "interrupted by server shutdown; will run again after restart"

@@ -64,6 +64,11 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, address TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
         heartbeat DOUBLE PRECISION NOT NULL);
     """,
+    # 2: jobs' log lines, so WatchJob on any replica streams them.
+    """
+    CREATE TABLE job_logs (line_id BIGSERIAL PRIMARY KEY, job_id TEXT NOT NULL, line TEXT NOT NULL);
+    CREATE INDEX job_logs_job ON job_logs (job_id, line_id);
+    """,
 )
 _NOW = "extract(epoch from clock_timestamp())"
 _MIGRATION_LOCK = 0x6F6E6E78  # pg_advisory_xact_lock key: "onnx"
@@ -261,11 +266,15 @@ class PostgresJobStore:
 
         One statement, so two replicas sweeping at once expire each job once.
         """
-        rows = self._run(lambda conn: conn.execute(
-            "UPDATE jobs SET state = %s, results = '[]', message = 'results expired' "
-            "WHERE state = ANY(%s) AND finished < %s RETURNING job_id",
-            (EXPIRED, [SUCCEEDED, FAILED, CANCELLED], finished_before)).fetchall())
-        return [r["job_id"] for r in rows]
+        def expire(conn: psycopg.Connection) -> list[str]:
+            ids = [r["job_id"] for r in conn.execute(
+                "UPDATE jobs SET state = %s, results = '[]', message = 'results expired' "
+                "WHERE state = ANY(%s) AND finished < %s RETURNING job_id",
+                (EXPIRED, [SUCCEEDED, FAILED, CANCELLED], finished_before)).fetchall()]
+            conn.execute("DELETE FROM job_logs WHERE job_id = ANY(%s)", (ids,))
+            return ids
+
+        return self._run(expire)
 
     def unreferenced_blobs(self, created_before: float) -> list[str]:
         rows = self._run(lambda conn: conn.execute(
@@ -288,6 +297,24 @@ class PostgresJobStore:
         """Bytes of all recorded blobs: the quota every replica checks against."""
         row = self._run(lambda conn: conn.execute("SELECT coalesce(sum(size), 0) AS n FROM blobs").fetchone())
         return int(row["n"])
+
+    def add_logs(self, lines: list[tuple[str, str]]) -> None:
+        """Append (job id, log line) pairs, in order."""
+        if not lines:
+            return
+
+        def add(conn: psycopg.Connection) -> None:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO job_logs (job_id, line) VALUES (%s, %s)", lines)
+
+        self._run(add)
+
+    def logs_since(self, job_id: str, after: int) -> list[tuple[int, str]]:
+        """The job's log lines after position ``after`` (0: from the start), as (position, line)."""
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT line_id, line FROM job_logs WHERE job_id = %s AND line_id > %s ORDER BY line_id",
+            (job_id, after)).fetchall())
+        return [(r["line_id"], r["line"]) for r in rows]
 
     # -- sharing the queue between replicas -------------------------------------------------------------------
 

@@ -133,8 +133,13 @@ def test_a_job_submitted_on_one_replica_is_watched_cancelled_and_downloaded_on_t
     a, b = replicas("a"), replicas("b")
     with Client(a.target) as on_a, Client(b.target) as on_b:
         job = on_a.submit(tiny_model(tmp_path / "m.onnx"), slow(400))
-        live = next(e for e in on_b.watch(job.job_id) if e.job.state == "RUNNING" and e.job.stage == "work")
+        owner = wait_for(lambda: _owner(replicas.url, job.job_id), 30, "the job to start")
+        watcher = on_b if owner == a.target else on_a  # the replica that does not run it
+        stream = watcher.watch(job.job_id)
+        live = next(e for e in stream if e.job.state == "RUNNING" and e.job.stage == "work")
         assert live.job.message.startswith("step ")
+        line = next(e.log_line for e in stream if e.log_line)  # log lines reach it through the database
+        assert "tests.scale_tasks: slow job: 400 steps" in line
         on_b.cancel(job.job_id)
         final = list(on_b.watch(job.job_id))[-1].job
         assert final.state == "CANCELLED" and on_a.get(job.job_id).state == "CANCELLED"

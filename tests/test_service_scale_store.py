@@ -19,7 +19,7 @@ from onnxprune.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDE
 pytestmark = pytest.mark.cluster
 psycopg = pytest.importorskip("psycopg")
 
-from onnxprune.service.pgstore import PostgresJobStore  # noqa: E402
+from onnxprune.service.pgstore import _MIGRATIONS, PostgresJobStore  # noqa: E402
 
 
 def record(job_id: str, tenant: str = "t1", created: float | None = None, blob: str = "a" * 64) -> JobRecord:
@@ -45,13 +45,34 @@ def test_schema_is_created_once_and_records_round_trip(db_url: str, stores: list
     again = PostgresJobStore(db_url, replica_id="late")  # a third replica starting on a migrated database
     again.close()
     with psycopg.connect(db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(_MIGRATIONS)
     rec = record("j1")
     a.create(rec)
     assert a.get("j1") == rec
     assert a.update("j1", results=[ResultFile("out.onnx", 3, "b" * 64)], report={"macs": 1}, state=SUCCEEDED)
     got = a.get("j1")
     assert got.results == [ResultFile("out.onnx", 3, "b" * 64)] and got.report == {"macs": 1}
+
+
+def test_an_older_schema_is_migrated_on_start(postgres) -> None:
+    url = postgres.new_database()
+    with psycopg.connect(url, autocommit=True) as conn:  # a database a version-1 replica created
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute(_MIGRATIONS[0])
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO jobs (job_id, tenant, kind, state, spec, model_path, inputs, output_name, stage, "
+                     "fraction, message, error, error_type, error_field, results, created, finished) VALUES ('old', 't1', "
+                     "'prune', 'SUCCEEDED', '{}', 'm.onnx', '{}', 'out.onnx', '', 1, '', '', '', '', '[]', 1, 2)")
+    store = PostgresJobStore(url, replica_id="new")
+    try:
+        store.add_logs([("old", "first"), ("old", "second")])
+        assert [line for _, line in store.logs_since("old", 0)] == ["first", "second"]
+        assert store.get("old").state == SUCCEEDED
+        assert store.expire(time.time()) == ["old"] and store.logs_since("old", 0) == []  # logs go with results
+    finally:
+        store.close()
+    with psycopg.connect(url) as conn:
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
 
 
 def test_tenants_are_isolated_and_updates_compare_and_set(stores: list[PostgresJobStore]) -> None:
