@@ -197,6 +197,7 @@ class JobManager:
         self._cancel_sent: set[str] = set()
         self._log_buffer: list[tuple[str, str]] = []  # shared store: lines not yet written
         self._log_counts: dict[str, int] = {}
+        self._log_flush = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -296,15 +297,17 @@ class JobManager:
             log_event(log, "job.cancel_forwarded", job=job_id)
 
     def _flush_logs(self) -> None:
-        """Write buffered log lines to the shared store (put back in front if it is down)."""
-        with self._lock:
-            lines, self._log_buffer = self._log_buffer, []
-        try:
-            self._shared.add_logs(lines)
-        except UnavailableError:
+        """Write buffered log lines to the shared store (put back in front if it is down); one flush at a time,
+        so lines keep their order."""
+        with self._log_flush:
             with self._lock:
-                self._log_buffer[:0] = lines[-_SHARED_LOG_LIMIT:]
-            raise
+                lines, self._log_buffer = self._log_buffer, []
+            try:
+                self._shared.add_logs(lines)
+            except UnavailableError:
+                with self._lock:
+                    self._log_buffer[:0] = lines[-_SHARED_LOG_LIMIT:]
+                raise
 
     def _update_own(self, job_id: str, *, only_if: Iterable[str] | None = None, **changes: Any) -> bool:
         """Update a job this server runs; with a shared store, only while this replica still owns it."""
