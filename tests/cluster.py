@@ -111,6 +111,9 @@ class RayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.worker_manager_port = free_port()
+        # Token authentication off: a token file left in ~/.ray by any local ray.init() would otherwise switch it
+        # on for the head only. The tests' drivers (this process, the replicas) inherit the setting.
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         self.env = dict(os.environ, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5",
                         RAY_health_check_initial_delay_ms="0", RAY_USAGE_STATS_ENABLED="0",
                         RAY_memory_monitor_refresh_ms="0")
@@ -119,8 +122,12 @@ class RayCluster:
         self._run("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), *common,
                   "--resources", '{"head_node": 1}', "--min-worker-port", "20000", "--max-worker-port", "20999")
         self.nodes = 1
-        for _ in range(worker_nodes):
-            self.start_worker_node()
+        try:
+            for _ in range(worker_nodes):
+                self.start_worker_node()
+        except BaseException:
+            self.close()  # never leave a head running behind a failed start
+            raise
 
     def _run(self, *args: str, timeout: float = 180) -> str:
         proc = subprocess.run([self.ray, *args], capture_output=True, text=True, timeout=timeout, env=self.env)
