@@ -2,7 +2,7 @@
 
 Candidates are the weighted layers one by one and, as one group each, the other op types the converter touches
 (the activation quantization of Add, Mul, Softmax… can cost more than any weight: PP-OCR's recogniser stays
-21 points below its FP32 model with every Conv and MatMul float). A sensitivity pass quantizes the model once per
+more than a point of character accuracy below its FP32 model with every Conv and MatMul float). A sensitivity pass quantizes the model once per
 candidate with that candidate left in float and ranks them by the metric this recovers (the candidate whose float
 copy helps most is the most sensitive). The
 smallest prefix of that ranking that brings the drop within the limit is then found by bisection over its length,
