@@ -194,10 +194,10 @@ def create_server(
     job_store = open_job_store(config.store_url, root, replica_id)
     shared = getattr(job_store, "shared", False)
     try:
-        blobs = open_blob_store(config.blob_dir or root / "blobs", cache_dir=root / f"cache-{replica_id}",
+        blobs = open_blob_store(config.blob_dir or root / "blobs", cache_dir=root / "cache",
                                 quota_bytes=config.quota_bytes, max_upload_bytes=config.max_upload_bytes,
                                 shared=shared, usage_source=job_store.usage if shared else None)
-        executor = _executor(config, task, blobs, root / f"work-{replica_id}" if shared else root / "work")
+        executor = _executor(config, task, blobs, root / "work")  # --store is this replica's own folder
     except BaseException:
         job_store.close()
         raise
