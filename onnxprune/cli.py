@@ -91,6 +91,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="DATA", help=".npz, a directory of .npz, or 'random'")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--reconstruct", action="store_true", help="refit the next layer by least squares")
+    p.add_argument("--no-feature-distill", dest="feature_distill", action="store_false",
+                   help="distil (fine-tuning without labels) from the original's outputs only, not also from four of "
+                        "its block/stage outputs (their kept channels)")
     p.add_argument("--finetune-steps", type=int, default=0)
     p.add_argument("--train-data", metavar="DATA")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -708,7 +708,7 @@ def stage_finetune(state: PruneState) -> None:
 
     data = TrainData.load(spec.train_data)
     teacher = load_model(state.teacher_path).model if state.teacher_path else state.model
-    features = _distill_features(state, data, teacher) if data.labels is None else ()
+    features = _distill_features(state, data, teacher) if data.labels is None and spec.feature_distill else ()
     config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                             progress_bar=False, features=features)
     result = finetune(state.pruned, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)

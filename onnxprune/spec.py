@@ -114,6 +114,9 @@ class PruneSpec:
     """``--metric``; None: ``top1`` when the evaluation data has labels, else ``agreement``."""
     max_drop: float | None = None
     """Metric points (100 × the metric's value) the result may lose against the original; chooses the budget."""
+    feature_distill: bool = True
+    """Distillation (fine-tuning without labels) also matches block/stage outputs of the original, not only its
+    outputs (``--no-feature-distill`` turns it off)."""
     quantize: str = "none"
     """``none|int8|int8-dynamic|fp16``: quantize the pruned (and fine-tuned) model as the last stage."""
     quant_calibration: str = "minmax"

@@ -3,6 +3,7 @@ values at the kept channels, the loss term's gradients, and that training reduce
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from onnx import parser
 
+from onnxprune import cli
 from onnxprune.errors import BadInputError
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec
@@ -154,6 +156,13 @@ def test_pipeline_distils_features_without_labels(digits_model_path: Path, digit
     assert any(n.startswith("distilled intermediate features too:") for n in report["notes"])
     kinds = [t["term"] for t in report["finetune"]["terms"].values()]
     assert kinds.count("feature") == 4 and kinds.count("kl") == 1
+    # --no-feature-distill: the outputs alone
+    out = tmp_path / "plain.onnx"
+    assert cli.main(["prune", str(digits_model_path), "-o", str(out), "--ratio", "0.5", "--finetune-steps", "5",
+                     "--train-data", str(train), "--no-feature-distill", "--report", str(tmp_path / "r.json")]) == 0
+    plain = json.loads((tmp_path / "r.json").read_text())
+    assert [t["term"] for t in plain["finetune"]["terms"].values()] == ["kl"]
+    assert plain["spec"]["feature_distill"] is False
     # with labels the loss is cross-entropy alone
     labelled = write_npz(tmp_path / "labelled.npz", x_train, digits[1])
     report = prune(digits_model_path, tmp_path / "small2.onnx",
