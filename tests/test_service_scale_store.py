@@ -106,11 +106,23 @@ def test_two_replicas_never_claim_one_job(stores: list[PostgresJobStore]) -> Non
         t.join(60)
     taken = claims["replica-0"] + claims["replica-1"]
     assert sorted(taken) == [f"j{i:02d}" for i in range(60)]  # each exactly once
-    assert claims["replica-0"] and claims["replica-1"]  # both got work
     # A job is updated by its owner only.
-    job = claims["replica-0"][0]
-    assert not b.update(job, owned_by="replica-1", state=RUNNING)
-    assert a.update(job, owned_by="replica-0", state=RUNNING)
+    job = taken[0]
+    owner, other = (a, b) if job in claims["replica-0"] else (b, a)
+    assert not other.update(job, owned_by=other.replica_id, state=RUNNING)
+    assert owner.update(job, owned_by=owner.replica_id, state=RUNNING)
+
+
+def test_a_claim_skips_a_job_another_replica_is_claiming(db_url: str, stores: list[PostgresJobStore]) -> None:
+    a, b = stores
+    a.create(record("first", created=1.0))
+    a.create(record("second", created=2.0))
+    with psycopg.connect(db_url) as conn, conn.transaction():  # replica A, in the middle of its claim
+        conn.execute("SELECT job_id FROM jobs WHERE job_id = 'first' FOR UPDATE")
+        started = time.monotonic()
+        assert [r.job_id for r in b.claim(2)] == ["second"]  # not blocked, and not the locked one
+        assert time.monotonic() - started < 5
+    assert [r.job_id for r in a.claim(2)] == ["first"]
 
 
 def test_a_dead_replicas_jobs_are_requeued_once_then_failed(stores: list[PostgresJobStore]) -> None:
