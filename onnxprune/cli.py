@@ -87,7 +87,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="block importance: |f(x)|/|x| (ratio) or the output change without the block (fidelity)")
     p.add_argument("--heads", choices=HEADS, default="whole",
                    help="attention: remove whole heads, or the same dims of every head")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224", help="fix symbolic input dims")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="fix symbolic input dims (a dim may be 0, e.g. a KV cache's past length)")
     p.add_argument("--calib", metavar="DATA", help=".npz, a directory of .npz, or 'random'")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--reconstruct", action="store_true", help="refit the next layer by least squares")

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.io.export import export_checked, export_graph
 from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
-from onnxprune.io.shapes import static_shapes
+from onnxprune.io.shapes import check_model, ops_without_schema, static_shapes
 from onnxprune.planning.budget import (
     BudgetResult,
     DropProbe,
@@ -630,7 +630,7 @@ def _sparsify(state: PruneState) -> None:
     if stored:
         # Shape inference types sparse initializers as sparse_tensor, which dense ops reject, so the full
         # check stops at the structural one here; stage_verify then runs the model in onnxruntime.
-        onnx.checker.check_model(state.pruned)
+        check_model(state.pruned, full_check=False)
         state.sparsity["sparse_initializers"] = stored
         state.notes.append(f"{len(stored)} weights stored as ONNX sparse initializers (smaller than dense)")
 
@@ -850,11 +850,16 @@ def stage_verify(state: PruneState) -> None:
 
     assert state.pruned is not None
     batches = _fidelity_batches(state)
-    if batches is None:
-        return
     choice = _device(state)
-    compared = FidelityAccumulator(class_axis=_class_axis(state))
     candidate = state.quantize.measurable if state.quantize is not None else state.pruned  # FP16 IO: cast
+    unchecked = ops_without_schema(candidate)
+    if batches is None:
+        if unchecked:  # no inputs to run on, but onnxruntime's load still checks the ops onnx.checker cannot
+            with _pruned_session(candidate, choice):
+                pass
+            state.notes.append(_unchecked_note(unchecked, "loaded the pruned model (not run: no inputs to draw)"))
+        return
+    compared = FidelityAccumulator(class_axis=_class_axis(state))
     with make_session(_reference(state), choice) as ref, _pruned_session(candidate, choice) as cand:
         names = ref.output_names
         if cand.output_names != names:
@@ -866,6 +871,14 @@ def stage_verify(state: PruneState) -> None:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
             compared.add(a[names[0]], b[names[0]])
     state.fidelity = compared.result()
+    if unchecked:
+        state.notes.append(_unchecked_note(unchecked, "loaded and ran the pruned model"))
+
+
+def _unchecked_note(ops: list[str], done: str) -> str:
+    """The report's note on ops that onnx.checker has no schema for (:func:`onnxprune.io.shapes.check_model`)."""
+    return (f"verification via onnxruntime for {', '.join(ops)}: onnx.checker has no schema for "
+            f"{'this op' if len(ops) == 1 else 'these ops'} and checked the rest of the graph; onnxruntime {done}")
 
 
 def _class_axis(state: PruneState) -> int | None:

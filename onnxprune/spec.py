@@ -163,8 +163,7 @@ class PruneSpec:
         if self.depth < 0:
             raise BadInputError(f"--depth must be >= 0, got {self.depth}", field="depth")
         for name, dims in self.shapes.items():
-            if not dims or any(int(d) <= 0 for d in dims):
-                raise BadInputError(f"--shape {name}: dimensions must be positive, got {dims}", field="shapes")
+            check_shape_dims(name, dims)
         if self.calib_samples < 1:
             raise BadInputError(f"--calib-samples must be >= 1, got {self.calib_samples}", field="calib_samples")
         if self.finetune_steps < 0:
@@ -252,11 +251,44 @@ class PruneSpec:
         return cls(**data)
 
 
+def check_shape_dims(name: str, dims: list[int]) -> None:
+    """One ``--shape`` entry's dims: at least one, none negative, not all 0.
+
+    A 0 is allowed for a dim that is empty on purpose, such as the past length of a KV cache at prefill
+    (``past_key_values.0.key=1x4x0x16``); a shape whose every dim is 0 is a typo, not an input.
+
+    Raises:
+        BadInputError: no dims, a negative or non-integer dim, or every dim 0.
+    """
+    if not dims or not all(_is_dim(d) for d in dims):
+        raise BadInputError(f"--shape {name}: dimensions must be integers >= 0, got {list(dims)}", field="shapes")
+    if all(d == 0 for d in dims):
+        raise BadInputError(
+            f"--shape {name}: every dimension is 0 ({list(dims)}); only some dims may be 0, "
+            f"e.g. a KV cache's past length at prefill (NAME=1x4x0x16)",
+            field="shapes",
+        )
+
+
+def _is_dim(d: object) -> bool:
+    """An integer >= 0 (``1.0`` from JSON counts; ``True``, ``2.5`` and ``"3"`` do not)."""
+    try:
+        return not isinstance(d, (bool, str)) and int(d) == d and int(d) >= 0  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+
+
 def parse_shape_args(items: list[str] | None) -> dict[str, list[int]]:
     """Parse ``NAME=1x3x224x224`` strings into ``{NAME: [1, 3, 224, 224]}``.
 
+    A dim may be 0 (``past=1x2x0x4``, an empty KV cache at prefill), never negative, and not every dim 0.
+
     Raises:
-        BadInputError: on a malformed item.
+        BadInputError: on a malformed item, a negative dim, or a shape whose every dim is 0.
+
+    Example:
+        >>> parse_shape_args(["x=1x5x8", "past=1x2x0x4"])
+        {'x': [1, 5, 8], 'past': [1, 2, 0, 4]}
     """
     shapes: dict[str, list[int]] = {}
     for item in items or []:
@@ -265,7 +297,8 @@ def parse_shape_args(items: list[str] | None) -> dict[str, list[int]]:
             parsed = [int(d) for d in dims.lower().split("x")]
         except ValueError:
             parsed = []
-        if not sep or not name or not parsed or any(d <= 0 for d in parsed):
-            raise BadInputError(f"--shape expects NAME=1x3x224x224, got {item!r}", field="shapes")
+        if not sep or not name or not parsed:
+            raise BadInputError(f"--shape expects NAME=1x3x224x224 (a dim may be 0), got {item!r}", field="shapes")
+        check_shape_dims(name, parsed)
         shapes[name] = parsed
     return shapes

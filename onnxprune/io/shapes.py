@@ -29,9 +29,76 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape checking, on a :func:`weightless` copy (same graph, types, shapes)."""
-    onnx.checker.check_model(weightless(model), full_check=True)
+UNCHECKED_DOMAIN = "onnxprune.unchecked"
+"""Domain that :func:`check_model` moves the nodes onnx has no schema for into, so its checker skips them."""
+
+
+def check_model(model: onnx.ModelProto, *, full_check: bool = True) -> list[str]:
+    """``onnx.checker`` on a :func:`weightless` copy (same graph, types, shapes), with full shape checking by default.
+
+    Nodes whose op onnx has no schema for at the model's opset (onnxruntime's contrib ops: ``com.microsoft``
+    ones, or ``SimplifiedLayerNormalization`` in the default domain) are moved to an unregistered domain in
+    the copy, which the checker skips, so it still checks the graph's structure and every standard op around
+    them. It cannot check those nodes themselves: onnxruntime loading the model is the authority for them.
+    A domain the model does not import and nodes calling the model's own functions stay as they are.
+
+    Returns:
+        ``domain.op`` (``op`` in the default domain) of each op left unchecked, sorted; empty when none.
+
+    Raises:
+        onnx.checker.ValidationError: the checker rejects the rest of the model.
+        onnx.shape_inference.InferenceError: with ``full_check``, shape inference finds an inconsistency.
+
+    Example:
+        >>> check_model(model)  # a graph with a com.microsoft.BiasGelu node between MatMuls
+        ['com.microsoft.BiasGelu']
+    """
+    copy = weightless(model)
+    unknown = _nodes_without_schema(copy)
+    hidden = sorted({_op_name(n) for n in unknown})
+    for node in unknown:
+        node.domain = UNCHECKED_DOMAIN
+    if hidden:
+        copy.opset_import.append(onnx.helper.make_opsetid(UNCHECKED_DOMAIN, 1))
+    onnx.checker.check_model(copy, full_check=full_check)
+    return hidden
+
+
+def ops_without_schema(model: onnx.ModelProto) -> list[str]:
+    """``domain.op`` of each op in ``model`` (subgraphs included) that onnx has no schema for at the model's
+    opset, sorted: the ops :func:`check_model` leaves to onnxruntime."""
+    return sorted({_op_name(n) for n in _nodes_without_schema(model)})
+
+
+def _op_name(node: onnx.NodeProto) -> str:
+    return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _nodes_without_schema(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes (subgraphs included) whose op onnx has no schema for at the opset the model imports for its domain.
+
+    A domain the model does not import is left out (the checker names the missing import), and so are
+    calls of the model's own functions (the checker checks those).
+    """
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    functions = {(f.domain, f.name) for f in model.functions}
+    found: list[onnx.NodeProto] = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                    visit(sub)
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if domain not in opsets or (node.domain, node.op_type) in functions:
+                continue
+            try:
+                onnx.defs.get_schema(node.op_type, opsets[domain], domain)
+            except onnx.defs.SchemaError:
+                found.append(node)
+
+    visit(model.graph)
+    return found
 
 
 def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
