@@ -720,6 +720,9 @@ def stage_finetune(state: PruneState) -> None:
     state.finetune = FinetuneSummary(steps=spec.finetune_steps, loss=how, lr=spec.lr, batch_size=spec.batch_size,
                                      metrics=metrics, terms=terms)
     state.notes.append(f"fine-tuned {spec.finetune_steps} steps with {how}")
+    if result.final_metrics.get("best_step") == 0:
+        state.notes.append("fine-tuning never lowered the held-out loss below the starting model's: the starting "
+                           "weights were kept (try a lower --lr)")
 
 
 QUANT_BATCH = 32

@@ -20,7 +20,6 @@ from onnxprune.training.artifacts import select_trainable
 from onnxprune.training.features import affected_tensors, choose_features
 from onnxprune.training.gradcheck import check_gradients
 from onnxprune.training.losses import (
-    FeatureMatch,
     LossKind,
     LossSpec,
     add_loss,
@@ -128,24 +127,10 @@ def test_distillation_reduces_the_feature_mismatch(cut_digits, digits) -> None:
     res = finetune(state.pruned, TrainData({"input": x_train}), cfg, teacher=state.model, device="cpu")
     errors = [{k: v for k, v in h.items() if k.startswith("eval_feature_error/")} for h in res.history]
     errors = [e for e in errors if e]
-    assert len(errors) == 2 and len(errors[0]) == 4
+    assert len(errors) == 3 and len(errors[0]) == 4  # steps 0 (the cut model), 60 and 120
     first_loss = np.mean([h["loss"] for h in res.history if "loss" in h][:5])
     assert res.final_metrics["train_loss"] < 0.5 * first_loss
-    assert all(errors[-1][k] < 0.8 * v for k, v in _initial_errors(state, found, x_train).items())
-
-
-def _initial_errors(state, found: tuple[FeatureMatch, ...], x: np.ndarray) -> dict[str, float]:
-    """Relative feature errors of the cut model before any training, on a sample of ``x``."""
-    lg = add_loss(state.pruned, LossSpec("distill", features=tuple(m.tensor for m in found)))
-    plan = teacher_plan(state.model, lg.loss_terms, [o.name for o in state.pruned.graph.output], found)
-    teacher = plan.values(dict(zip(plan.tensors, run(plan.model, {"input": x[:256]}).values())))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(state.pruned)
-    for m in found:
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(m.tensor, onnx.TensorProto.FLOAT, None))
-    mine = run(probe, {"input": x[:256]})
-    return {f"eval_feature_error/{m.tensor}": float(np.mean((mine[m.tensor] - teacher[m.tensor]) ** 2)
-                                                     / (np.mean(teacher[m.tensor] ** 2) + 1e-6)) for m in found}
+    assert all(errors[-1][k] < 0.8 * v for k, v in errors[0].items()), errors
 
 
 def test_pipeline_distils_features_without_labels(digits_model_path: Path, digits, tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def test_cosine_schedule_with_warmup() -> None:
     assert lr_at(50, 110, FinetuneConfig(lr=0.1, warmup_steps=0, schedule="constant")) == 0.1
 
 
-def test_io_binding_steps_match_plain_session(digits_model_path: Path, digits) -> None:  # noqa: ANN001
+def test_io_binding_steps_match_plain_session(digits_model_path: Path, digits) -> None:
     """Three bound steps (ping-pong device buffers) equal three plain-numpy runs of the same graph."""
     import onnxruntime as ort
 
@@ -76,7 +76,7 @@ def test_io_binding_steps_match_plain_session(digits_model_path: Path, digits) -
 
 
 @pytest.mark.parametrize("labels", [True, False])
-def test_finetune_recovers_damaged_digits_cnn(digits_model_path: Path, digits, labels: bool) -> None:  # noqa: ANN001
+def test_finetune_recovers_damaged_digits_cnn(digits_model_path: Path, digits, labels: bool) -> None:
     x_train, y_train, x_test, y_test = digits
     original = onnx.load(digits_model_path)
     broken = damaged(original)
@@ -91,7 +91,19 @@ def test_finetune_recovers_damaged_digits_cnn(digits_model_path: Path, digits, l
     assert ("accuracy" if labels else "agreement") in res.final_metrics
 
 
-def test_early_stop_and_cancel(digits_model_path: Path, digits) -> None:  # noqa: ANN001
+def test_a_run_that_only_hurts_gives_back_the_starting_model(digits_model_path: Path, digits) -> None:
+    """lr 0.5 wrecks the trained CNN; the starting weights are measured first and win on held-out loss, so the
+    model comes back unchanged (as on PP-OCR rec, where lr 3e-3 took 97 % of characters down to 5 %)."""
+    x_train, y_train, x_test, y_test = digits
+    original = onnx.load(digits_model_path)
+    cfg = FinetuneConfig(steps=40, lr=0.5, batch_size=32, eval_every=20, progress_bar=False, threads=1)
+    res = finetune(original, TrainData({"input": x_train}, y_train), cfg, device="cpu")
+    assert res.final_metrics["best_step"] == 0
+    assert [h["step"] for h in res.history if "eval_loss" in h] == [0, 20, 40]
+    assert accuracy(res.model, x_test, y_test) == accuracy(original, x_test, y_test)
+
+
+def test_early_stop_and_cancel(digits_model_path: Path, digits) -> None:
     model = onnx.load(digits_model_path)
     data = TrainData({"input": digits[0][:256]}, digits[1][:256])
     cfg = FinetuneConfig(steps=400, lr=1e-5, eval_every=5, patience=1, progress_bar=False, threads=1)
@@ -100,7 +112,7 @@ def test_early_stop_and_cancel(digits_model_path: Path, digits) -> None:  # noqa
     cancel = threading.Event()
     seen: list[float] = []
 
-    def on_progress(p) -> None:  # noqa: ANN001
+    def on_progress(p) -> None:
         seen.append(p.fraction)
         if p.fraction > 0.05:
             cancel.set()
@@ -119,7 +131,7 @@ def test_bad_data_is_bad_input(digits_model_path: Path) -> None:
         finetune(model, TrainData({"input": np.zeros((4, 1, 8, 8), np.float32)}), FinetuneConfig(steps=1, loss="ce"))
 
 
-def test_accumulate_gradients_matches_artifact_grads(digits_model_path: Path, digits) -> None:  # noqa: ANN001
+def test_accumulate_gradients_matches_artifact_grads(digits_model_path: Path, digits) -> None:
     model = onnx.load(digits_model_path)
     x, y = digits[0][:64], digits[1][:64]
     seen: list[dict[str, np.ndarray]] = []
@@ -143,7 +155,7 @@ def test_accumulate_gradients_matches_artifact_grads(digits_model_path: Path, di
     assert dist.count == 1 and dist.loss_sum > 0
 
 
-def test_cli_export_and_finetune(tmp_path: Path, digits_model_path: Path, digits, capsys) -> None:  # noqa: ANN001
+def test_cli_export_and_finetune(tmp_path: Path, digits_model_path: Path, digits, capsys) -> None:
     assert main(["export-artifacts", str(digits_model_path), "-o", str(tmp_path / "arts"), "--optimizer", "adamw"]) == 0
     assert {p.name for p in (tmp_path / "arts").iterdir()} == {
         "training_model.onnx", "eval_model.onnx", "checkpoint.npz", "manifest.json"}
@@ -155,7 +167,7 @@ def test_cli_export_and_finetune(tmp_path: Path, digits_model_path: Path, digits
     assert main(["finetune", str(digits_model_path), "--train-data", str(tmp_path / "missing.npz"), "-o", str(out)]) == 2
 
 
-def test_train_data_directory_split_and_epochs(tmp_path: Path, digits_model_path: Path, digits) -> None:  # noqa: ANN001
+def test_train_data_directory_split_and_epochs(tmp_path: Path, digits_model_path: Path, digits) -> None:
     x, y = digits[0][:96], digits[1][:96]
     write_npz(tmp_path / "a.npz", x[:40], y[:40])
     write_npz(tmp_path / "b.npz", x[40:], y[40:])

@@ -540,6 +540,8 @@ def finetune(
     final: dict[str, float] = {"steps": float(trainer.step), "seconds": time.perf_counter() - started}
     recent = [h["loss"] for h in run.history if "loss" in h][-20:]
     final["train_loss"] = float(np.mean(recent)) if recent else float("nan")
+    if run.best_step is not None:
+        final["best_step"] = float(run.best_step)
     if evaluator is not None and held is not None:
         trainer.state.write(params)
         final.update(run.evaluate())
@@ -564,6 +566,7 @@ class _Run:
     reporter: ReporterFn | None
     teacher: _Teacher | None = None  # runs on each batch when the data carries no teacher values
     history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None  # the step whose parameters loop() returned (0: the starting ones); None: the last
 
     @property
     def total(self) -> int:
@@ -590,9 +593,17 @@ class _Run:
         return feeds
 
     def loop(self) -> dict[str, np.ndarray]:
-        """Train; return the parameters with the best held-out loss (the last ones without a split)."""
+        """Train; return the parameters with the best held-out loss (the last ones without a split).
+
+        The starting parameters are measured first and compete too: a run that only makes the model worse (a
+        learning rate too high for it) gives back the model it started from, and ``best_step`` says so (0).
+        """
         total, config = self.total, self.config
         best: tuple[float, dict[str, np.ndarray]] | None = None
+        if self.evaluator is not None:
+            start = self.evaluate()
+            self.history.append({"step": 0, **{f"eval_{k}": v for k, v in start.items()}})
+            best = (start["loss"], self.trainer.params_numpy())
         stale = 0
         rng = np.random.default_rng(config.seed)
         batches = self.train.batches(self.batch, rng)
@@ -619,6 +630,7 @@ class _Run:
                 self.history.append({"step": step + 1, **{f"eval_{k}": v for k, v in m.items()}})
                 if best is None or m["loss"] < best[0]:
                     best, stale = (m["loss"], self.trainer.params_numpy()), 0
+                    self.best_step = step + 1
                     continue
                 stale += 1
                 if config.patience is not None and stale >= config.patience:
@@ -626,6 +638,8 @@ class _Run:
                     break
         finally:
             bar.close()
+        if best is not None and self.best_step is None:
+            self.best_step = 0
         return best[1] if best is not None else self.trainer.params_numpy()
 
 
