@@ -8,7 +8,7 @@ fresh Ray worker process per job). Reports the wall time from the first submissi
 node and for two, and their ratio. The overhead is the median submit-to-SUCCEEDED time of a job that only copies
 its input, run one at a time, on the local executor and on the one-node Ray cluster.
 
-    python benchmarks/bench_scale.py [--jobs 20] [--overhead-runs 5] [--json]
+    python benchmarks/bench_scale.py [--jobs 20] [--overhead-runs 5] [--jobs-per-worker 1] [--json]
 
 Needs the ``ray`` extra. On a 2-core machine the two "nodes" share the cores with the server, Ray's own daemons
 and the clients, so the ratio shows what a second node buys when the cluster, not the server, is the bottleneck.
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--overhead-runs", type=int, default=5)
+    parser.add_argument("--jobs-per-worker", type=int, default=1,
+                        help="serve --ray-jobs-per-worker: 1 = a fresh Ray worker process per job")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, float | int] = {"jobs": args.jobs}
     try:
         result["local_job_overhead_s"] = overhead(ServerConfig(workers=1), work / "local", args.overhead_runs)
-        ray_config = ServerConfig(executor="ray", ray_address=cluster.address, workers=args.jobs)
+        ray_config = ServerConfig(executor="ray", ray_address=cluster.address, workers=args.jobs,
+                                  ray_jobs_per_worker=args.jobs_per_worker)
         result["ray_job_overhead_s"] = overhead(ray_config, work / "ray-overhead", args.overhead_runs)
         for nodes in (1, 2):
             if nodes == 2:

@@ -132,8 +132,6 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-_remote_job = ray.remote(max_calls=1)(run_on_worker)  # a fresh process per job: its memory goes back to the OS
-
 
 @dataclass
 class _Running:
@@ -160,12 +158,15 @@ class RayExecutor:
 
     def __init__(self, task: TaskFn, blobs: BlobStore, *, address: str | None, max_in_flight: int = 2,
                  cpus_per_job: float = 1.0, max_retries: int = 0, cancel_grace: float = 10.0,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = 256, jobs_per_worker: int = 1) -> None:
         self._task = task
         self._blobs = blobs
         self._address = address
         self._max_in_flight = max_in_flight
         self._cpus = cpus_per_job
+        # max_calls fixes how many jobs a worker process runs before it exits (1: a fresh process per job, whose
+        # memory goes back to the OS); Ray takes it only where the remote function is made, not in .options()
+        self._remote_job = ray.remote(max_calls=jobs_per_worker)(run_on_worker)
         self._max_retries = max_retries
         self._cancel_grace = cancel_grace
         self._pending: queue.Queue[ExecJob] = queue.Queue(maxsize=queue_size)
@@ -347,7 +348,7 @@ class RayExecutor:
                                    "retry_exceptions": False}
         if device.startswith("cuda"):
             options["num_gpus"] = 1
-        ref = _remote_job.options(**options).remote(self._task, job.request, job.job_id, self._sink, names, *refs)
+        ref = self._remote_job.options(**options).remote(self._task, job.request, job.job_id, self._sink, names, *refs)
         with self._lock:
             self._running[job.job_id] = _Running(job, ref, refs)
         log_event(log, "ray.submitted", job=job.job_id, cpus=self._cpus, gpus=options.get("num_gpus", 0),

@@ -27,19 +27,24 @@ def test_serve_help_documents_every_option() -> None:
     undocumented = [a.option_strings for a in serve._actions if a.option_strings and not a.help]
     assert undocumented == []
     text = serve.format_help()
-    for option in ("--executor", "--ray-address", "--ray-cpus-per-job", "--ray-max-retries", "--store-url",
+    for option in ("--executor", "--ray-address", "--ray-cpus-per-job", "--ray-jobs-per-worker", "--ray-max-retries",
+                   "--store-url",
                    "--blob-dir", "--heartbeat", "--replica-timeout", "--max-attempts"):
         assert re.search(rf"^\s+{option}\b", text, re.M), option
 
 
 def test_scale_out_options_reach_the_config() -> None:
     args = serve_parser().parse_args(["--executor", "ray", "--ray-address", "10.0.0.1:6379", "--ray-cpus-per-job",
-                                      "2", "--ray-max-retries", "1", "--store-url", "postgresql://u@db/x",
+                                      "2", "--ray-max-retries", "1", "--ray-jobs-per-worker", "8",
+                                      "--store-url", "postgresql://u@db/x",
                                       "--blob-dir", "s3://bucket/blobs", "--heartbeat", "1", "--replica-timeout",
                                       "9", "--max-attempts", "3"])
     config = config_from_args(args)
     assert (config.executor, config.ray_address, config.ray_cpus_per_job, config.ray_max_retries) == \
         ("ray", "10.0.0.1:6379", 2.0, 1)
+    assert config.ray_jobs_per_worker == 8
+    with pytest.raises(BadInputError, match="--ray-jobs-per-worker must be > 0"):
+        config_from_args(serve_parser().parse_args(["--ray-jobs-per-worker", "0"]))
     assert (config.store_url, config.blob_dir) == ("postgresql://u@db/x", "s3://bucket/blobs")
     assert (config.heartbeat_s, config.replica_timeout_s, config.max_attempts) == (1.0, 9.0, 3)
     with pytest.raises(BadInputError, match="--ray-max-retries must be >= 0"):
