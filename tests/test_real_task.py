@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 from onnxprune.pipeline import prune
@@ -54,7 +55,10 @@ def test_harness_scores_the_original_models(bench: ModuleType, tmp_path: Path) -
     rec_scores, cls_scores = rec.score(rec.path), cls.score(cls.path)
     assert rec_scores["char_acc"] >= 0.95 and rec_scores["line_acc"] >= 0.8
     assert cls_scores["top1"] >= 0.95
-    assert cls.validation is not None and rec.validation is None  # --max-drop selects on its own labelled set
+    # --max-drop selects on its own labelled set: 0/180 labels, or each line's character indices (--metric ctc)
+    assert cls.validation is not None and rec.validation is not None and (cls.metric, rec.metric) == ("top1", "ctc")
+    labels = np.load(rec.validation)["labels"]
+    assert labels.ndim == 2 and labels.min() == -1 and labels.max() > 0
 
 
 def test_each_configuration_runs_in_its_own_process(bench: ModuleType, tmp_path: Path) -> None:
