@@ -100,6 +100,29 @@ def receive_upload(chunks: Iterable[bytes], *, size: int, sha256: str, max_uploa
         )
 
 
+def put_upload(chunks: Iterable[bytes], *, size: int, sha256: str, max_upload_bytes: int, quota: _Quota,
+               tmp_dir: Path, commit: Callable[[Path, str], BlobInfo]) -> BlobInfo:
+    """An upload as every blob store takes it: id and size checked, quota reserved, bytes verified into a
+    temporary file under ``tmp_dir`` (:func:`receive_upload`), then ``commit(tmp, sha256)`` stores it.
+
+    Raises:
+        BadInputError: see :func:`receive_upload`.
+        ResourceExhaustedError: the upload would cross the store's quota.
+    """
+    sha256 = (sha256 or "").lower()
+    check_blob_id(sha256)
+    if size < 0 or size > max_upload_bytes:
+        raise BadInputError(f"upload of {size} bytes exceeds the limit of {max_upload_bytes}", field="size")
+    quota.reserve(size)
+    tmp = tmp_dir / uuid.uuid4().hex
+    try:
+        receive_upload(chunks, size=size, sha256=sha256, max_upload_bytes=max_upload_bytes, dest=tmp)
+        return commit(tmp, sha256)
+    finally:
+        tmp.unlink(missing_ok=True)
+        quota.release(size)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -213,24 +236,9 @@ class DirBlobStore:
         return BlobInfo(blob_id, size)
 
     def put_stream(self, chunks: Iterable[bytes], *, size: int, sha256: str) -> BlobInfo:
-        """Store an upload, verifying the declared size and sha256 as the bytes arrive (:func:`receive_upload`).
-
-        Raises:
-            BadInputError: see :func:`receive_upload`.
-            ResourceExhaustedError: the upload would cross the store's quota.
-        """
-        sha256 = (sha256 or "").lower()
-        check_blob_id(sha256)
-        if size < 0 or size > self.max_upload_bytes:
-            raise BadInputError(f"upload of {size} bytes exceeds the limit of {self.max_upload_bytes}", field="size")
-        self._quota.reserve(size)
-        tmp = self._tmp / uuid.uuid4().hex
-        try:
-            receive_upload(chunks, size=size, sha256=sha256, max_upload_bytes=self.max_upload_bytes, dest=tmp)
-            return self._commit(tmp, sha256)
-        finally:
-            tmp.unlink(missing_ok=True)
-            self._quota.release(size)
+        """Store an upload, verifying the declared size and sha256 as the bytes arrive (:func:`put_upload`)."""
+        return put_upload(chunks, size=size, sha256=sha256, max_upload_bytes=self.max_upload_bytes,
+                          quota=self._quota, tmp_dir=self._tmp, commit=self._commit)
 
     def put_file(self, path: Path) -> BlobInfo:
         """Move a local file (a job result) into the store; results are not refused for quota, uploads are."""
@@ -380,34 +388,20 @@ class FsspecBlobStore:
         cached.parent.mkdir(parents=True, exist_ok=True)
         os.replace(local, cached)
 
-    def put_stream(self, chunks: Iterable[bytes], *, size: int, sha256: str) -> BlobInfo:
-        """Store an upload, verifying the declared size and sha256 as the bytes arrive (:func:`receive_upload`).
+    def _commit(self, local: Path, blob_id: str) -> BlobInfo:
+        """Upload ``local`` under ``blob_id`` and keep it in the cache."""
+        info = self._upload(local, blob_id)
+        self._keep(local, blob_id)
+        return info
 
-        Raises:
-            BadInputError: see :func:`receive_upload`.
-            ResourceExhaustedError: the upload would cross the store's quota.
-        """
-        sha256 = (sha256 or "").lower()
-        check_blob_id(sha256)
-        if size < 0 or size > self.max_upload_bytes:
-            raise BadInputError(f"upload of {size} bytes exceeds the limit of {self.max_upload_bytes}", field="size")
-        self._quota.reserve(size)
-        tmp = self._tmp / uuid.uuid4().hex
-        try:
-            receive_upload(chunks, size=size, sha256=sha256, max_upload_bytes=self.max_upload_bytes, dest=tmp)
-            info = self._upload(tmp, sha256)
-            self._keep(tmp, sha256)
-            return info
-        finally:
-            tmp.unlink(missing_ok=True)
-            self._quota.release(size)
+    def put_stream(self, chunks: Iterable[bytes], *, size: int, sha256: str) -> BlobInfo:
+        """Store an upload, verifying the declared size and sha256 as the bytes arrive (:func:`put_upload`)."""
+        return put_upload(chunks, size=size, sha256=sha256, max_upload_bytes=self.max_upload_bytes,
+                          quota=self._quota, tmp_dir=self._tmp, commit=self._commit)
 
     def put_file(self, path: Path) -> BlobInfo:
         """Copy a local file (a job result) up and keep it in the cache; results are not refused for quota."""
-        blob_id = file_sha256(path)
-        info = self._upload(Path(path), blob_id)
-        self._keep(Path(path), blob_id)
-        return info
+        return self._commit(Path(path), file_sha256(path))
 
     def read(self, blob_id: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the blob in chunks (from the cache when it holds a checked copy).

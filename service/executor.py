@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -90,7 +90,29 @@ class Executor(Protocol):
     def shutdown(self, grace: float) -> None: ...
 
 
-class LocalProcessExecutor:
+class JobSlots:
+    """``status`` and ``capacity`` of an executor that keeps its queued and running job ids under ``_lock`` and runs
+    at most ``_slots`` jobs at once (the local process pool and the Ray executor alike)."""
+
+    _lock: threading.Lock
+    _queued: Collection[str]
+    _running: Collection[str]
+    _slots: int
+
+    def status(self, job_id: str) -> str | None:
+        with self._lock:
+            if job_id in self._running:
+                return "running"
+            if job_id in self._queued:
+                return "queued"
+        return None
+
+    def capacity(self) -> int:
+        with self._lock:
+            return max(0, self._slots - len(self._running) - len(self._queued))
+
+
+class LocalProcessExecutor(JobSlots):
     """``workers`` job slots fed by a queue of at most ``queue_size`` waiting jobs.
 
     Args:
@@ -115,7 +137,7 @@ class LocalProcessExecutor:
         self._work_root = Path(work_root)
         shutil.rmtree(self._work_root, ignore_errors=True)  # leftovers of a killed server
         self._work_root.mkdir(parents=True)
-        self._workers = workers
+        self._slots = workers
         self._queue: queue.Queue[ExecJob | None] = queue.Queue(maxsize=queue_size)
         self._cancel_grace = cancel_grace
         self._lock = threading.Lock()
@@ -129,7 +151,7 @@ class LocalProcessExecutor:
 
     def start(self, listener: Listener) -> None:
         self._listener = listener
-        for i in range(self._workers):
+        for i in range(self._slots):
             t = threading.Thread(target=self._worker, name=f"onnxprune-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -165,18 +187,6 @@ class LocalProcessExecutor:
                 self._cancelled.add(job_id)
                 return True
         return False
-
-    def status(self, job_id: str) -> str | None:
-        with self._lock:
-            if job_id in self._running:
-                return "running"
-            if job_id in self._queued:
-                return "queued"
-        return None
-
-    def capacity(self) -> int:
-        with self._lock:
-            return max(0, self._workers - len(self._running) - len(self._queued))
 
     def shutdown(self, grace: float) -> None:
         """Stop taking jobs; let running ones finish for ``grace`` seconds, then interrupt them.

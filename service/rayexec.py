@@ -38,7 +38,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.progress import Progress
 from onnxprune.service.blobs import BlobStore
 from onnxprune.service.errors import ResourceExhaustedError, UnavailableError
-from onnxprune.service.executor import INTERRUPTED, ExecJob, Listener, Outcome
+from onnxprune.service.executor import INTERRUPTED, ExecJob, JobSlots, Listener, Outcome
 from onnxprune.service.logs import log_event
 from onnxprune.service.store import CANCELLED, FAILED, SUCCEEDED, ResultFile
 from onnxprune.service.tasks import TaskFn, TaskRequest
@@ -144,7 +144,7 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
 
 
-class RayExecutor:
+class RayExecutor(JobSlots):
     """Jobs as Ray tasks; at most ``max_in_flight`` of this server's jobs on the cluster at once.
 
     Args:
@@ -162,7 +162,7 @@ class RayExecutor:
         self._task = task
         self._blobs = blobs
         self._address = address
-        self._max_in_flight = max_in_flight
+        self._slots = max_in_flight
         self._cpus = cpus_per_job
         # max_calls fixes how many jobs a worker process runs before it exits (1: a fresh process per job, whose
         # memory goes back to the OS); Ray takes it only where the remote function is made, not in .options()
@@ -241,18 +241,6 @@ class RayExecutor:
                 return True
         return False
 
-    def status(self, job_id: str) -> str | None:
-        with self._lock:
-            if job_id in self._running:
-                return "running"
-            if job_id in self._queued:
-                return "queued"
-        return None
-
-    def capacity(self) -> int:
-        with self._lock:
-            return max(0, self._max_in_flight - len(self._running) - len(self._queued))
-
     def ping(self) -> str | None:
         """None while the cluster answers within a few seconds, else why not (never blocks longer)."""
         with self._ping_lock:
@@ -317,7 +305,7 @@ class RayExecutor:
         assert self._listener is not None
         while not self._stopping.is_set():
             with self._lock:
-                if len(self._running) >= self._max_in_flight:
+                if len(self._running) >= self._slots:
                     return
             try:
                 job = self._pending.get_nowait()
