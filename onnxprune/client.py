@@ -32,6 +32,7 @@ from onnxprune._proto import compressor_pb2_grpc as pb_grpc
 from onnxprune._proto.convert import spec_from_proto, spec_to_proto
 from onnxprune.errors import INTERNAL_ERRORS, BadInputError, CancelledError, OnnxpruneError
 from onnxprune.io.safety import external_files
+from onnxprune.io.scan import file_sha256
 from onnxprune.progress import Progress, ProgressFn
 from onnxprune.spec import DATA_OPTIONS, PruneSpec
 
@@ -167,14 +168,6 @@ def job_error(job: JobInfo) -> OnnxpruneError:
     return JobFailedError(f"job {job.job_id} {job.state.lower()}: {job.error or 'no reason recorded'}", job=job)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Client:
     """Talks to one onnxprune service.
 
@@ -228,7 +221,7 @@ class Client:
     def upload(self, path: str | os.PathLike[str], name: str | None = None) -> str:
         """Stream a file to the service (sha256 first, then 1 MiB chunks); return its blob id."""
         path = Path(path)
-        size, sha = path.stat().st_size, _sha256(path)
+        size, sha = path.stat().st_size, file_sha256(path)
 
         def messages() -> Iterator[pb.UploadBlobRequest]:
             yield pb.UploadBlobRequest(metadata=pb.FileMetadata(name=name or path.name, size=size, sha256=sha))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from onnxprune.errors import BadInputError
+from onnxprune.io.scan import file_sha256
 from onnxprune.service.errors import NotFoundError, ResourceExhaustedError
 
 CHUNK_SIZE = 1 << 20  # the wire limit per message, 1 MiB
@@ -121,14 +122,6 @@ def put_upload(chunks: Iterable[bytes], *, size: int, sha256: str, max_upload_by
     finally:
         tmp.unlink(missing_ok=True)
         quota.release(size)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Quota:

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -179,3 +180,12 @@ def _walk(buf: memoryview, kind: str, start: int, end: int, depth: int) -> Itera
             yield _tensor(buf, a, b)
         else:
             yield from _walk(buf, nested, a, b, depth + 1)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file read in ``chunk``-byte blocks: the content address the client and the blob stores share."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
