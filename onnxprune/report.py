@@ -193,6 +193,7 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     blocked = sum(1 for g in groups if g.get("blocked") or g.get("blocked_reason"))
     if groups:
         lines.append(f"groups: {len(groups)} ({blocked} blocked)")
+    lines += _approximate_lines(groups)
     if changed:
         lines.append(f"layers changed: {len(changed)} of {len(report.get('layers', []))}")
         table = [("node", "op", "params", "", "MACs", "")]
@@ -210,6 +211,12 @@ def render_table(report: Mapping[str, Any], max_layers: int = 40) -> str:
     else:
         lines.append("layers changed: none")
     return "\n".join(lines)
+
+
+def _approximate_lines(groups: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Groups cut although the cut changes what the kept channels compute (statistics over the channel axis)."""
+    cut = [g for g in groups if g.get("approximate") and g.get("kept", g["channels"]) < g["channels"]]
+    return [f"approximate cut: group {g['id']} ({g['channels']} -> {g['kept']}): {g['approximate'][0]}" for g in cut]
 
 
 def _metric_lines(metric: Mapping[str, Any] | None) -> list[str]:

@@ -75,6 +75,7 @@ class Analyzer:
         self.uf = UnionFind()
         self.maps: dict[str, ChannelMap] = {}
         self.blocked: dict[int, str] = {}
+        self.approximations: dict[int, str] = {}  # id → why cutting it changes values the graph keeps
         self.producer_of: list[str] = []
         self.sites: list[Site] = []
         self.fixups: list[Fixup] = []
@@ -118,6 +119,14 @@ class Analyzer:
             return
         for i in np.unique(ids[ids >= 0]):
             self.blocked.setdefault(int(i), reason)
+
+    def approximate(self, ids: np.ndarray | None, reason: str) -> None:
+        """Allow cutting ``ids`` although it changes what the kept channels compute (a statistic over the
+        channel axis): the group is reported as approximate with ``reason``, never silently."""
+        if ids is None:
+            return
+        for i in np.unique(ids[ids >= 0]):
+            self.approximations.setdefault(int(i), reason)
 
     def block_inputs(self, node: gs.Node, reason: str) -> None:
         for t in node.inputs:

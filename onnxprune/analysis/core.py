@@ -73,7 +73,12 @@ class Fixup:
 
 @dataclass
 class PruningGroup:
-    """Channels that are removed together. ``classes[i]`` is channel ``i``'s union-find root."""
+    """Channels that are removed together. ``classes[i]`` is channel ``i``'s union-find root.
+
+    ``approximate`` says why cutting prunable channels changes what the kept ones compute (a normalisation
+    whose statistics span the channel axis); empty when a cut of zeroed channels is exact.
+    """
+
 
     id: int
     producers: list[str]
@@ -81,6 +86,7 @@ class PruningGroup:
     classes: np.ndarray
     blocked: np.ndarray
     reasons: list[str]
+    approximate: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -135,6 +141,7 @@ def group_to_dict(group: PruningGroup, kept: int | None = None) -> dict[str, Any
         "blocked": group.blocked_reason,
         "blocked_channels": int(group.blocked.sum()),
         "reasons": list(group.reasons),
+        "approximate": list(group.approximate) if group.prunable else [],
     }
 
 

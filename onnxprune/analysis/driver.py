@@ -177,6 +177,9 @@ def _build_groups(az: Analyzer) -> Analysis:
         reasons = blocked_class.setdefault(int(roots[i]), [])
         if reason not in reasons:
             reasons.append(reason)
+    approx_class: dict[int, list[str]] = {}
+    for i, reason in az.approximations.items():
+        approx_class.setdefault(int(roots[i]), []).append(reason)
     producers = sorted(set(az.producer_of), key=az.producer_of.index)
     p_index = {p: k for k, p in enumerate(producers)}
     puf = UnionFind()
@@ -210,5 +213,6 @@ def _build_groups(az: Analyzer) -> Analysis:
                 if reason not in reasons:
                     reasons.append(reason)
         prods = [producers[k] for k in range(len(producers)) if puf.find(k) == comp]
-        groups.append(PruningGroup(gid, prods, sorted(members.get(comp, set())), cls, blocked, reasons))
+        approx = list(dict.fromkeys(r for c in classes if c not in blocked_class for r in approx_class.get(c, [])))
+        groups.append(PruningGroup(gid, prods, sorted(members.get(comp, set())), cls, blocked, reasons, approx))
     return Analysis(groups=groups, sites=az.sites, fixups=az.fixups, class_of=roots, maps=az.maps)

@@ -31,6 +31,8 @@ def render_analysis(result: dict[str, Any]) -> str:
         lines.append(f"{g['id']:>5}  {g['channels']:>8}  {g['prunable']:>8}  {producers}")
         if g["reasons"]:
             lines.append(f"{'':>27}{'blocked' if g['blocked'] else 'partly blocked'}: {g['reasons'][0]}")
+        if g.get("approximate"):
+            lines.append(f"{'':>27}approximate: {g['approximate'][0]}")
     blocks = result.get("removable_blocks", [])
     lines.append(f"{len(blocks)} removable residual blocks (--depth K removes the K least important)")
     for b in blocks:

@@ -145,13 +145,31 @@ def matmul_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
     return math.prod(out) * a[-1]
 
 
+def einsum_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """Einsum: output elements × the sizes of the contracted indices (a dense ``...i,ij->...j`` is MatMul's count)."""
+    from onnxprune.analysis.rules.einsum import expand_term
+
+    equation = _attr(node, "equation", b"")
+    lhs, out_term = (equation.decode() if isinstance(equation, bytes) else str(equation)).replace(" ", "").split("->")
+    out = shapes.get(node.output[0])
+    kept = set(expand_term(out_term, len(out)) or [])
+    sizes: dict[str, int] = {}
+    for term, name in zip(lhs.split(","), node.input):
+        dims = shapes.get(name)
+        for index, size in zip(expand_term(term, len(dims)) or [], dims):
+            if index not in kept:
+                sizes[index] = max(sizes.get(index, 1), size)
+    return math.prod(out) * math.prod(sizes.values())
+
+
 def default_macs_registry() -> MacsRegistry:
-    """A fresh registry with the built-in counters (Conv, ConvTranspose, Gemm, MatMul); other ops count 0."""
+    """A fresh registry with the built-in counters (Conv, ConvTranspose, Gemm, MatMul, Einsum); other ops count 0."""
     reg = MacsRegistry()
     reg.register("Conv", conv_macs)
     reg.register("ConvTranspose", conv_transpose_macs)
     reg.register("Gemm", gemm_macs)
     reg.register("MatMul", matmul_macs)
+    reg.register("Einsum", einsum_macs)
     return reg
 
 

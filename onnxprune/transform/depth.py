@@ -1,8 +1,10 @@
 """Depth pruning: find residual blocks ``y = x + f(x)``, rank them, and remove the least important.
 
 A residual block is an ``Add`` (or two-input ``Sum``) of a tensor ``x`` and a branch ``f(x)`` computed
-from it, with ``x``, ``f(x)`` and ``y`` of one shape, and a branch whose nodes feed nothing but the
-branch and the ``Add``. Removing it means ``y = x``: every reader of ``y`` reads ``x`` and the branch
+from it, with ``x``, ``f(x)`` and ``y`` of one shape, a branch whose nodes feed nothing but the
+branch and the ``Add``, and at least one weighted layer (Conv, Gemm, MatMul, Einsum with a constant
+weight) in the branch: an Add of weightless arithmetic (the tanh-GELU's ``x + 0.044715·x³``) is part
+of a layer, not a layer. Removing it means ``y = x``: every reader of ``y`` reads ``x`` and the branch
 goes away (ResNet basic/bottleneck blocks, MobileNetV2 inverted residuals, ConvNeXt blocks, and a
 transformer's attention and MLP sub-blocks, each on its own).
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ratio", "fidelity")
 RESIDUAL_OPS = ("Add", "Sum")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 
 
 @dataclass
@@ -119,7 +122,7 @@ def _kind(nodes: list[gs.Node]) -> str:
         return "attention"
     if ops & {"Conv", "ConvTranspose"}:
         return "conv"
-    if ops & {"MatMul", "Gemm"}:
+    if ops & {"MatMul", "Gemm", "Einsum"}:
         return "mlp"
     return "other"
 
@@ -133,6 +136,17 @@ def _params(nodes: list[gs.Node]) -> int:
                 seen.add(t.name)
                 total += int(np.asarray(t.values).size)
     return total
+
+
+def _is_constant(t: gs.Tensor) -> bool:
+    """An initializer, or the output of a ``Constant`` node (models that were not normalised)."""
+    src = _producer(t)
+    return isinstance(t, gs.Constant) or (src is not None and src.op == "Constant")
+
+
+def _has_weighted_layer(nodes: list[gs.Node]) -> bool:
+    """Whether a branch holds a layer with a constant weight: only such a branch is a depth block."""
+    return any(n.op in WEIGHTED_OPS and any(_is_constant(t) for t in n.inputs) for n in nodes)
 
 
 def _block_at(node: gs.Node, shapes: Mapping[str, list[int | str]], graph_outputs: set[int]) -> ResidualBlock | None:
@@ -151,7 +165,7 @@ def _block_at(node: gs.Node, shapes: Mapping[str, list[int | str]], graph_output
             if not region_ids:
                 continue
             nodes = [n for n in _nodes_by_id(branch, region_ids)]
-            if not _self_contained(nodes, region_ids, node, graph_outputs):
+            if not _self_contained(nodes, region_ids, node, graph_outputs) or not _has_weighted_layer(nodes):
                 return None
             return ResidualBlock(node.name, skip.name, branch.name, node.outputs[0].name,
                                  [n.name for n in nodes], _kind(nodes), _params(nodes))

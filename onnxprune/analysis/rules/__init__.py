@@ -9,7 +9,8 @@ offsets); Reshape splits put ids on one new axis and couple the others (attentio
 shuffle, fused Q/K/V) and update the target entry, even when it is computed at runtime; MatMul of two
 computed tensors couples heads on batch axes and contracted features; LayerNormalization over the
 channels (fused, or decomposed into ReduceMean/Sub/Pow/Sqrt/Div) couples γ/β across the residual
-stream; Gather from a constant table is an embedding producer; recurrent and control-flow ops block.
+stream; Gather from a constant table is an embedding producer; a two-operand Einsum with a 2-D constant weight
+is a dense layer; recurrent and control-flow ops block.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from onnxprune.analysis.rules.elementwise import (
     softmax,
     unary,
 )
+from onnxprune.analysis.rules.einsum import einsum
 from onnxprune.analysis.rules.layout import (
     concat,
     expand,
@@ -61,6 +63,7 @@ def default_registry() -> RuleRegistry:
     reg.register("ConvTranspose", conv_transpose)
     reg.register("Gemm", gemm)
     reg.register("MatMul", matmul)
+    reg.register("Einsum", einsum)
     reg.register(("BatchNormalization", "InstanceNormalization"), batch_norm)
     reg.register(UNARY, unary)
     reg.register(POOLS, pool)

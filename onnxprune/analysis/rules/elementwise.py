@@ -163,8 +163,10 @@ def reduce(az: Analyzer, node: gs.Node) -> None:
         az.block(xm.ids, f"{node.op} {node.name} reduces over unknown axes")
         return
     axes = sorted(a + rank if a < 0 else a for a in axes)
-    if axes == [xm.axis] and _is_norm_statistic(az, node):
-        return  # a LayerNorm/RMSNorm mean or variance: a per-token scalar, no channels
+    if axes == [xm.axis] and _is_norm_statistic(node):
+        az.approximate(xm.ids, f"{node.op} {node.name} is a normalisation statistic over the channel axis "
+                               "(LayerNorm, RMSNorm, GRN): a cut changes it")
+        return  # a per-position scalar: no channels
     if xm.axis in axes or not axes:
         az.block(xm.ids, f"{node.op} {node.name} reduces over the channel axis")
         return
@@ -173,21 +175,36 @@ def reduce(az: Analyzer, node: gs.Node) -> None:
     az.set_map(node.outputs[0], ChannelMap(axis, xm.ids))
 
 
-def _is_norm_statistic(az: Analyzer, node: gs.Node) -> bool:
-    """Whether a ReduceMean over the channel axis is the mean or variance of a decomposed LayerNorm
-    (``x - mean(x)``, ``mean((x - m)^2)``) or RMSNorm (``mean(x^2)``), with the dims kept."""
-    if node.op != "ReduceMean" or int(node.attrs.get("keepdims", 1)) != 1:
-        return False
+STATISTICS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
+
+
+STAT_HOPS = 6
+
+
+def _is_norm_statistic(node: gs.Node) -> bool:
+    """Whether a reduction over the channel axis (dims kept) is a normalisation's statistic: within a few
+    elementwise steps its value meets the tensor it was computed from (LayerNorm ``x - mean(x)``,
+    ``d / sqrt(mean(d²))``; RMSNorm; GRN ``Gx / mean(Gx)``; the ``ReduceSum · 1/n`` forms). A softmax
+    (a sum of ``Exp``) and other uses (a CBAM map fed to a Conv) are not."""
     x = node.inputs[0]
-    if any(c.op == "Sub" and c.inputs[0] is x and c.inputs[1] is node.outputs[0] for c in node.outputs[0].outputs):
-        return True
-    sq = producer(x)
-    if sq is None:
+    if node.op not in STATISTICS or int(node.attrs.get("keepdims", 1)) != 1:
         return False
-    if sq.op == "Pow":
-        exponent = az.const(sq.inputs[1])
-        return exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0
-    return sq.op == "Mul" and sq.inputs[0] is sq.inputs[1]
+    sources, frontier = {id(x)}, [x]
+    for _ in range(3):
+        ops = [producer(t) for t in frontier]
+        if any(op is not None and op.op == "Exp" for op in ops):
+            return False
+        frontier = [t for op in ops if op is not None and op.op in UNARY + BROADCAST + STATISTICS for t in op.inputs]
+        sources.update(id(t) for t in frontier if isinstance(t, gs.Variable))
+    seen, tensors = set(), [node.outputs[0]]
+    for _ in range(STAT_HOPS):
+        users = [u for t in tensors for u in t.outputs if u.op in UNARY + BROADCAST and id(u) not in seen]
+        for u in users:
+            if any(id(t) in sources for t in u.inputs):
+                return True
+            seen.add(id(u))
+        tensors = [t for u in users for t in u.outputs]
+    return False
 
 
 def softmax(az: Analyzer, node: gs.Node) -> None:

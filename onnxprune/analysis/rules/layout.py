@@ -10,6 +10,7 @@ from onnxprune.analysis.core import ChannelMap, FixupKind, SiteRole
 from onnxprune.analysis.graph import optional_input
 from onnxprune.analysis.index_mapping import (
     ConcatMapping,
+    GroupedMapping,
     RepeatMapping,
     SliceMapping,
     SplitAxisMapping,
@@ -168,7 +169,34 @@ def reshape(az: Analyzer, node: gs.Node) -> None:
             if int(np.prod(sizes)) == n and int(np.prod(out_dims[e:], dtype=np.int64)) == post:
                 _reshape_split(az, node, xm, o, tuple(sizes))
                 return
+    if _group_blocks(az, node, xm, dims, out_dims):
+        return
     az.block(xm.ids, f"Reshape {node.name} reorders the channel axis in a way the analysis does not follow")
+
+
+def _group_blocks(az: Analyzer, node: gs.Node, xm: ChannelMap, dims: list[int], out_dims: list[int]) -> bool:
+    """GroupNorm exported as InstanceNormalization (torch): ``[N, C, *S] → [N, G, C/G·prod(S)]`` makes each
+    block of C/G consecutive channels one position of the group axis (they are coupled: only whole groups
+    go), and ``[N, G, K] → [N, C, *S]`` spreads the groups back. False when ``node`` is neither."""
+    c, n = xm.axis, len(xm.ids)
+    if list(out_dims[:c]) != list(dims[:c]):
+        return False
+    tail = int(np.prod(dims[c + 1 :], dtype=np.int64))
+    if len(out_dims) == c + 2 and n % out_dims[c] == 0 and out_dims[c + 1] == n // out_dims[c] * tail:
+        blocks = np.stack(GroupedMapping(int(out_dims[c])).blocks(xm.ids))
+        ids = blocks[:, 0]
+        for col in blocks[:, 1:].T:
+            ids = az.couple(ids, col, f"Reshape {node.name} groups them with unprunable channels")
+        ok = _shape_fixup(az, node, c, ids, same_axis=False)
+    elif len(dims) == c + 2 and out_dims[c] % n == 0 and dims[c + 1] * n == out_dims[c] * int(
+            np.prod(out_dims[c + 1 :], dtype=np.int64)):
+        ids = RepeatMapping(int(out_dims[c]) // n).apply(xm.ids)
+        ok = _shape_fixup(az, node, c, ids, same_axis=False)
+    else:
+        return False
+    if ok:
+        az.set_map(node.outputs[0], ChannelMap(c, ids))
+    return True
 
 
 def _merge_with_outer(dims: list[int], out_dims: list[int], c: int) -> tuple[int, int] | None:

@@ -48,6 +48,7 @@ def layer_norm(az: Analyzer, node: gs.Node) -> None:
             az.block(xm.ids, f"LayerNormalization {node.name} has computed or non-per-channel {t.name}")
             return
         az.site(t, az.const(t).ndim - 1, xm.ids, node, SiteRole.PARAM)
+    az.approximate(xm.ids, f"LayerNormalization {node.name} normalizes over the channels: a cut changes its statistics")
     az.set_map(node.outputs[0], xm)
     for extra in node.outputs[1:]:
         if extra.outputs:

@@ -1,0 +1,221 @@
+"""Graph patterns of issue 11 item 5 that used to block pruning, each on a graph built in code.
+
+GroupNorm exported as InstanceNormalization (PoolFormer), GRN (ConvNeXt-V2), Einsum dense layers and a
+decomposed channels-last LayerNorm (tf2onnx/Keras), and which residual Adds are depth blocks. Every test
+checks what the analysis says and what the cut does: exact when the removed channels were zeroed, or
+close where the cut is stated to be approximate.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxprune.io.shapes import static_shapes
+from onnxprune.pipeline import analyze, prune
+from onnxprune.report import render_table
+from onnxprune.spec import PruneSpec
+from onnxprune.transform.depth import find_residual_blocks
+from tests.models import _Graph, random_inputs, run
+from tests.test_groups import _analysis, _group_of, _save, zero_channels_everywhere
+
+C, G = 8, 4
+
+
+def _prune_zeroed(model: onnx.ModelProto, tmp_path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, dict, int]:
+    """Zero half of every prunable group's channels, prune at 0.5 by l2 (which picks exactly those)."""
+    zeroed, n = zero_channels_everywhere(model, 0.5, seed=1)
+    result = prune(_save(zeroed, tmp_path), tmp_path / "out.onnx", PruneSpec(ratio=0.5, criterion="l2", device="cpu"))
+    return zeroed, onnx.load(result.output_path), result.report, n
+
+
+def _assert_same(a: onnx.ModelProto, b: onnx.ModelProto, batch: int = 2) -> None:
+    feeds = random_inputs(a, batch=batch, seed=3)
+    np.testing.assert_allclose(run(b, feeds)["output"], run(a, feeds)["output"], atol=1e-4, rtol=1e-4)
+
+
+# --- 1. GroupNorm as InstanceNormalization --------------------------------------------------------------------
+
+
+def build_group_norm() -> onnx.ModelProto:
+    """conv1(3->8) → GroupNorm(4, 8) as torch exports it → Relu → conv2(8->8) → head. Input [2, 3, 8, 8].
+
+    GroupNorm: Reshape [0, G, -1] → InstanceNormalization(ones(G), zeros(G)) → Reshape(Shape(x)) → Mul γ → Add β.
+    """
+    g = _Graph("group_norm", 0, 17)
+    x = g.conv("input", 3, C, name="conv1")
+    r = g.node("Reshape", [x, g.const("gn.shape", np.array([0, G, -1], np.int64))], name="gn.reshape")
+    inorm = g.node("InstanceNormalization", [r, g.const("gn.ones", np.ones(G, np.float32)),
+                                             g.const("gn.zeros", np.zeros(G, np.float32))], name="gn.norm", epsilon=1e-5)
+    back = g.node("Reshape", [inorm, g.node("Shape", [x], name="gn.shape_of")], name="gn.back")
+    y = g.node("Mul", [back, g.const("gn.gamma", 1 + g.small([C, 1, 1]))], name="gn.mul")
+    y = g.node("Relu", [g.node("Add", [y, g.const("gn.beta", g.small([C, 1, 1]))], name="gn.add")])
+    y = g.node("Relu", [g.conv(y, C, C, name="conv2")])
+    return g.finish(g.head(y, C), [2, 3, 8, 8])
+
+
+def test_group_norm_prunes_whole_groups_exactly(tmp_path: Path) -> None:
+    model = build_group_norm()
+    _, a = _analysis(model)
+    g = _group_of(a, "conv1")
+    assert g.size == G and g.prunable == G and not g.approximate  # a class per GroupNorm group
+    members = {s.node for s in a.sites if s.tensor.startswith("gn.")}
+    assert {"gn.norm", "gn.mul", "gn.add"} <= members
+    zeroed, pruned, report, n = _prune_zeroed(model, tmp_path)
+    assert n > 0 and sum(x["channels"] - x["kept"] for x in report["groups"]) == n
+    weights = {t.name: list(t.dims) for t in pruned.graph.initializer}
+    assert weights["conv1.weight"][0] == C // 2 and weights["gn.ones"] == [G // 2]
+    reshape = next(nd for nd in pruned.graph.node if nd.name == "gn.reshape")
+    target = next(t for t in pruned.graph.initializer if t.name == reshape.input[1])
+    assert onnx.numpy_helper.to_array(target).tolist() == [0, G // 2, -1]
+    _assert_same(zeroed, pruned)
+
+
+# --- 2. GRN: a normalisation over the channel axis, cut approximately --------------------------------------------
+
+
+def build_grn(gamma_scale: float = 0.05) -> onnx.ModelProto:
+    """ConvNeXt-V2 MLP, channels last: up(8->16) → Relu → GRN → down(16->8); input [N, 4, 4, 8].
+
+    GRN: Gx = ReduceL2(x, [1, 2]); Nx = Gx / (ReduceMean(Gx, -1) + eps); out = γ·(x·Nx) + β + x.
+    """
+    g = _Graph("grn", 0, 17)
+    x = g.node("Relu", [g.linear("input", 8, 16, name="up")])
+    gx = g.reduce("ReduceL2", x, [1, 2], keepdims=1, name="grn.l2")
+    mean = g.reduce("ReduceMean", gx, [-1], keepdims=1, name="grn.mean")
+    nx = g.node("Div", [gx, g.node("Add", [mean, g.const("grn.eps", np.float32(1e-6))])], name="grn.div")
+    y = g.node("Mul", [g.node("Mul", [x, nx]), g.const("grn.gamma", g.small([1, 1, 1, 16], gamma_scale))])
+    y = g.node("Add", [g.node("Add", [y, g.const("grn.beta", g.small([1, 1, 1, 16], gamma_scale))]), x], name="grn")
+    return g.finish(g.linear(y, 16, 8, name="down"), ["N", 4, 4, 8])
+
+
+def test_grn_is_an_approximate_cut_stated_in_the_report(tmp_path: Path) -> None:
+    model = build_grn()
+    _, a = _analysis(model)
+    g = _group_of(a, "up")
+    assert g.prunable == 16 and any("grn.mean" in r and "channel axis" in r for r in g.approximate)
+    assert _group_of(a, "down").prunable == 0  # reaches the graph output
+    listed = analyze(_save(model, tmp_path))
+    assert next(x for x in listed["groups"] if "up" in x["producers"])["approximate"]
+    zeroed, pruned, report, n = _prune_zeroed(model, tmp_path)
+    cut = next(x for x in report["groups"] if "up" in x["producers"])
+    assert cut["kept"] == 8 and cut["approximate"]
+    assert "approximate cut: group" in render_table(report)
+    feeds = random_inputs(model, batch=3, seed=3)
+    before, after = run(zeroed, feeds)["output"], run(pruned, feeds)["output"]
+    err = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert 1e-6 < err < 0.05  # the channel mean changed (not exact), by little (small γ, as GRN trains it)
+
+
+def test_cbam_style_channel_mean_into_a_conv_still_blocks() -> None:
+    """A mean over the channels that feeds a Conv (not a normalisation of its source) is not approximated."""
+    g = _Graph("cbam", 0, 17)
+    x = g.node("Relu", [g.conv("input", 3, C, name="conv1")])
+    att = g.node("Sigmoid", [g.conv(g.reduce("ReduceMean", x, [1], keepdims=1, name="cmean"), 1, 1, name="sconv")])
+    y = g.node("Mul", [x, att])
+    _, a = _analysis(g.finish(g.head(y, C), ["N", 3, 8, 8]))
+    g1 = _group_of(a, "conv1")
+    assert g1.prunable == 0 and "cmean" in g1.blocked_reason
+
+
+# --- 3./4. Einsum dense layers and a decomposed channels-last LayerNorm (tf2onnx) ------------------------------
+
+
+def _einsum_dense(g: _Graph, x: str, fin: int, fout: int, *, name: str, equation: str = "...i,ij->...j") -> str:
+    w = g.const(f"{name}.kernel", g.he([fin, fout], fin))
+    y = g.node("Einsum", [x, w], name=name, equation=equation)
+    return g.node("Add", [y, g.const(f"{name}.bias", g.small([fout]))], name=f"{name}.bias_add")
+
+
+def _layer_norm(g: _Graph, x: str, d: int, *, style: str) -> str:
+    """LayerNorm over the last axis, decomposed: ``mean`` (ReduceMean, Pow, Div) or ``sum`` (ReduceSum · 1/n, Mul
+    of the difference with itself, Reciprocal · Mul)."""
+    def mean(t: str, name: str) -> str:
+        if style == "mean":
+            return g.reduce("ReduceMean", t, [-1], keepdims=1, name=name)
+        total = g.node("ReduceSum", [t, g.const("last", np.array([-1], np.int64))], name=name, keepdims=1)
+        return g.node("Mul", [total, g.const("inv_n", np.float32(1.0 / d))])
+
+    diff = g.node("Sub", [x, mean(x, "ln.mean")])
+    sq = g.node("Pow", [diff, g.const("two", np.float32(2.0))]) if style == "mean" else g.node("Mul", [diff, diff])
+    std = g.node("Sqrt", [g.node("Add", [mean(sq, "ln.var"), g.const("ln.eps", np.float32(1e-5))])])
+    normed = g.node("Div", [diff, std]) if style == "mean" else g.node("Mul", [diff, g.node("Reciprocal", [std])])
+    y = g.node("Mul", [normed, g.const("ln.gamma", 1 + g.small([d]))])
+    return g.node("Add", [y, g.const("ln.beta", g.small([d]))])
+
+
+def _tanh_gelu(g: _Graph, x: str) -> str:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): tf2onnx's form of Keras' approximate GELU."""
+    cube = g.node("Pow", [x, g.const("three", np.float32(3.0))])
+    inner = g.node("Add", [x, g.node("Mul", [cube, g.const("c", np.float32(0.044715))])], name="gelu.inner_add")
+    t = g.node("Tanh", [g.node("Mul", [inner, g.const("k", np.float32(math.sqrt(2 / math.pi)))])])
+    one_plus = g.node("Add", [t, g.const("one", np.float32(1.0))])
+    return g.node("Mul", [g.node("Mul", [x, one_plus]), g.const("half", np.float32(0.5))])
+
+
+def build_tf2onnx_block(style: str = "mean", equation: str = "...i,ij->...j") -> onnx.ModelProto:
+    """x → LN(decomposed) → Einsum dense up(8->32) → tanh-GELU → Einsum dense down(32->8) → Add x; input [N, 5, 8]."""
+    g = _Graph("tf2onnx_block", 0, 17)
+    h = _layer_norm(g, "input", 8, style=style)
+    h = _tanh_gelu(g, _einsum_dense(g, h, 8, 32, name="dense_up", equation=equation))
+    h = _einsum_dense(g, h, 32, 8, name="dense_down", equation=equation)
+    return g.finish(g.node("Add", [h, "input"], name="residual"), ["N", 5, 8])
+
+
+@pytest.mark.parametrize(("style", "equation"), [("mean", "...i,ij->...j"), ("sum", "abc,cd->abd")])
+def test_tf2onnx_block_prunes_its_mlp_width_exactly(style: str, equation: str, tmp_path: Path) -> None:
+    model = build_tf2onnx_block(style, equation)
+    _, a = _analysis(model)
+    up = _group_of(a, "dense_up")
+    assert up.size == 32 and up.prunable == 32 and not up.approximate
+    assert "dense_down" in up.members and "dense_up" not in _group_of(a, "dense_down").producers
+    zeroed, pruned, report, n = _prune_zeroed(model, tmp_path)
+    assert n == 16 and sum(x["channels"] - x["kept"] for x in report["groups"]) == n
+    kernels = {t.name: list(t.dims) for t in pruned.graph.initializer if t.name.endswith("kernel")}
+    assert kernels == {"dense_up.kernel": [8, 16], "dense_down.kernel": [16, 8]}
+    _assert_same(zeroed, pruned, batch=3)
+    assert report["original"]["macs"] > report["pruned"]["macs"] > 0
+
+
+def test_decomposed_layer_norm_on_a_prunable_width_is_approximate() -> None:
+    """A decomposed LayerNorm over channels that are prunable (not the graph's input) marks them approximate."""
+    g = _Graph("ln_width", 0, 17)
+    h = _layer_norm(g, _einsum_dense(g, "input", 8, 16, name="dense1"), 16, style="sum")
+    model = g.finish(_einsum_dense(g, h, 16, 4, name="dense2"), ["N", 8])
+    _, a = _analysis(model)
+    grp = _group_of(a, "dense1")
+    assert grp.prunable == 16 and any("ln.mean" in r for r in grp.approximate)
+
+
+@pytest.mark.parametrize("equation", ["abc,cde->abde", "ab,bc,cd->ad", "abc,abd->acd", "bij,bjk->bik"])
+def test_einsum_that_is_not_a_dense_layer_blocks_naming_the_equation(equation: str) -> None:
+    g = _Graph("einsum_other", 0, 17)
+    x = _einsum_dense(g, "input", 8, 6, name="dense1")
+    lhs = equation.split("->")[0].split(",")
+    if len(lhs) == 3:
+        out = g.node("Einsum", [x, g.const("w1", g.small([6, 6])), g.const("w2", g.small([6, 3]))], equation=equation)
+    elif equation == "abc,cde->abde":
+        out = g.node("Einsum", [x, g.const("w", g.small([6, 2, 3]))], equation=equation)
+    elif equation == "abc,abd->acd":
+        out = g.node("Einsum", [x, x], equation=equation)
+    else:
+        out = g.node("Einsum", [x, g.node("Transpose", [x], perm=[0, 2, 1])], equation=equation)
+    _, a = _analysis(g.finish(out, [2, 5, 8] if len(lhs) != 3 else [2, 8]))
+    blocked = _group_of(a, "dense1")
+    assert blocked.prunable == 0 and equation in blocked.blocked_reason
+
+
+# --- 5. a depth block holds a weighted layer ------------------------------------------------------------------
+
+
+def test_weightless_residual_add_is_not_a_depth_block(tmp_path: Path) -> None:
+    model = build_tf2onnx_block()
+    blocks = find_residual_blocks(gs.import_onnx(model), static_shapes(model, None))
+    assert [b.add for b in blocks] == ["residual"] and blocks[0].kind == "mlp"
+    listed = analyze(_save(model, tmp_path))["removable_blocks"]
+    assert [b["add"] for b in listed] == ["residual"]  # not gelu.inner_add (x + 0.044715·x³)
