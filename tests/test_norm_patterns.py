@@ -76,6 +76,46 @@ def test_group_norm_prunes_whole_groups_exactly(tmp_path: Path) -> None:
     _assert_same(zeroed, pruned)
 
 
+def _group_norm_1(g: _Graph, x: str, c: int, *, name: str) -> str:
+    """timm's GroupNorm1 (PoolFormer) as torch exports it: Reshape [0, 1, -1] → InstanceNormalization → back."""
+    r = g.node("Reshape", [x, g.const("gn1.shape", np.array([0, 1, -1], np.int64))], name=f"{name}.reshape")
+    inorm = g.node("InstanceNormalization", [r, g.const("gn1.one", np.ones(1, np.float32)),
+                                             g.const("gn1.zero", np.zeros(1, np.float32))], name=name, epsilon=1e-5)
+    back = g.node("Reshape", [inorm, g.node("Shape", [x])], name=f"{name}.back")
+    y = g.node("Mul", [back, g.const(f"{name}.gamma", 1 + g.small([c, 1, 1]))])
+    return g.node("Add", [y, g.const(f"{name}.beta", g.small([c, 1, 1]))])
+
+
+def build_poolformer(layer_scale: float = 0.1) -> onnx.ModelProto:
+    """stem(3->8) → x + ls·(AvgPool(GN1(x)) − GN1(x)) → x + ls·fc2(GELU(fc1(GN1(x)))) → head; input [2, 3, 8, 8]."""
+    g = _Graph("poolformer", 0, 17)
+    x = g.conv("input", 3, C, name="stem")
+    y = _group_norm_1(g, x, C, name="norm1")
+    pooled = g.node("AveragePool", [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
+    mixed = g.node("Mul", [g.node("Sub", [pooled, y]), g.const("ls1", np.full([C, 1, 1], layer_scale, np.float32))])
+    x = g.node("Add", [x, mixed], name="block.add1")
+    y = g.gelu(g.conv(_group_norm_1(g, x, C, name="norm2"), C, 2 * C, 1, name="fc1"))
+    y = g.node("Mul", [g.conv(y, 2 * C, C, 1, name="fc2"), g.const("ls2", np.full([C, 1, 1], layer_scale, np.float32))])
+    x = g.node("Add", [x, y], name="block.add2")
+    return g.finish(g.head(x, C), [2, 3, 8, 8])
+
+
+def test_group_norm_with_one_group_is_an_approximate_cut(tmp_path: Path) -> None:
+    """GroupNorm(1, C) (PoolFormer) normalises over every channel: the stream is prunable, approximately."""
+    model = build_poolformer()
+    _, a = _analysis(model)
+    stream, hidden = _group_of(a, "stem"), _group_of(a, "fc1")
+    assert "fc2" in stream.producers and stream.prunable == C
+    assert any("norm1" in r and "InstanceNormalization" in r for r in stream.approximate)
+    assert hidden.prunable == 2 * C and not hidden.approximate
+    zeroed, pruned, report, n = _prune_zeroed(model, tmp_path)
+    assert n == C // 2 + C and {x["kept"] for x in report["groups"] if x["prunable"]} == {C // 2, C}
+    feeds = random_inputs(model, batch=2, seed=3)
+    before, after = run(zeroed, feeds)["output"], run(pruned, feeds)["output"]
+    err = np.linalg.norm(after - before) / np.linalg.norm(before)
+    assert 1e-6 < err < 0.1
+
+
 # --- 2. GRN: a normalisation over the channel axis, cut approximately --------------------------------------------
 
 

@@ -163,6 +163,8 @@ def reshape(az: Analyzer, node: gs.Node) -> None:
         if _shape_fixup(az, node, o, ids, same_axis=False):
             az.set_map(node.outputs[0], ChannelMap(o, ids))
         return
+    if _unflatten(az, node, xm, dims, out_dims):
+        return
     for o in starts:
         for e in range(o + 2, len(out_dims) + 1):
             sizes = [int(d) for d in out_dims[o:e]]
@@ -197,6 +199,25 @@ def _group_blocks(az: Analyzer, node: gs.Node, xm: ChannelMap, dims: list[int], 
     if ok:
         az.set_map(node.outputs[0], ChannelMap(c, ids))
     return True
+
+
+def _unflatten(az: Analyzer, node: gs.Node, xm: ChannelMap, dims: list[int], out_dims: list[int]) -> bool:
+    """Channels that own blocks of ``S`` consecutive positions on the last axis (a flatten-style merge, such as
+    GroupNorm(1, C) exported as ``[N, 1, C·S]``) spread back to ``[.., C, *S]``: one position per channel."""
+    a, n = xm.axis, len(xm.ids)
+    if a != len(dims) - 1:
+        return False
+    pre = int(np.prod(dims[:a], dtype=np.int64))
+    for o in range(len(out_dims) - 1):
+        inner = int(np.prod(out_dims[o + 1 :], dtype=np.int64))
+        if int(np.prod(out_dims[:o], dtype=np.int64)) == pre and out_dims[o] * inner == n and inner > 1:
+            blocks = xm.ids.reshape(out_dims[o], inner)
+            if not np.all(blocks == blocks[:, :1]):
+                return False
+            if _shape_fixup(az, node, o, blocks[:, 0].copy(), same_axis=False):
+                az.set_map(node.outputs[0], ChannelMap(o, blocks[:, 0].copy()))
+            return True
+    return False
 
 
 def _merge_with_outer(dims: list[int], out_dims: list[int], c: int) -> tuple[int, int] | None:

@@ -10,8 +10,16 @@ from onnxprune.analysis.rules._common import first_input
 
 
 def batch_norm(az: Analyzer, node: gs.Node) -> None:
+    """BatchNormalization/InstanceNormalization over channels on axis 1: per-channel parameters follow them.
+    InstanceNormalization with the channels spread on a normalised axis (GroupNorm(1, C) exported as
+    ``[N, 1, C·S]``) takes its statistics over them: the cut is approximate."""
     xm = az.map(first_input(node))
     if xm is None:
+        return
+    if node.op == "InstanceNormalization" and xm.axis >= 2:
+        az.approximate(xm.ids, f"InstanceNormalization {node.name} takes statistics over the channels "
+                               "(a GroupNorm with one group): a cut changes them")
+        az.set_map(node.outputs[0], xm)
         return
     if xm.axis != 1:
         az.block(xm.ids, f"{node.op} {node.name} normalizes axis 1, channels are on axis {xm.axis}")
