@@ -54,7 +54,7 @@ from onnxprune.importance import default_criteria
 from onnxprune.importance.taylor import collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
-from onnxprune.transform.surgery import cut_channels
+from onnxprune.transform.surgery import CacheCut, cut_channels
 
 if TYPE_CHECKING:
     from onnxprune.data import DataSource
@@ -133,6 +133,8 @@ class PruneState:
     scored: ScoredModel | None = None
     """The task metric of the model ``pruned`` holds, when measured (identity-checked before reuse)."""
     planner: Evaluator | None = None
+    cache: dict[str, CacheCut] = field(default_factory=dict)
+    """KV-cache inputs/outputs the cut shrank: verification feeds and compares them narrowed to the kept heads."""
     """What ranks channels by measurement (planning data and metric), built once when first needed."""
     max_drop: DropSearch | None = None
     """``--max-drop``: the budgets probed and the one chosen."""
@@ -609,6 +611,8 @@ def stage_cut(state: PruneState) -> None:
         return
     summary = cut_channels(state.graph, state.analysis, state.plan.removed_classes(state.analysis))
     log.info("cut %d channels: %d tensors sliced, %d edits", state.plan.total_removed, summary.tensors_sliced, summary.edits)
+    state.cache = summary.cache
+    state.notes.extend(summary.notes)
     state.pruned = export_graph(state.graph, state.model)
 
 
@@ -868,7 +872,8 @@ def stage_verify(state: PruneState) -> None:
         if cand.output_names != names:
             raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
         for feeds in batches:
-            a, b = ref.run(feeds), cand.run(feeds)
+            a, b = ref.run(feeds), cand.run(_narrow_cache(feeds, state.cache))
+            a = _narrow_cache(a, state.cache)
             for name in names:
                 if a[name].shape != b[name].shape:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
@@ -888,6 +893,19 @@ def _class_axis(state: PruneState) -> int | None:
     """The first output's class axis when the task metric found it (fidelity's own default otherwise)."""
     layout = state.task.layout if state.task is not None else None
     return layout.class_axis if layout is not None and layout.class_span == 1 else None
+
+
+def _narrow_cache(values: dict[str, np.ndarray], cache: dict[str, CacheCut]) -> dict[str, np.ndarray]:
+    """The original model's feeds or outputs as the cut model reads or writes them (its cache keeps fewer heads)."""
+    return {name: cache[name].narrow(v) if name in cache else v for name, v in values.items()}
+
+
+def _narrow_cache_shapes(shapes: dict[str, list[int]] | None, cache: dict[str, CacheCut]) -> dict[str, list[int]] | None:
+    """``--shape`` of the cut model: its cache inputs hold only the kept heads."""
+    if not shapes or not cache:
+        return shapes
+    return {name: [len(cache[name].kept) if name in cache and k == cache[name].axis else d for k, d in enumerate(dims)]
+            for name, dims in shapes.items()}
 
 
 def _pruned_session(model: onnx.ModelProto, choice: DeviceChoice) -> Session:
@@ -951,7 +969,7 @@ def stage_report(state: PruneState) -> None:
     assert state.analysis is not None and state.pruned is not None and state.plan is not None
     shapes = state.spec.shapes or None
     original = _original_stats(state)
-    pruned = _result_stats(state, shapes)
+    pruned = _result_stats(state, _narrow_cache_shapes(shapes, state.cache))
     kept = state.group_kept or {}
     groups = [group_to_dict(g, kept.get(g.id, state.plan.kept(g))) for g in state.analysis.groups]
     latency = _bench(state) if state.spec.bench else None

@@ -259,3 +259,48 @@ def test_weightless_residual_add_is_not_a_depth_block(tmp_path: Path) -> None:
     assert [b.add for b in blocks] == ["residual"] and blocks[0].kind == "mlp"
     listed = analyze(_save(model, tmp_path))["removable_blocks"]
     assert [b["add"] for b in listed] == ["residual"]  # not gelu.inner_add (x + 0.044715·x³)
+
+
+# --- 6. Pad with runtime pads (Swin window padding) ------------------------------------------------------------
+
+
+def build_window_pad(pad_channels: bool = False, window: int = 4) -> onnx.ModelProto:
+    """Channels last: dense(8->16) → Relu → pad H, W up to a multiple of ``window`` with pads computed from Shape,
+    in torch's order and through its reversal chain (Reshape [-1, 2], reversed Slice, Transpose, Reshape [-1])
+    → mean over H, W → dense(16->10). Input [N, 7, 7, 8]. ``pad_channels`` pads the channel axis by pad_h too."""
+    g = _Graph("window_pad", 0, 17)
+    x = g.node("Relu", [g.linear("input", 8, 16, name="dense1")])
+    shape = g.node("Shape", [x])
+
+    def pad_of(axis: int) -> str:
+        dim = g.node("Gather", [shape, g.const("axis", np.array(axis, np.int64))], axis=0)
+        w = g.const("window", np.array(window, np.int64))
+        amount = g.node("Mod", [g.node("Sub", [w, g.node("Mod", [dim, w])]), w])
+        return g.node("Unsqueeze", [amount, g.const("zero_axis", np.array([0], np.int64))])
+
+    zero = g.const("zero", np.array([0], np.int64))
+    pad_h, pad_w = pad_of(1), pad_of(2)
+    torch_order = g.node("Concat", [zero, pad_h if pad_channels else zero, zero, pad_w, zero, pad_h], axis=0)
+    full = g.node("Concat", [torch_order, g.const("batch_pads", np.zeros(2, np.int64))], axis=0)
+    pairs = g.node("Reshape", [full, g.const("pairs", np.array([-1, 2], np.int64))])
+    reverse = g.node("Slice", [pairs, g.const("s", np.array([-1], np.int64)), g.const("e", np.array([-9999], np.int64)),
+                               g.const("a", np.array([0], np.int64)), g.const("st", np.array([-1], np.int64))])
+    pads = g.node("Reshape", [g.node("Transpose", [reverse], perm=[1, 0]), g.const("flat", np.array([-1], np.int64))])
+    padded = g.node("Pad", [x, pads], name="window_pad")
+    pooled = g.reduce("ReduceMean", padded, [1, 2], keepdims=0)
+    return g.finish(g.linear(pooled, 16, 10, name="dense2"), ["N", 7, 7, 8])
+
+
+def test_runtime_window_padding_of_spatial_dims_does_not_block(tmp_path: Path) -> None:
+    model = build_window_pad()
+    _, a = _analysis(model)
+    assert _group_of(a, "dense1").prunable == 16
+    zeroed, pruned, report, n = _prune_zeroed(model, tmp_path)
+    assert n == 8 and sum(x["channels"] - x["kept"] for x in report["groups"]) == n
+    _assert_same(zeroed, pruned, batch=3)
+
+
+def test_runtime_padding_of_the_channel_axis_blocks() -> None:
+    _, a = _analysis(build_window_pad(pad_channels=True))
+    blocked = _group_of(a, "dense1")
+    assert blocked.prunable == 0 and "window_pad pads the channel axis" in blocked.blocked_reason

@@ -82,6 +82,7 @@ class Analyzer:
         self.shape_reads: dict[str, list[tuple[str, ...]]] = {}
         self.folded: dict[str, np.ndarray] = {}
         self.pinned: set[tuple[str, int, int]] = set()  # (node, input, entry or -1): made constant by the cut
+        self.cache_io: dict[str, str] = {}  # cache graph input → the graph output it is concatenated into
 
     # --- facts about tensors -------------------------------------------------------------
     def map(self, t: gs.Tensor | None) -> ChannelMap | None:

@@ -112,6 +112,9 @@ class Analysis:
     class_of: np.ndarray
     maps: dict[str, ChannelMap]
     notes: list[str] = field(default_factory=list)
+    cache_io: list[str] = field(default_factory=list)
+    """Graph inputs and outputs that are generation state (a KV cache): they shrink with the heads their
+    ``maps`` entry carries, where other graph outputs block."""
 
     def group_channel_index(self, group: PruningGroup) -> dict[int, int]:
         return {int(c): i for i, c in enumerate(group.classes)}

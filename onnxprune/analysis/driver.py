@@ -60,6 +60,7 @@ def analyze_graph(
     facts = shape_facts(graph, shapes)
     az = Analyzer(graph, facts.shapes, exclude, options)
     az.folded = facts.values
+    az.cache_io = find_cache_io(graph)
     graph.toposort()
     _name_nodes(graph)
     for node in graph.nodes:
@@ -74,12 +75,26 @@ def analyze_graph(
             else:
                 rule(az, node)
         check_shape_reads(az, node, reads)
+    cache_outputs = set(az.cache_io.values())
     for out in graph.outputs:
         m = az.map(out)
-        if m is not None:
+        if m is not None and out.name not in cache_outputs:
             az.block(m.ids, f"reaches graph output {out.name}")
     _check_sites(az)
     return _build_groups(az)
+
+
+def find_cache_io(graph: gs.Graph) -> dict[str, str]:
+    """KV-cache pairs: a graph input read only by one Concat (and ``Shape``, for the past length) whose
+    output is a graph output (``past_key_values.i.key`` → ``present.i.key``). Both are generation state,
+    not task outputs: they may shrink with the heads they carry, consistently."""
+    outputs = {t.name for t in graph.outputs}
+    pairs: dict[str, str] = {}
+    for t in graph.inputs:
+        users = [u for u in t.outputs if u.op != "Shape"]
+        if len(users) == 1 and users[0].op == "Concat" and users[0].outputs[0].name in outputs:
+            pairs[t.name] = users[0].outputs[0].name
+    return pairs
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -215,4 +230,5 @@ def _build_groups(az: Analyzer) -> Analysis:
         prods = [producers[k] for k in range(len(producers)) if puf.find(k) == comp]
         approx = list(dict.fromkeys(r for c in classes if c not in blocked_class for r in approx_class.get(c, [])))
         groups.append(PruningGroup(gid, prods, sorted(members.get(comp, set())), cls, blocked, reasons, approx))
-    return Analysis(groups=groups, sites=az.sites, fixups=az.fixups, class_of=roots, maps=az.maps)
+    cache = [name for pair in az.cache_io.items() for name in pair if name in az.maps]
+    return Analysis(groups=groups, sites=az.sites, fixups=az.fixups, class_of=roots, maps=az.maps, cache_io=cache)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
@@ -97,12 +99,41 @@ def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | No
     if node.op == "Concat":
         parts = [marks(t) for t in node.inputs]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]  # type: ignore[union-attr]
+    return _carry_expand_arithmetic(az, node, src, marks)
+
+
+def _is_minus_one_test(az: Analyzer, node: gs.Node | None) -> bool:
+    """``Equal(t, c)`` with ``c`` all negative (TorchScript's expand: ``-1`` keeps a dim)."""
+    if node is None or node.op != "Equal":
+        return False
+    c = az.const(node.inputs[1])
+    c = az.folded.get(node.inputs[1].name) if c is None else c
+    return c is not None and c.size > 0 and bool(np.all(c < 0))
+
+
+def _carry_expand_arithmetic(
+    az: Analyzer, node: gs.Node, src: list[tuple[str, ...]] | None,
+    marks: Callable[[gs.Tensor], list[tuple[str, ...]] | None],
+) -> list[tuple[str, ...]] | None:
+    """TorchScript's ``expand`` target: ``Where(Equal(Reshape(t, [-1]), -1), ones, t)``. Flattening a shape
+    vector keeps its entries; a count is never negative, so comparing it with a negative constant reads
+    nothing a cut changes; Where picks entries from either value input."""
+    if node.op == "Reshape" and src is not None:
+        target = az.const(node.inputs[1])
+        return src if target is not None and target.reshape(-1).tolist() in ([-1], [len(src)]) else None
+    if node.op == "Equal" and src is not None and node.inputs[1].name not in az.shape_reads:
+        return [()] * len(src) if _is_minus_one_test(az, node) else None
+    if node.op == "Where" and node.inputs[0].name not in az.shape_reads:
+        a, b = marks(node.inputs[1]), marks(node.inputs[2])
+        if a is None or b is None or len(a) != len(b):
+            return None
+        return [tuple(dict.fromkeys(x + y)) for x, y in zip(a, b)]
     return None
 
 
 def check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, str]]) -> None:
     """Block channels whose count a node computes with, unless it is a Reshape or Expand that gives the
-    same channels the same axis (the count then follows the cut by itself)."""
+    same channels the same axis, each a fixed number of times (the count then follows the cut by itself)."""
     for i, p, origin in reads:
         if (node.name, i, p) in az.pinned or (node.name, i, -1) in az.pinned:
             continue  # replaced by a constant when the cut happens
@@ -111,8 +142,9 @@ def check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, s
             length = az.shape(node.inputs[1])
             rank = az.rank(node.outputs[0])
             axis = p + (rank - length[0]) if rank is not None and length and isinstance(length[0], int) else -1
-            if out.axis == axis and az.proportion(source.ids, out.ids) is not None:
-                continue
+            if out.axis == axis and (az.proportion(source.ids, out.ids) is not None
+                                     or az.proportion(out.ids, source.ids) is not None):
+                continue  # a count divided, or multiplied (repeat_kv's kv_heads · n_rep), along with the cut
         if source is not None:
             az.block(source.ids, f"{node.op} {node.name} computes with the channel count of {origin} (read by Shape)")
 
@@ -147,6 +179,11 @@ def shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | 
         return None
     if src.op in ("Cast", "Identity") or (src.op in ("Unsqueeze", "Squeeze") and pos == 0):
         return shape_source(az, src, 0, pos)
+    if src.op == "Reshape":  # a shape vector flattened (TorchScript's expand target)
+        target = az.const(src.inputs[1])
+        return shape_source(az, src, 0, pos) if target is not None and target.reshape(-1).tolist() == [-1] else None
+    if src.op == "Where" and _is_minus_one_test(az, producer(src.inputs[0])):
+        return shape_source(az, src, 2, pos)  # Where(t == -1, 1, t): the entry is t's, or 1 where t says -1
     if src.op == "Shape":
         rank = az.rank(src.inputs[0])
         start = int(src.attrs.get("start", 0))

@@ -25,7 +25,7 @@ def _static_dims(dims: list[int | str] | None) -> bool:
     return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
 
 
-SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0}
+SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0, "Pad": 1}
 
 
 FOLDED_VALUE_MAX = 64

@@ -45,6 +45,22 @@ class CutSummary:
     edits: int
     params_removed: int
     notes: list[str] = field(default_factory=list)
+    cache: dict[str, CacheCut] = field(default_factory=dict)
+    """The KV-cache inputs and outputs the cut shrank (generation state, see ``Analysis.cache_io``)."""
+
+
+@dataclass(frozen=True)
+class CacheCut:
+    """A cache tensor after the cut: the heads it keeps (positions on ``axis`` of the original) and its
+    new declared shape, which a generator must allocate."""
+
+    axis: int
+    kept: np.ndarray
+    shape: list[int | str]
+
+    def narrow(self, value: np.ndarray) -> np.ndarray:
+        """The original model's value of this tensor, as the cut model reads or writes it."""
+        return np.take(value, self.kept, axis=self.axis)
 
 
 FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
@@ -180,6 +196,7 @@ def cut_channels(
         if edit.attr == "group" and int(edit.value) < 1:
             raise SurgeryError(f"the cut would leave Conv {edit.node} with no channels")
     edits = _merge_updates(edits, nodes)
+    cache = _cache_cuts(graph, analysis, keep)
 
     before = sum(int(np.asarray(tensors[n].values).size) for n in new_values)
     for name, value in new_values.items():
@@ -196,10 +213,39 @@ def cut_channels(
             if len(node.inputs) <= edit.input_index:
                 node.inputs.extend([gs.Variable.empty()] * (edit.input_index + 1 - len(node.inputs)))
             node.inputs[edit.input_index] = const
+    for t in [*graph.inputs, *graph.outputs]:
+        if t.name in cache:
+            t.shape = list(cache[t.name].shape)
     after = sum(int(v.size) for v in new_values.values())
     clear_inferred_shapes(graph)
     graph.cleanup()
-    return CutSummary(tensors_sliced=len(new_values), edits=len(edits), params_removed=before - after)
+    notes = [f"cache {name} is now {cut.shape}" for name, cut in cache.items()]
+    return CutSummary(tensors_sliced=len(new_values), edits=len(edits), params_removed=before - after, notes=notes,
+                      cache=cache)
+
+
+def _cache_cuts(graph: gs.Graph, analysis: Analysis, keep: Callable[[np.ndarray], np.ndarray]
+                ) -> dict[str, CacheCut]:
+    """The cache inputs/outputs that lose heads: kept positions and declared shapes with the kept count.
+
+    Raises:
+        SurgeryError: a cache tensor has no declared shape there, or would lose every head.
+    """
+    io = {t.name: t for t in [*graph.inputs, *graph.outputs]}
+    cuts: dict[str, CacheCut] = {}
+    for name in analysis.cache_io:
+        m, t = analysis.maps[name], io.get(name)
+        mask = keep(m.ids)
+        if mask.all():
+            continue
+        if t is None or t.shape is None or len(t.shape) <= m.axis:
+            raise SurgeryError(f"cache tensor {name} has no declared shape to shrink on axis {m.axis}")
+        if not mask.any():
+            raise SurgeryError(f"the cut would remove every head of cache tensor {name}")
+        shape = list(t.shape)
+        shape[m.axis] = int(mask.sum())
+        cuts[name] = CacheCut(m.axis, np.flatnonzero(mask), shape)
+    return cuts
 
 
 def _merge_updates(edits: list[Edit], nodes: dict[str, gs.Node]) -> list[Edit]:

@@ -12,6 +12,7 @@ from onnxprune.analysis.rules._common import (
     first_input,
     int_list,
     is_static,
+    runtime_ints,
 )
 from onnxprune.analysis.shape_reads import shape_source
 
@@ -237,10 +238,10 @@ def pad(az: Analyzer, node: gs.Node) -> None:
     xm, rank = az.map(first_input(node)), az.rank(first_input(node))
     if xm is None:
         return
-    pads = az.const(optional_input(node, 1))
+    pads = runtime_ints(az, node, 1)  # Swin's window padding is computed from the spatial dims: folded
     axes = int_list(az, node, 3, "__none__")
     if pads is None or rank is None:
-        az.block(xm.ids, f"Pad {node.name} pads are computed at runtime")
+        az.block(xm.ids, f"Pad {node.name} pads are computed at runtime from unknown shapes (pass --shape)")
         return
     pads = pads.reshape(-1).tolist()
     axes = list(range(rank)) if axes is None else [a + rank if a < 0 else a for a in axes]

@@ -33,6 +33,7 @@ def concat(az: Analyzer, node: gs.Node) -> None:
     axis = int(node.attrs.get("axis", 0))
     axis = axis + rank if rank is not None and axis < 0 else axis
     if any(m is not None and m.axis != axis for m in maps):
+        _cache_input_maps(az, node, maps)
         broadcast(az, node)
         return
     sizes: list[int] = []
@@ -47,6 +48,17 @@ def concat(az: Analyzer, node: gs.Node) -> None:
         sizes.append(size)
     ids = ConcatMapping(tuple(sizes)).apply([m.ids if m is not None else None for m in maps])
     az.set_map(node.outputs[0], ChannelMap(axis, ids))
+
+
+def _cache_input_maps(az: Analyzer, node: gs.Node, maps: list[ChannelMap | None]) -> None:
+    """A KV cache's past (a graph input, see ``driver.find_cache_io``) concatenated with the new keys on
+    the sequence axis carries the same heads: give it their map, so that it shrinks with them."""
+    mapped = next(m for m in maps if m is not None)
+    for t, m in zip(node.inputs, maps):
+        dims = az.shape(t)
+        if m is None and t.name in az.cache_io and dims is not None and len(dims) > mapped.axis \
+                and dims[mapped.axis] == len(mapped.ids):
+            az.set_map(t, ChannelMap(mapped.axis, mapped.ids.copy()))
 
 
 def split(az: Analyzer, node: gs.Node) -> None:
@@ -424,7 +436,29 @@ def expand(az: Analyzer, node: gs.Node) -> None:
     if rank is None or out_rank is None or out_dims is None or out_dims[xm.axis + out_rank - rank] != len(xm.ids):
         az.block(xm.ids, f"Expand {node.name}: output shape unknown")
         return
-    az.set_map(node.outputs[0], ChannelMap(xm.axis + out_rank - rank, xm.ids))
+    if _expand_target_fixup(az, node, xm.ids, xm.axis + out_rank - rank, out_rank):
+        az.set_map(node.outputs[0], ChannelMap(xm.axis + out_rank - rank, xm.ids))
+
+
+def _expand_target_fixup(az: Analyzer, node: gs.Node, ids: np.ndarray, axis: int, out_rank: int) -> bool:
+    """The target's entry on the channel axis: 1 or -1 follow the input; a constant count (repeat_kv's
+    ``expand(b, kv_heads, n_rep, t, d)`` traced with numbers) is rewritten to the kept count; a count read
+    by ``Shape`` is checked by ``check_shape_reads``. Anything else blocks: the cut would broadcast."""
+    length = az.shape(node.inputs[1])
+    if not length or not isinstance(length[0], int) or axis - (out_rank - length[0]) < 0:
+        return True
+    pos = axis - (out_rank - length[0])
+    entry = shape_source(az, node, 1, pos)
+    if entry is not None and entry.of is None and entry.value > 1:
+        az.fixup(entry.owner, FixupKind.SHAPE_VALUE, [ids], input=entry.input, position=entry.position)
+        return True
+    if entry is not None:
+        return True
+    folded = runtime_ints(az, node, 1)
+    if folded is not None and int(folded.reshape(-1)[pos]) in (1, -1):
+        return True
+    az.block(ids, f"Expand {node.name} gets its channel count from a shape computation the analysis cannot follow")
+    return False
 
 
 def tile(az: Analyzer, node: gs.Node) -> None:
