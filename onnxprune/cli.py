@@ -143,9 +143,11 @@ def _add_metric_args(p: argparse.ArgumentParser) -> None:
                    "task metric on")
     p.add_argument("--metric", metavar="METRIC",
                    help="top1, agreement, kl, cosine, ctc (character accuracy of a CTC recogniser against labels [N, L] "
-                        "of character indices padded with -1) or python:MODULE:FUNC (default: top1 when the data "
+                        "of character indices padded with -1), perplexity (LM logits on the data's input_ids, each "
+                        "position scored on the next token) or python:MODULE:FUNC (default: top1 when the data "
                         "has labels, else agreement with the original); every value is higher-is-better, kl is "
-                        "reported as -KL")
+                        "reported as -KL, perplexity as -ln(perplexity) with the perplexity beside it (so "
+                        "--max-drop X allows perplexity to grow by a factor exp(X/100))")
 
 
 def build_parser() -> argparse.ArgumentParser:

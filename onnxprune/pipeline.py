@@ -1002,8 +1002,9 @@ def _metric_report(state: PruneState) -> dict[str, Any] | None:
     if state.task is None or state.pruned is None:
         return None
     task = state.task
+    shown = (task.shown.label, task.shown.convert) if task.shown is not None else None
     return metric_report(task.label, str(task.choice), state.task_data or "", task.baseline.value, _score(state),
-                         [(m.stage, m.value) for m in state.stage_metrics], points=POINTS)
+                         [(m.stage, m.value) for m in state.stage_metrics], points=POINTS, shown=shown)
 
 
 def _bench(state: PruneState) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from onnxprune import __version__
@@ -97,7 +97,8 @@ def build_report(
 
 
 def metric_report(label: str, name: str, data: str, original: float, pruned: float,
-                  stages: Sequence[tuple[str, float]], points: float = 100.0) -> dict[str, Any]:
+                  stages: Sequence[tuple[str, float]], points: float = 100.0,
+                  shown: tuple[str, Callable[[float], float]] | None = None) -> dict[str, Any]:
     """The ``metric`` section: the task metric of the original, after each model-changing stage, and of the result.
 
     Args:
@@ -108,16 +109,26 @@ def metric_report(label: str, name: str, data: str, original: float, pruned: flo
         pruned: the written model's value.
         stages: ``(stage, value)`` after each stage that changed the model, in order.
         points: points per unit of value (drops are in points).
+        shown: ``(label, convert)`` when users read the metric in another form (``perplexity`` from
+            ``-ln perplexity``): the section then also has ``shown`` with that label and the converted
+            ``original``, ``pruned``, ``ratio`` (pruned / original) and per-stage ``stages``.
 
     Returns:
         JSON-able data; every value is higher-is-better and ``drop_points`` is ``points × (original - pruned)``.
     """
-    return {
+    section: dict[str, Any] = {
         "name": name, "label": label, "data": data, "higher_is_better": True, "points_per_unit": points,
         "original": original, "pruned": pruned, "drop_points": round((original - pruned) * points, 6),
         "stages": [{"stage": stage, "value": value, "drop_points": round((original - value) * points, 6)}
                    for stage, value in stages],
     }
+    if shown is not None:
+        what, convert = shown
+        before, after = convert(original), convert(pruned)
+        section["shown"] = {"label": what, "original": before, "pruned": after,
+                            "ratio": after / before if before else None,
+                            "stages": [{"stage": stage, "value": convert(value)} for stage, value in stages]}
+    return section
 
 
 def _fmt_int(n: int | None) -> str:
@@ -228,7 +239,14 @@ def _metric_lines(metric: Mapping[str, Any] | None) -> list[str]:
     stages = metric.get("stages") or []
     if stages:
         line += "; " + ", ".join(f"after {s['stage']} {s['value']:.4f}" for s in stages)
-    return [line]
+    shown = metric.get("shown")
+    if not shown:
+        return [line]
+    ratio = f" ({shown['ratio']:.3f}x)" if shown.get("ratio") is not None else ""
+    extra = f"  {shown['label']}: original {shown['original']:.4g}, pruned {shown['pruned']:.4g}{ratio}"
+    if shown.get("stages"):
+        extra += "; " + ", ".join(f"after {s['stage']} {s['value']:.4g}" for s in shown["stages"])
+    return [line, extra]
 
 
 def _fidelity_lines(report: Mapping[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ HEADS = ("whole", "dims")
 """Attention heads go as units (``whole``) or every head loses the same dims (``dims``)."""
 DEPTH_METHODS = ("ratio", "fidelity")
 """Block importance: ‖f(x)‖/‖x‖ on calibration inputs, or the output change when the block is removed."""
-METRICS = ("top1", "agreement", "kl", "cosine", "ctc")
+METRICS = ("top1", "agreement", "kl", "cosine", "ctc", "perplexity")
 """Built-in task metrics (``--metric``); ``python:MODULE:FUNC`` names a user function besides these."""
 PYTHON_METRIC = "python:"
 QUANTIZE_MODES = ("none", "int8", "int8-dynamic", "fp16")
@@ -57,7 +57,7 @@ def is_module_name(text: str) -> bool:
 
 
 def parse_metric(text: str) -> MetricChoice:
-    """Parse ``top1|agreement|kl|cosine|ctc|python:MODULE:FUNC``.
+    """Parse ``top1|agreement|kl|cosine|ctc|perplexity|python:MODULE:FUNC``.
 
     Raises:
         BadInputError: an unknown name, or a ``python:`` value that is not ``python:dotted.module:function``.

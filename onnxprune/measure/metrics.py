@@ -9,7 +9,7 @@ One convention for every metric, so one search (``--max-drop``, budget planning,
   function returns its own value, higher better.
 - A **point** is 0.01 of a metric value (:data:`POINTS` per unit): ``--max-drop 1.0`` lets the value fall by 0.01,
   i.e. one percentage point of accuracy or agreement, 0.01 of cosine, 0.01 nats of KL.
-- Built-in metrics read the model's first output. ``top1``, ``agreement`` and ``kl`` compare over its class axis at
+- Built-in metrics read the model's first output (``perplexity``: ``logits`` if present). ``top1``, ``agreement`` and ``kl`` compare over its class axis at
   any rank (``[N, C]`` classifiers, ``[N, T, C]`` sequences, ``[N, C, H, W]`` dense maps): the axis of a trailing
   Softmax/LogSoftmax/Sigmoid, else the output-semantics rule by rank (1, but the last axis for ``[N, T, C]``).
   Labels have the output's shape without the class axis (``[N]``, ``[N, T]``, ``[N, H, W]``); negative labels
@@ -18,6 +18,13 @@ One convention for every metric, so one search (``--max-drop``, budget planning,
   (argmax over C, repeats collapsed, class 0 = blank dropped) against ``labels`` ``[N, L]`` of class indices padded
   with negatives, scored ``1 - Σ edit distance / Σ label length`` (clipped at 0). Texts become labels through the
   model's own character table, so no text ever reaches onnxprune.
+- ``perplexity`` scores a language model's logits ``[N, T, V]`` on its own ``input_ids`` ``[N, T]``: position t
+  predicts token t + 1 (the last position predicts nothing), positions where ``attention_mask`` is 0 at t or t + 1
+  are not counted (a mask ``[N, P + T]`` of a KV-cache model is read on its last T columns). Perplexity is lower
+  is better, so the value is its higher-is-better logarithm ``-ln(perplexity)`` = minus the mean next-token NLL in
+  nats, reported as ``negative_log_perplexity`` with the perplexity itself beside it. A point is then 0.01 nats:
+  ``--max-drop X`` lets perplexity grow by at most a factor ``exp(X / 100)`` (1.0 -> 1.01x, 14 -> 1.15x), a
+  relative bound that means the same on any model and data. It reads the output named ``logits``, else the first.
 
 A user function is called once per evaluated model with every batch::
 
@@ -55,8 +62,21 @@ BatchFactory = Callable[[], Iterable[dict[str, np.ndarray]]]
 """Returns a fresh pass over the evaluation batches (inputs, plus ``labels`` when present), the same every call."""
 
 LABEL_NAMES = {"top1": "accuracy", "agreement": "top1_agreement", "kl": "negative_kl", "cosine": "cosine",
-               "ctc": "char_accuracy"}
+               "ctc": "char_accuracy", "perplexity": "negative_log_perplexity"}
 """How reports name each built-in metric's value."""
+INPUT_IDS, ATTENTION_MASK, LM_LOGITS = "input_ids", "attention_mask", "logits"
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A second, familiar reading of a metric's value for reports (``perplexity`` beside ``-ln perplexity``)."""
+
+    label: str
+    convert: Callable[[float], float]
+
+
+SHOWN = {"perplexity": Shown("perplexity", lambda value: math.exp(-value))}
+"""Metrics whose reports also give the value in the form users know (lower-is-better ones)."""
 
 
 # -- the class axis and what the output holds ---------------------------------------------------------------------
@@ -272,6 +292,53 @@ def cross_entropy_sum(output: np.ndarray, labels: np.ndarray, axis: int, form: s
     return float(-(picked * mask).sum()), int(np.count_nonzero(mask))
 
 
+def next_token_nll_sum(output: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None, axis: int,
+                       form: str = LOGITS) -> tuple[float, int]:
+    """(sum of -ln p(next token) in nats, counted positions) of LM scores ``output`` on their own ``input_ids``.
+
+    Position t is scored on token t + 1; the last position is not; with ``attention_mask`` a position counts only
+    when the mask is 1 at both t and t + 1.
+
+    Raises:
+        BadInputError: ``input_ids`` or ``attention_mask`` do not line up with the output's ``[N, T]``.
+
+    Example:
+        >>> next_token_nll_sum(np.zeros((1, 3, 4)), np.array([[0, 1, 2]]), None, axis=2)[1]
+        2
+    """
+    ids = np.asarray(input_ids)
+    rows = output.shape[:axis] + output.shape[axis + 1:]
+    if axis != output.ndim - 1 or ids.shape != rows or ids.ndim != 2:
+        raise BadInputError(f"--metric perplexity needs logits [N, T, V] over input_ids [N, T]; got output "
+                            f"{list(output.shape)} (vocab axis {axis}) for input_ids {list(ids.shape)}",
+                            field="eval_data")
+    keep = np.ones(ids.shape, dtype=bool)
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask)
+        if mask.ndim != 2 or mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
+            raise BadInputError(f"attention_mask {list(mask.shape)} does not cover input_ids {list(ids.shape)}",
+                                field="eval_data")
+        keep = mask[:, mask.shape[1] - ids.shape[1]:] != 0
+    counted = keep[:, :-1] & keep[:, 1:]
+    targets = ids[:, 1:]
+    if targets.size and (targets.min() < 0 or targets.max() >= output.shape[axis]):
+        raise BadInputError(f"input_ids hold tokens outside the vocabulary of {output.shape[axis]}", field="eval_data")
+    logp = log_distribution(output[:, :-1], axis, form)
+    picked = np.take_along_axis(logp, targets[..., None], axis=axis)[..., 0]
+    return float(-(picked * counted).sum()), int(np.count_nonzero(counted))
+
+
+def perplexity(output: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> float:
+    """exp(mean next-token NLL) of logits ``[N, T, V]`` on ``input_ids`` ``[N, T]`` (see :func:`next_token_nll_sum`).
+
+    Example:
+        >>> round(perplexity(np.zeros((1, 3, 4)), np.array([[0, 1, 2]])), 6)  # uniform over 4 tokens
+        4.0
+    """
+    total, n = next_token_nll_sum(output, input_ids, attention_mask, output.ndim - 1)
+    return math.exp(total / n) if n else math.nan
+
+
 def cosine_sum(reference: np.ndarray, output: np.ndarray) -> tuple[float, int]:
     """(sum of per-sample cosine similarities of the flattened outputs, samples); two zero vectors count as 1."""
     rows = reference.shape[0] if reference.ndim >= 2 else 1
@@ -433,6 +500,9 @@ class TaskMetric:
         if choice.name == "ctc" and not has_labels:
             raise BadInputError("--metric ctc needs labels in the evaluation data: an array named 'labels' [N, L] of "
                                 "character indices padded with -1", field="metric")
+        if choice.name == "perplexity" and _first_batch_lacks(batches, INPUT_IDS):
+            raise BadInputError("--metric perplexity needs the evaluation data to hold 'input_ids' [N, T] (token ids "
+                                "the model reads; each position is scored on the next token)", field="metric")
         if choice.name == "top1" and not has_labels:
             raise BadInputError("--metric top1 needs labels in the evaluation data (an array named 'labels'); "
                                 "use --metric agreement to compare with the original model instead", field="metric")
@@ -449,7 +519,12 @@ class TaskMetric:
 
     @property
     def needs_class_axis(self) -> bool:
-        return self.choice.name in ("top1", "agreement", "kl", "ctc")
+        return self.choice.name in ("top1", "agreement", "kl", "ctc", "perplexity")
+
+    @property
+    def shown(self) -> Shown | None:
+        """The familiar form reports give beside the value (perplexity), if the metric has one."""
+        return SHOWN.get(self.choice.name)
 
     def __call__(self, model: onnx.ModelProto | str | os.PathLike[str]) -> Measurement:
         """The metric of ``model`` on the same batches.
@@ -481,7 +556,7 @@ class TaskMetric:
         index = 0
         samples = 0
         with make_session(model, self.device) as session:
-            first = session.output_names[0]
+            first = self._output(session.output_names)
             for batch in self.batches():
                 feeds = {k: v for k, v in batch.items() if k != LABELS}
                 wanted = session.output_names if self._user is not None else [first]
@@ -501,7 +576,7 @@ class TaskMetric:
                     outputs_seen.append(outputs)
                     batches_seen.append(batch)
                 else:
-                    score.add(*self._score(out, ref, batch.get(LABELS)))
+                    score.add(*self._score(out, ref, batch.get(LABELS), batch))
                 if self.divergence:
                     spread.add(*self._spread(out, ref, batch.get(LABELS)))
                 index += 1
@@ -541,7 +616,12 @@ class TaskMetric:
             ref.flat = np.asarray(out, dtype=np.float32).copy()
         return ref
 
-    def _score(self, out: np.ndarray, ref: _Reference, labels: np.ndarray | None) -> tuple[float, int]:
+    def _output(self, names: list[str]) -> str:
+        """The output the metric reads: an LM's ``logits`` for perplexity when the graph has one, else the first."""
+        return LM_LOGITS if self.choice.name == "perplexity" and LM_LOGITS in names else names[0]
+
+    def _score(self, out: np.ndarray, ref: _Reference, labels: np.ndarray | None,
+               batch: dict[str, np.ndarray] | None = None) -> tuple[float, int]:
         layout = self.layout
         assert layout is not None
         name = self.choice.name
@@ -557,6 +637,11 @@ class TaskMetric:
         if name == "kl":
             assert ref.logp is not None and layout.class_axis is not None
             total, n = kl_sum(ref.logp.astype(np.float64), out, layout.class_axis, layout.form)
+            return -total, n
+        if name == "perplexity":
+            assert batch is not None and layout.class_axis is not None
+            total, n = next_token_nll_sum(out, batch[INPUT_IDS], batch.get(ATTENTION_MASK), layout.class_axis,
+                                          layout.form)
             return -total, n
         assert ref.flat is not None
         return cosine_sum(ref.flat, out)
@@ -574,6 +659,12 @@ class TaskMetric:
 
     def _divergence(self, spread: Tally) -> float | None:
         return spread.mean if self.divergence else None
+
+
+def _first_batch_lacks(batches: BatchFactory, name: str) -> bool:
+    """Whether the data's first batch has no array ``name`` (no batch at all is reported later, with its reason)."""
+    first = next(iter(batches()), None)
+    return first is not None and name not in first
 
 
 def batches_with_labels(batches: Iterable[dict[str, np.ndarray]], labels: np.ndarray | None) -> Iterator[dict[str, np.ndarray]]:
