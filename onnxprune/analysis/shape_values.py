@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     pass
 
 
-SHAPE_PASSES = 8
+SHAPE_PASSES = 256
+"""A cap only: folding stops when a pass removes no node. A Reshape target computed from the shape of the
+layer before takes about three passes per layer (fold, infer, fold), so deep decoders need many."""
 
 
 COMPLETE_SHAPES_MAX_BYTES = 1 << 30
@@ -59,6 +62,33 @@ def complete_shapes(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict
     return shape_facts(graph, shapes).shapes
 
 
+FIRST_STAND_IN = 11
+
+
+def _primes_from(start: int) -> Iterator[int]:
+    n = start
+    while True:
+        if all(n % k for k in range(2, int(n ** 0.5) + 1)):
+            yield n
+        n += 1
+
+
+def _stand_ins(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, int]:
+    """A distinct small prime for every symbolic input dim (the sequence length, a cache's past length).
+
+    The channel structure of a graph does not depend on these lengths, but its Reshape targets are
+    computed from them at run time: folding with stand-ins makes those targets (and the shapes after
+    them) concrete, so the rules see heads split and merged without ``--shape``. Primes keep a stand-in
+    from equalling a channel count or a product of them by chance.
+    """
+    names: list[str] = []
+    for t in graph.inputs:
+        for d in shapes.get(t.name) or []:
+            if isinstance(d, str) and d not in names:
+                names.append(d)
+    return dict(zip(names, _primes_from(FIRST_STAND_IN)))
+
+
 def _needs_folding(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> bool:
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name and not _static_dims(shapes.get(t.name)):
@@ -85,9 +115,13 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
     values: dict[str, np.ndarray] = {}
     try:
         copy = graph.copy()
+        stand_ins = _stand_ins(copy, shapes)
         for t in copy.inputs:
-            if _static_dims(shapes.get(t.name)):
-                t.shape = list(shapes[t.name])
+            dims = shapes.get(t.name)
+            if dims is not None and all(isinstance(d, int) and d >= 0 for d in dims):
+                t.shape = list(dims)
+            elif dims is not None:
+                t.shape = [stand_ins[d] if isinstance(d, str) else d for d in dims]
         _split_ranged_shapes(copy)
         model = gs.export_onnx(copy, do_type_check=False)
         count = len(model.graph.node)

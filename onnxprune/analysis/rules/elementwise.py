@@ -87,9 +87,10 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
         return
     axes = {out_rank - r + m.axis for _, m, r in mapped}
     if len(axes) > 1:
-        for _, m, _ in mapped:
-            az.block(m.ids, f"{node.op} {node.name} combines channels on different axes")
-        return
+        mapped = _broadcast_axis(az, node, mapped, out_rank)
+        if not mapped:
+            return
+        axes = {out_rank - mapped[0][2] + mapped[0][1].axis}
     axis = axes.pop()
     ids = mapped[0][1].ids
     for _, m, _ in mapped[1:]:
@@ -116,6 +117,24 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
         else:
             az.block(ids, f"{node.op} {node.name} combines them with {t.name}, which has no prunable channels")
     az.set_map(out, ChannelMap(axis, ids))
+
+
+def _broadcast_axis(
+    az: Analyzer, node: gs.Node, mapped: list[tuple[gs.Tensor, ChannelMap, int]], out_rank: int
+) -> list[tuple[gs.Tensor, ChannelMap, int]]:
+    """Channels on different axes: keep the inputs of one axis that every other input broadcasts over
+    (size 1 there: rotary cos/sin tables [1, 1, T, d] times heads [B, H, T, d]) and block the others,
+    whose channels would meet unprunable positions. All are blocked when no axis broadcasts."""
+    for _, first, r0 in mapped:
+        axis = out_rank - r0 + first.axis
+        others = [(t, m, r) for t, m, r in mapped if out_rank - r + m.axis != axis]
+        if all(axis - (out_rank - r) < 0 or az.shape(t)[axis - (out_rank - r)] == 1 for t, _, r in others):
+            for t, m, _ in others:
+                az.block(m.ids, f"{node.op} {node.name} combines them with channels of another axis")
+            return [item for item in mapped if item not in others]
+    for _, m, _ in mapped:
+        az.block(m.ids, f"{node.op} {node.name} combines channels on different axes")
+    return []
 
 
 def _param_source(
