@@ -79,7 +79,6 @@ class PruningGroup:
     whose statistics span the channel axis); empty when a cut of zeroed channels is exact.
     """
 
-
     id: int
     producers: list[str]
     members: list[str]
