@@ -438,6 +438,92 @@ def test_every_issue_op_has_a_rule() -> None:
     assert [op for op in required if op not in reg] == []
 
 
+# ------------------------------------------------------------------------------ decoder LM patterns
+def _chain(nodes: list[onnx.NodeProto], floats: dict[str, np.ndarray], consts: dict[str, np.ndarray],
+           out_shape: list[int], opset: int = 17) -> onnx.ModelProto:
+    """A small graph reading ``floats`` (inputs) and ``consts`` (initializers), with output ``y0``."""
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in floats.items()]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y0", TensorProto.FLOAT, out_shape)],
+                          [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("op", ["Sin", "Cos"])
+def test_sin_cos(op: str) -> None:
+    x = r(2, 3, 5, low=-4, high=4)
+    _check(_op_model(op, {"x": x}), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("upper,k", [(0, None), (1, 1), (0, -1)])
+def test_trilu(upper: int, k: int | None) -> None:
+    x = r(2, 4, 5)
+    consts = {"k": np.array(k, np.int64)} if k is not None else {}
+    _check(_op_model("Trilu", {"x": x}, consts, upper=upper), {"x": x}, ["x"])
+
+
+@pytest.mark.parametrize("fill", [-np.inf, np.finfo(np.float32).min])
+def test_causal_masked_softmax_has_finite_gradients(fill: float) -> None:
+    """Scores masked by an additive -inf/finfo.min triangle or by Where: masked entries get exactly zero gradient."""
+    import onnxruntime as ort
+
+    from onnxprune.training.gradcheck import with_linear_loss
+
+    t = 4
+    causal = np.triu(np.ones((t, t), bool), 1)
+    add_mask = np.where(causal, np.float32(fill), np.float32(0)).astype(np.float32)
+    x = r(2, 3, t, t, low=-3, high=3)
+    added = _chain([helper.make_node("Add", ["x", "mask"], ["s"]), helper.make_node("Softmax", ["s"], ["y0"], axis=-1)],
+                   {"x": x}, {"mask": add_mask}, [2, 3, t, t])
+    where = _chain([helper.make_node("Where", ["keep", "x", "fill"], ["s"]),
+                    helper.make_node("Softmax", ["s"], ["y0"], axis=-1)],
+                   {"x": x}, {"keep": ~causal, "fill": np.array(fill, np.float32)}, [2, 3, t, t])
+    for m in (added, where):
+        _check(m, {"x": x}, ["x"])
+        res = build_gradients(with_linear_loss(m, {"y0": x.shape}), "gc_loss", ["x"])
+        sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        grad = sess.run([res.grads["x"]], {"x": x, "gc_weight/y0": r(*x.shape)})[0]
+        assert np.all(np.isfinite(grad))
+        assert np.all(grad[..., causal] == 0)
+
+
+def test_rms_norm_chain_opset18() -> None:
+    """``x · 1/sqrt(mean(x²) + eps) · w`` as torch exports RMSNorm (ReduceMean axes as input at opset 18)."""
+    x, w = r(2, 3, 8), r(8, low=0.5, high=1.5)
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "ax"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rt"]),
+             helper.make_node("Reciprocal", ["rt"], ["inv"]),
+             helper.make_node("Mul", ["x", "inv"], ["n"]),
+             helper.make_node("Mul", ["n", "w"], ["y0"])]
+    consts = {"two": np.array(2.0, np.float32), "ax": np.array([-1], np.int64), "eps": np.array(1e-6, np.float32)}
+    _check(_chain(nodes, {"x": x, "w": w}, consts, [2, 3, 8], opset=18), {"x": x, "w": w}, ["x", "w"])
+
+
+def test_rotary_rotate_half_and_gqa_repeat() -> None:
+    """``q·cos + rotate_half(q)·sin`` (Slice/Neg/Concat) and repeat_kv (Unsqueeze/Expand/Reshape) before ``q·kᵀ``."""
+    q, k = r(2, 4, 5, 6), r(2, 2, 5, 6)
+    cos, sin = np.cos(r(1, 1, 5, 6, low=0, high=3)), np.sin(r(1, 1, 5, 6, low=0, high=3))
+    nodes = [helper.make_node("Slice", ["q", "h", "big", "last"], ["q2"]),
+             helper.make_node("Slice", ["q", "zero", "h", "last"], ["q1"]),
+             helper.make_node("Neg", ["q2"], ["nq2"]),
+             helper.make_node("Concat", ["nq2", "q1"], ["rot"], axis=-1),
+             helper.make_node("Mul", ["q", "cos"], ["qc"]),
+             helper.make_node("Mul", ["rot", "sin"], ["rs"]),
+             helper.make_node("Add", ["qc", "rs"], ["qr"]),
+             helper.make_node("Unsqueeze", ["k", "two"], ["k5"]),
+             helper.make_node("Expand", ["k5", "rep"], ["ke"]),
+             helper.make_node("Reshape", ["ke", "kshape"], ["kr"]),
+             helper.make_node("Transpose", ["kr"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qr", "kt"], ["y0"])]
+    consts = {"h": np.array([3], np.int64), "big": np.array([2**62], np.int64), "last": np.array([-1], np.int64),
+              "zero": np.array([0], np.int64), "cos": cos, "sin": sin, "two": np.array([2], np.int64),
+              "rep": np.array([2, 2, 2, 5, 6], np.int64), "kshape": np.array([2, 4, 5, 6], np.int64)}
+    _check(_chain(nodes, {"q": q, "k": k}, consts, [2, 4, 5, 5]), {"q": q, "k": k}, ["q", "k"])
+
+
 #: Every op with a rule and the test above that checks it numerically; a new rule needs a test and an entry.
 COVERED = {
     "Identity", "Dropout", "Add", "Sub", "Mul", "Div", "Neg", "Sum", "Relu", "LeakyRelu", "PRelu", "Clip",
@@ -446,7 +532,7 @@ COVERED = {
     "MatMul", "Gemm", "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
     "ReduceSum", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad",
     "Gather", "GatherElements", "Resize", "Elu", "Selu", "Gelu", "ReduceMax", "ReduceMin", "GlobalMaxPool",
-    "Max", "Min", "Mean", "InstanceNormalization", "LRN", "Tile",
+    "Max", "Min", "Mean", "InstanceNormalization", "LRN", "Tile", "Sin", "Cos", "Trilu",
 }
 
 

@@ -26,12 +26,13 @@ from onnxprune.errors import BadInputError
 from onnxprune.io.limits import readable_ir_version
 from onnxprune.io.shapes import set_input_shapes
 from onnxprune.quantize.detect import has_float16, quantized_nodes
-from onnxprune.training.grad.context import FLOAT_TYPES
+from onnxprune.training.grad.context import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
 from onnxprune.training.grad.driver import (
     GradientResult,
     build_gradients,
     upgrade_opset,
 )
+from onnxprune.training.grad.rules._common import attr_int
 from onnxprune.training.losses import LossGraph, LossSpec, LossTerm, add_loss
 from onnxprune.training.optimizers import (
     LR_INPUT,
@@ -58,6 +59,9 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
 #: Elementwise ops whose initializer operand is a weight when it has more than one element (biases,
 #: per-channel scales, positional embeddings); single-element ones are constants like HardSwish's 6.
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+#: Values no trained weight holds: an initializer with a non-finite element or one this large is a
+#: sentinel (an additive causal mask of -inf or finfo.min), a buffer.
+SENTINEL = 1e4
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -87,22 +91,65 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def activations(model: onnx.ModelProto) -> set[str]:
+    """Tensors that carry the batch's values: float graph inputs, embedding lookups, and what is computed from them.
+
+    Shapes, indices and comparisons (:data:`~onnxprune.training.grad.context.NON_DIFFERENTIABLE`) and casts to
+    non-float types stop the flow, so positions cast to float (``Cast(Range(...))``) are not activations.
+    """
+    graph = model.graph
+    consts = {t.name for t in graph.initializer}
+    tables = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    act = {i.name for i in graph.input if i.name not in consts and i.type.tensor_type.elem_type in FLOAT_TYPES}
+    for node in graph.node:
+        ins = node_inputs(node)
+        if node.op_type in NON_DIFFERENTIABLE or (node.op_type == "Cast" and attr_int(node, "to", 0) not in FLOAT_TYPES):
+            continue
+        embedding = node.op_type == "Gather" and bool(node.input) and node.input[0] in tables
+        if embedding or any(i in act for i in ins):
+            act.update(o for o in node.output if o)
+    return act
+
+
+def _is_buffer_value(t: onnx.TensorProto) -> bool:
+    """A mask or sentinel table: non-finite or huge values (:data:`SENTINEL`)."""
+    values = numpy_helper.to_array(t)
+    return values.size > 0 and bool(not np.all(np.isfinite(values)) or np.max(np.abs(values)) >= SENTINEL)
+
+
 def select_trainable(model: onnx.ModelProto) -> list[str]:
-    """Float initializers of rank ≥ 1 used as weights; BN running statistics never are."""
+    """Float initializers of rank ≥ 1 that are weights of a layer; buffers stay constant.
+
+    The rule: an initializer is trained when it fills a weight slot (:data:`WEIGHT_SLOTS`: Conv/ConvTranspose/
+    Gemm/MatMul weights and biases, normalisation scales and biases, PRelu slopes, Gather tables = embeddings;
+    or a multi-element operand of Add/Sub/Mul/Div: biases, per-channel scales, positional embeddings) of a
+    node that also reads an activation (:func:`activations`; a Gather's indices count). Not trained:
+    BatchNormalization running statistics; tensors combined only with constants or positions (a rotary
+    ``inv_freq`` multiplied by ``Cast(Range)``, so no gradient is needed through Sin/Cos); initializers
+    with -inf or huge values (:data:`SENTINEL`: additive causal masks); single-element constants (eps,
+    scale factors). A cos/sin table stored as an initializer and gathered by position looks like an
+    embedding and is trained unless ``trainable`` is given.
+    """
     inits = {t.name: t for t in model.graph.initializer}
     # exporters sometimes put an Identity between a weight and its consumer
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    act = activations(model)
     chosen: dict[str, None] = {}
     for node in model.graph.node:
         for pos, name in enumerate(node.input):
-            name = alias.get(name, name)
-            t = inits.get(name)
+            t = inits.get(alias.get(name, name))
             if t is None or t.data_type not in FLOAT_TYPES or len(t.dims) < 1:
                 continue
-            if pos in WEIGHT_SLOTS.get(node.op_type, ()) or (node.op_type in ELEMENTWISE and int(np.prod(t.dims)) > 1):
-                chosen[name] = None
+            slot = pos in WEIGHT_SLOTS.get(node.op_type, ()) or (
+                node.op_type in ELEMENTWISE and int(np.prod(t.dims)) > 1)
+            fed = node.op_type == "Gather" or any(i in act for j, i in enumerate(node.input) if j != pos)
+            if slot and fed:
+                chosen[t.name] = None
     frozen = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4) if len(n.input) > i}
-    return [n for n in chosen if n not in frozen]
+    buffers = [n for n in chosen if n not in frozen and _is_buffer_value(inits[n])]
+    if buffers:
+        log.info("not training %d mask/sentinel initializer(s): %s", len(buffers), ", ".join(buffers[:8]))
+    return [n for n in chosen if n not in frozen and n not in buffers]
 
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:

@@ -26,9 +26,12 @@ from onnxprune.training.outputs import (
     OutputSemantics,
     add_logits_views,
     as_logits,
+    cache_outputs,
+    is_token_logits,
     logits_model,
     output_semantics,
     view_name,
+    vocabularies,
     with_class_axis,
 )
 
@@ -68,9 +71,10 @@ class LossSpec:
     ``kind``: ``ce`` (integer labels shaped like the output without its class axis: ``[N]`` for ``[N, C]``,
     ``[N, T]`` for ``[N, T, C]``; Sigmoid outputs get binary cross-entropy with 0/1 labels shaped like the
     output), ``distill`` (against the teacher: KL on temperature-softened logits over the class axis for
-    Softmax/LogSoftmax outputs and ``[N, C]`` raw scores, Bernoulli KL per element for Sigmoid outputs,
-    MSE for the rest; ``distill_mode`` forces KL or MSE) or ``mse`` (against ``target/<output>`` inputs).
-    ``outputs`` empty means: the first model output for ce, every float output for distill and mse.
+    Softmax/LogSoftmax outputs, ``[N, C]`` raw scores and LM token logits ``[N, T, V]``, Bernoulli KL per
+    element for Sigmoid outputs, MSE for the rest; ``distill_mode`` forces KL or MSE) or ``mse`` (against ``target/<output>`` inputs).
+    ``outputs`` empty means: the first model output for ce, every float output for distill and mse, less KV-cache
+    outputs (:func:`~onnxprune.training.outputs.cache_outputs`: generation state, not a task output).
     ``class_axis`` overrides the class axis (in the output's axes) of every output the loss uses.
     ``features`` names intermediate tensors matched against the teacher's same-named tensors (feature
     distillation, ``distill`` only): each adds ``feature_weight / len(features)`` times its squared error
@@ -209,8 +213,11 @@ def _label_shape(ti: TensorInfo, sem: OutputSemantics, binary: bool) -> list[obj
     return list(ti.shape[:axis]) + list(ti.shape[axis + sem.class_span:])
 
 
-def _choose_kind(spec: LossSpec, sem: OutputSemantics, ti: TensorInfo) -> LossKind:
+def _choose_kind(spec: LossSpec, sem: OutputSemantics, ti: TensorInfo, token_logits: bool = False) -> LossKind:
     """The term for one output; a class-axis loss on an output whose axis is unknown is an error or MSE.
+
+    ``token_logits``: the output is an LM's raw ``[N, T, V]`` scores
+    (:func:`~onnxprune.training.outputs.is_token_logits`), distilled by KL over V per position.
 
     Raises:
         BadInputError: ce or distill_mode="kl" on an output whose class axis could not be followed.
@@ -220,7 +227,8 @@ def _choose_kind(spec: LossSpec, sem: OutputSemantics, ti: TensorInfo) -> LossKi
         return LossKind.MSE
     if sigmoid:
         return LossKind.BCE if spec.kind == "ce" else LossKind.BERNOULLI_KL
-    if spec.kind == "distill" and spec.distill_mode == "auto" and not (sem.kind.categorical or _is_classifier(ti)):
+    categorical = sem.kind.categorical or _is_classifier(ti) or token_logits
+    if spec.kind == "distill" and spec.distill_mode == "auto" and not categorical:
         return LossKind.MSE  # raw scores of another shape may be regression values: no classes assumed
     if sem.class_axis is None:
         if spec.kind == "distill" and spec.distill_mode == "auto":
@@ -338,21 +346,24 @@ def add_loss(model: onnx.ModelProto, spec: LossSpec, *,
     g = out.graph
     info = collect_tensor_info(out)
     names = [o.name for o in g.output]
+    state = set(cache_outputs(out))  # a KV cache is generation state: no loss unless named
     float_outs = [n for n in names if info.get(n) and info[n].dtype in FLOAT_TYPES]
-    chosen = list(spec.outputs) or (float_outs[:1] if spec.kind == "ce" else float_outs)
+    task_outs = [n for n in float_outs if n not in state]
+    chosen = list(spec.outputs) or (task_outs[:1] if spec.kind == "ce" else task_outs)
     for n in chosen:
         if n not in float_outs:
             raise BadInputError(f"loss output {n!r} is not a float output of the model (outputs: {names})", field="loss")
     if not chosen:
         raise BadInputError("the model has no float output to put a loss on", field="loss")
     sems = _semantics(out, spec, info, semantics)
+    vocab = vocabularies(out)
     b = _Builder(g, info[chosen[0]].dtype)
     values: list[str] = []
     terms: list[LossTerm] = []
     labels = None
     for name in chosen:
         ti, sem = info[name], sems[name]
-        kind = _choose_kind(spec, sem, ti)
+        kind = _choose_kind(spec, sem, ti, is_token_logits(sem, info, vocab))
         x = name if kind is LossKind.MSE else add_logits_views(g, [sem])[name]
         feed: str | None = None
         if kind in (LossKind.CE, LossKind.BCE):

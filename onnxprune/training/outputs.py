@@ -353,6 +353,53 @@ def with_class_axis(sem: OutputSemantics, axis: int) -> OutputSemantics:
 
 
 # ------------------------------------------------------------------------------------------------
+# language models: token logits and cache outputs
+
+#: Name prefix of the key/value cache outputs every LM exporter writes (``present.0.key``, ``present_key_values``).
+CACHE_PREFIX = "present"
+
+
+def cache_outputs(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Outputs that are generation state, not task outputs: a KV cache.
+
+    Named ``present*`` (torch.onnx, optimum and onnxruntime-genai all do), or a Concat that appends to a graph
+    input (the past). Losses and distillation leave them alone.
+    """
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    found = []
+    for out in model.graph.output:
+        node = producers.get(out.name)
+        appends = node is not None and node.op_type == "Concat" and any(i in inputs for i in node.input)
+        if out.name.startswith(CACHE_PREFIX) or appends:
+            found.append(out.name)
+    return tuple(found)
+
+
+def vocabularies(model: onnx.ModelProto) -> frozenset[int]:
+    """Row counts of the token embeddings: initializer tables that a Gather indexes with an integer graph input."""
+    tables = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
+    int_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in _INT_TYPES}
+    return frozenset(tables[n.input[0]] for n in model.graph.node
+                     if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in tables and n.input[1] in int_inputs)
+
+
+def is_token_logits(sem: OutputSemantics, info: Mapping[str, TensorInfo], vocab: frozenset[int]) -> bool:
+    """A raw ``[N, T, V]`` output whose V is a token vocabulary: an LM's next-token scores, categorical over V.
+
+    Such outputs have no trailing Softmax, yet distillation must compare distributions over the last axis
+    (KL per position), not regress the raw scores.
+    """
+    ti = info.get(sem.output)
+    shape = ti.shape if ti is not None else None
+    return (sem.kind is OutputKind.LOGITS and shape is not None and len(shape) == 3 and sem.class_axis == 2
+            and isinstance(shape[2], int) and shape[2] in vocab)
+
+
+_INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
+
+
+# ------------------------------------------------------------------------------------------------
 # logits in the output's layout
 
 

@@ -1,4 +1,5 @@
-"""Elementwise arithmetic and maths: broadcasting binary ops, n-ary Sum/Max/Min/Mean, Pow, unary maths, Cast, Where.
+"""Elementwise arithmetic and maths: broadcasting binary ops, n-ary Sum/Max/Min/Mean, Pow, unary maths (Sin/Cos
+for rotary tables trained on purpose), Cast, Where.
 
 Broadcast inputs get their gradient summed back to their own shape (:meth:`GradContext.reduce_to`).
 """
@@ -105,6 +106,14 @@ def _erf(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     return [ctx.emit("Mul", [g[0], ctx.emit("Mul", [e, ctx.scalar(2.0 / math.sqrt(math.pi), x)])])]
 
 
+def _sin(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    return [ctx.emit("Mul", [g[0], ctx.emit("Cos", [node.input[0]])])]
+
+
+def _cos(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    return [ctx.emit("Neg", [ctx.emit("Mul", [g[0], ctx.emit("Sin", [node.input[0]])])])]
+
+
 def _cast(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     return [ctx.emit("Cast", [g[0]], to=ctx.dtype(node.input[0]))]
 
@@ -137,6 +146,8 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "Reciprocal": _reciprocal,
     "Abs": _abs,
     "Erf": _erf,
+    "Sin": _sin,
+    "Cos": _cos,
     "Cast": _cast,
     "Where": _where,
 })

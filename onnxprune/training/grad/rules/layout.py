@@ -1,4 +1,4 @@
-"""Shape and indexing ops: Reshape and friends, Transpose, Expand, Concat/Split, Slice, Pad, Tile, Gather.
+"""Shape and indexing ops: Reshape and friends, Transpose, Expand, Concat/Split, Slice, Pad, Tile, Gather, Trilu.
 
 Ops that move elements around (Slice, Pad, Tile, Gather off axis 0) apply themselves to a grid of flat
 indices and scatter-add the gradient back through it, so any steps, pads or repeats come out right.
@@ -134,6 +134,11 @@ def _gather(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None
     return [_scatter_flat(ctx, data, picked, g[0], n), None]
 
 
+def _trilu(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
+    """Trilu keeps a triangle and zeroes the rest: the same triangle of the gradient passes back."""
+    return [ctx.emit("Trilu", [g[0], *node.input[1:]], upper=attr_int(node, "upper", 1)), None]
+
+
 def _gather_elements(ctx: GradContext, node: onnx.NodeProto, g: Grads) -> list[str | None]:
     data, indices = node.input[0], node.input[1]
     axis = attr_int(node, "axis", 0)
@@ -156,4 +161,5 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "Tile": _tile,
     "Gather": _gather,
     "GatherElements": _gather_elements,
+    "Trilu": _trilu,
 })
