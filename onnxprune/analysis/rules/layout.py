@@ -225,7 +225,7 @@ def _unflatten(az: Analyzer, node: gs.Node, xm: ChannelMap, dims: list[int], out
         if int(np.prod(out_dims[:o], dtype=np.int64)) == pre and out_dims[o] * inner == n and inner > 1:
             blocks = xm.ids.reshape(out_dims[o], inner)
             if not np.all(blocks == blocks[:, :1]):
-                return False
+                continue  # a size-1 axis before the channels (batch 1): the next start is theirs
             if _shape_fixup(az, node, o, blocks[:, 0].copy(), same_axis=False):
                 az.set_map(node.outputs[0], ChannelMap(o, blocks[:, 0].copy()))
             return True
