@@ -162,6 +162,23 @@ def test_lm_logits_distil_by_kl_over_vocab_and_cache_gets_no_loss(exported: dict
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("width,term", [(7, "kl"), (5, "mse")])
+def test_token_logits_found_through_a_view_of_the_ids(width: int, term: str) -> None:
+    """GPT-2 views ``input_ids`` before the lookup; a raw [N, T, V] output over the vocabulary distils by KL, while
+    an [N, T, D] output of another width stays a regression (MSE)."""
+    n = helper.make_node
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((7, 4)).astype(np.float32), "embed"),
+             numpy_helper.from_array(rng.standard_normal((4, width)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 3], np.int64), "view")]
+    nodes = [n("Reshape", ["input_ids", "view"], ["ids"]), n("Gather", ["embed", "ids"], ["x"]),
+             n("MatMul", ["x", "w"], ["out"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, width])], inits)
+    lg = add_loss(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), LossSpec("distill"))
+    assert lg.terms == {"out": term}
+
+
 def test_cache_outputs_found_by_name_or_by_appending_to_an_input() -> None:
     n = helper.make_node
     nodes = [n("Concat", ["past_k", "k"], ["kv_out"], axis=2), n("Identity", ["k"], ["present.0.value"]),

@@ -377,11 +377,24 @@ def cache_outputs(model: onnx.ModelProto) -> tuple[str, ...]:
 
 
 def vocabularies(model: onnx.ModelProto) -> frozenset[int]:
-    """Row counts of the token embeddings: initializer tables that a Gather indexes with an integer graph input."""
+    """Row counts of the token embeddings: initializer tables that a Gather indexes with an integer graph input.
+
+    The ids may pass through data-moving ops first (GPT-2 views ``input_ids`` as ``[-1, T]``).
+    """
     tables = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
     int_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in _INT_TYPES}
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+
+    def from_ids(name: str) -> bool:
+        while name not in int_inputs:
+            node = producers.get(name)
+            if node is None or node.op_type not in SHAPE_OPS | VALUE_PRESERVING:
+                return False
+            name = node.input[0]
+        return True
+
     return frozenset(tables[n.input[0]] for n in model.graph.node
-                     if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in tables and n.input[1] in int_inputs)
+                     if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in tables and from_ids(n.input[1]))
 
 
 def is_token_logits(sem: OutputSemantics, info: Mapping[str, TensorInfo], vocab: frozenset[int]) -> bool:
