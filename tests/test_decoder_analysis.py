@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxprune.analysis.core import Analysis, PruningGroup
+from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup
 from onnxprune.analysis.driver import analyze_graph
 from onnxprune.io.export import export_graph
 from onnxprune.io.load import LoadedModel, normalize
@@ -128,6 +128,20 @@ def test_cache_inputs_and_outputs_follow_the_kv_heads(exports: dict[str, Path]) 
         for name in (past[2 * i], present[2 * i + 1]):
             m = a.maps[name]
             assert m.axis == 1 and sorted(set(a.classes_of(m.ids).tolist())) == sorted(g.classes.tolist())
+
+
+@pytest.mark.parametrize("name", ["gpt2_nocache", "llama_cache"])
+def test_residual_stream_of_a_language_model_stays_unless_asked_for(name: str, exports: dict[str, Path]) -> None:
+    model = onnx.load(exports[name])
+    _, a = _analysis(model)
+    stream = next(g for g in a.groups if "/embed/Gather" in g.producers)
+    assert stream.size == _config(name).dim and stream.prunable == 0
+    assert "hidden size of a language model" in stream.blocked_reason
+    loaded = LoadedModel(model=model, path="", original_opset=0, file_bytes=0)
+    normalize(loaded)
+    asked = analyze_graph(gs.import_onnx(loaded.model), static_shapes(loaded.model, None),
+                          options=AnalysisOptions(lm_stream=True))
+    assert next(g for g in asked.groups if "/embed/Gather" in g.producers).prunable == _config(name).dim
 
 
 def test_rotary_tables_are_blocked_without_blocking_heads(exports: dict[str, Path]) -> None:

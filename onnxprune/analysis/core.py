@@ -157,9 +157,13 @@ class AnalysisOptions:
     ``heads``: ``whole`` prunes attention heads as units (a channel = a head: Q/K/V columns and the
     output-projection rows of that head); ``dims`` prunes the same dims of every head instead (a channel =
     dim j of every head; Q and K together, V with the output projection), keeping the head count.
+    ``lm_stream``: see the field.
     """
 
     heads: str = "whole"
+    lm_stream: bool = False
+    """Prune the hidden size of a language model (the residual stream its token embedding starts). Off by
+    default: every layer reads it, and cutting it costs far more quality than heads and MLP width."""
 
     def __post_init__(self) -> None:
         if self.heads not in HEAD_GRANULARITIES:

@@ -80,6 +80,8 @@ def analyze_graph(
         m = az.map(out)
         if m is not None and out.name not in cache_outputs:
             az.block(m.ids, f"reaches graph output {out.name}")
+    if not az.options.lm_stream:
+        _keep_lm_stream(az, graph)
     _check_sites(az)
     return _build_groups(az)
 
@@ -95,6 +97,19 @@ def find_cache_io(graph: gs.Graph) -> dict[str, str]:
         if len(users) == 1 and users[0].op == "Concat" and users[0].outputs[0].name in outputs:
             pairs[t.name] = users[0].outputs[0].name
     return pairs
+
+
+def _keep_lm_stream(az: Analyzer, graph: gs.Graph) -> None:
+    """Block the residual stream of a language model: the channels of a token embedding (a Gather from a
+    [V, D] table) when a graph output's last axis has the V entries of the vocabulary (logits). A classifier
+    on token embeddings keeps its prunable stream."""
+    tables = {n.name: int(n.inputs[0].shape[0]) for n in graph.nodes
+              if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and len(n.inputs[0].shape) == 2}
+    vocab = {dims[-1] for dims in (az.shape(t) for t in graph.outputs) if dims}
+    embeddings = {name for name, rows in tables.items() if rows in vocab}
+    ids = np.array([i for i, p in enumerate(az.producer_of) if p in embeddings], dtype=np.int64)
+    az.block(ids, "the hidden size of a language model (the residual stream from its token embedding) stays "
+                  "intact: only heads and MLP width are cut (AnalysisOptions.lm_stream prunes it)")
 
 
 def _name_nodes(graph: gs.Graph) -> None:
