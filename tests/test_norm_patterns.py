@@ -176,20 +176,37 @@ def _einsum_dense(g: _Graph, x: str, fin: int, fout: int, *, name: str, equation
 
 
 def _layer_norm(g: _Graph, x: str, d: int, *, style: str) -> str:
-    """LayerNorm over the last axis, decomposed: ``mean`` (ReduceMean, Pow, Div) or ``sum`` (ReduceSum · 1/n, Mul
-    of the difference with itself, Reciprocal · Mul)."""
+    """LayerNorm over the last axis, decomposed as exporters write it.
+
+    ``mean``: ReduceMean, Pow, Div. ``sum``: ReduceSum · 1/n, the difference times itself, Reciprocal · Mul.
+    ``flax`` (jax2tf): var = mean(x²) − mean(x)². ``keras``: γ folded into the inverse std,
+    ``x·inv + (β − mean·inv)``.
+    """
     def mean(t: str, name: str) -> str:
         if style == "mean":
             return g.reduce("ReduceMean", t, [-1], keepdims=1, name=name)
         total = g.node("ReduceSum", [t, g.const("last", np.array([-1], np.int64))], name=name, keepdims=1)
         return g.node("Mul", [total, g.const("inv_n", np.float32(1.0 / d))])
 
-    diff = g.node("Sub", [x, mean(x, "ln.mean")])
-    sq = g.node("Pow", [diff, g.const("two", np.float32(2.0))]) if style == "mean" else g.node("Mul", [diff, diff])
-    std = g.node("Sqrt", [g.node("Add", [mean(sq, "ln.var"), g.const("ln.eps", np.float32(1e-5))])])
-    normed = g.node("Div", [diff, std]) if style == "mean" else g.node("Mul", [diff, g.node("Reciprocal", [std])])
-    y = g.node("Mul", [normed, g.const("ln.gamma", 1 + g.small([d]))])
-    return g.node("Add", [y, g.const("ln.beta", g.small([d]))])
+    def inv_std(var: str) -> str:
+        return g.node("Reciprocal", [g.node("Sqrt", [g.node("Add", [var, g.const("ln.eps", np.float32(1e-5))])])])
+
+    gamma, beta = g.const("ln.gamma", 1 + g.small([d])), g.const("ln.beta", g.small([d]))
+    mu = mean(x, "ln.mean")
+    diff = g.node("Sub", [x, mu])
+    if style == "mean":
+        var = mean(g.node("Pow", [diff, g.const("two", np.float32(2.0))]), "ln.var")
+        std = g.node("Sqrt", [g.node("Add", [var, g.const("ln.eps", np.float32(1e-5))])])
+        return g.node("Add", [g.node("Mul", [g.node("Div", [diff, std]), gamma]), beta])
+    if style == "flax":
+        var = g.node("Sub", [mean(g.node("Mul", [x, x]), "ln.var"), g.node("Mul", [mu, mu])])
+        var = g.node("Max", [var, g.const("zero_f", np.float32(0.0))])
+    else:
+        var = mean(g.node("Mul", [diff, diff]), "ln.var")
+    if style == "keras":
+        scale = g.node("Mul", [inv_std(var), gamma])
+        return g.node("Add", [g.node("Mul", [x, scale]), g.node("Sub", [beta, g.node("Mul", [mu, scale])])])
+    return g.node("Add", [g.node("Mul", [g.node("Mul", [diff, inv_std(var)]), gamma]), beta])
 
 
 def _tanh_gelu(g: _Graph, x: str) -> str:
@@ -210,7 +227,8 @@ def build_tf2onnx_block(style: str = "mean", equation: str = "...i,ij->...j") ->
     return g.finish(g.node("Add", [h, "input"], name="residual"), ["N", 5, 8])
 
 
-@pytest.mark.parametrize(("style", "equation"), [("mean", "...i,ij->...j"), ("sum", "abc,cd->abd")])
+@pytest.mark.parametrize(("style", "equation"), [
+    ("mean", "...i,ij->...j"), ("sum", "abc,cd->abd"), ("flax", "...i,ij->...j"), ("keras", "abc,cd->abd")])
 def test_tf2onnx_block_prunes_its_mlp_width_exactly(style: str, equation: str, tmp_path: Path) -> None:
     model = build_tf2onnx_block(style, equation)
     _, a = _analysis(model)
@@ -225,10 +243,11 @@ def test_tf2onnx_block_prunes_its_mlp_width_exactly(style: str, equation: str, t
     assert (report["original"]["macs"], report["pruned"]["macs"]) == (5 * (8 * 32 + 32 * 8), 5 * (8 * 16 + 16 * 8))
 
 
-def test_decomposed_layer_norm_on_a_prunable_width_is_approximate() -> None:
+@pytest.mark.parametrize("style", ["mean", "sum", "flax"])
+def test_decomposed_layer_norm_on_a_prunable_width_is_approximate(style: str) -> None:
     """A decomposed LayerNorm over channels that are prunable (not the graph's input) marks them approximate."""
     g = _Graph("ln_width", 0, 17)
-    h = _layer_norm(g, _einsum_dense(g, "input", 8, 16, name="dense1"), 16, style="sum")
+    h = _layer_norm(g, _einsum_dense(g, "input", 8, 16, name="dense1"), 16, style=style)
     model = g.finish(_einsum_dense(g, h, 16, 4, name="dense2"), ["N", 8])
     _, a = _analysis(model)
     grp = _group_of(a, "dense1")

@@ -198,32 +198,43 @@ def reduce(az: Analyzer, node: gs.Node) -> None:
 STATISTICS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
 
 
-STAT_HOPS = 6
+STAT_HOPS = 8
+
+
+def _upstream(t: gs.Tensor, hops: int) -> set[int]:
+    """ids of ``t`` and the computed tensors it comes from through ``hops`` elementwise ops or reductions."""
+    found, frontier = {id(t)}, [t]
+    for _ in range(hops):
+        ops = [producer(x) for x in frontier]
+        frontier = [x for op in ops if op is not None and op.op in UNARY + BROADCAST + STATISTICS
+                    for x in op.inputs if isinstance(x, gs.Variable)]
+        found.update(id(x) for x in frontier)
+    return found
 
 
 def _is_norm_statistic(node: gs.Node) -> bool:
     """Whether a reduction over the channel axis (dims kept) is a normalisation's statistic: within a few
-    elementwise steps its value meets the tensor it was computed from (LayerNorm ``x - mean(x)``,
-    ``d / sqrt(mean(d²))``; RMSNorm; GRN ``Gx / mean(Gx)``; the ``ReduceSum · 1/n`` forms). A softmax
-    (a sum of ``Exp``) and other uses (a CBAM map fed to a Conv) are not."""
+    elementwise steps its value meets a tensor computed from the same source (LayerNorm ``x - mean(x)``,
+    ``d / sqrt(mean(d²))``, flax's ``mean(x²) - mean(x)²`` applied to ``x - mean(x)``; RMSNorm; GRN
+    ``Gx / mean(Gx)``; the ``ReduceSum · 1/n`` forms). A softmax (a sum of ``Exp``) and other uses (a CBAM
+    map fed to a Conv) are not."""
     x = node.inputs[0]
     if node.op not in STATISTICS or int(node.attrs.get("keepdims", 1)) != 1:
         return False
-    sources, frontier = {id(x)}, [x]
-    for _ in range(3):
-        ops = [producer(t) for t in frontier]
-        if any(op is not None and op.op == "Exp" for op in ops):
-            return False
-        frontier = [t for op in ops if op is not None and op.op in UNARY + BROADCAST + STATISTICS for t in op.inputs]
-        sources.update(id(t) for t in frontier if isinstance(t, gs.Variable))
-    seen, tensors = set(), [node.outputs[0]]
+    src = producer(x)
+    if src is not None and src.op == "Exp":
+        return False
+    sources = _upstream(x, 3)
+    seen, chain, tensors = set(), {id(node.outputs[0])}, [node.outputs[0]]
     for _ in range(STAT_HOPS):
         users = [u for t in tensors for u in t.outputs if u.op in UNARY + BROADCAST and id(u) not in seen]
         for u in users:
-            if any(id(t) in sources for t in u.inputs):
+            others = [t for t in u.inputs if isinstance(t, gs.Variable) and id(t) not in chain]
+            if any(_upstream(t, 1) & sources for t in others):
                 return True
             seen.add(id(u))
         tensors = [t for u in users for t in u.outputs]
+        chain.update(id(t) for t in tensors)
     return False
 
 
