@@ -20,6 +20,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.cluster import postgres, ray_cluster  # noqa: E402,F401 - session fixtures of the scale-out tests
+from tests.lms.fixtures import lm_export, lm_tokens_npz  # noqa: E402,F401 - the trained tiny LMs
 from tests.data import (  # noqa: E402
     RAPIDOCR_INSTALL,
     digits_split,
