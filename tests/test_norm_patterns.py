@@ -326,3 +326,52 @@ def test_runtime_padding_of_the_channel_axis_blocks() -> None:
     _, a = _analysis(build_window_pad(pad_channels=True))
     blocked = _group_of(a, "dense1")
     assert blocked.prunable == 0 and "window_pad pads the channel axis" in blocked.blocked_reason
+
+
+# --- the same patterns as torch.onnx writes them -----------------------------------------------------------------
+
+
+def _torch_pattern(torch, name: str):  # noqa: ANN001, ANN202
+    """A GroupNorm(4)/GroupNorm(1) conv net or a ConvNeXt-V2 MLP with GRN, and its example input."""
+    nn = torch.nn
+
+    class ConvGN(nn.Module):
+        def __init__(self, groups: int) -> None:
+            super().__init__()
+            self.c1, self.gn = nn.Conv2d(3, C, 3, padding=1), nn.GroupNorm(groups, C)
+            self.c2, self.fc = nn.Conv2d(C, C, 3, padding=1), nn.Linear(C, 10)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.fc(self.c2(torch.relu(self.gn(self.c1(x)))).mean((2, 3)))
+
+    class GrnMlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+            self.gamma, self.beta = nn.Parameter(0.05 * torch.randn(16)), nn.Parameter(0.05 * torch.randn(16))
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            x = torch.nn.functional.gelu(self.up(x))
+            gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+            return self.down(self.gamma * (x * (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + x)
+
+    torch.manual_seed(0)
+    if name == "grn":
+        return GrnMlp().eval(), torch.randn(2, 4, 4, 8)
+    return ConvGN(G if name == "gn4" else 1).eval(), torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("name", "classes", "approximate"), [("gn4", G, False), ("gn1", C, True), ("grn", 16, True)])
+def test_torch_exports_of_the_norm_patterns(name: str, classes: int, approximate: bool, dynamo: bool,
+                                             tmp_path: Path) -> None:
+    """GroupNorm and GRN as both torch exporters write them, batch symbolic and no --shape: prunable as built above."""
+    torch = pytest.importorskip("torch")
+    module, x = _torch_pattern(torch, name)
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=["output"], opset_version=18,
+                      dynamo=dynamo, dynamic_axes=None if dynamo else {"input": {0: "N"}},
+                      dynamic_shapes=({0: torch.export.Dim("N")},) if dynamo else None)
+    first = next(n.name for n in onnx.load(path).graph.node if n.op_type in ("Conv", "MatMul"))
+    group = next(g for g in analyze(path)["groups"] if first in g["producers"])
+    assert group["channels"] == group["prunable"] == classes and bool(group["approximate"]) == approximate
