@@ -55,6 +55,19 @@ def test_task_metric_reads_logits_and_reports_perplexity() -> None:
     assert task.shown is not None and task.shown.convert(task.baseline.value) == pytest.approx(expected, rel=1e-6)
 
 
+def test_report_gives_perplexity_beside_its_log() -> None:
+    from onnxprune.report import _metric_lines, metric_report
+
+    section = metric_report("negative_log_perplexity", "perplexity", "tokens.npz", -math.log(20.0), -math.log(25.0),
+                            [("cut", -math.log(30.0))], shown=("perplexity", lambda v: math.exp(-v)))
+    assert section["drop_points"] == pytest.approx(100 * math.log(25 / 20), abs=1e-5)
+    shown = section["shown"]
+    assert (shown["original"], shown["pruned"], shown["ratio"]) == pytest.approx((20.0, 25.0, 1.25))
+    assert shown["stages"][0]["value"] == pytest.approx(30.0)
+    assert _metric_lines(section)[1] == "  perplexity: original 20, pruned 25 (1.250x); after cut 30"
+    assert "shown" not in metric_report("accuracy", "top1", "d", 0.9, 0.8, [])
+
+
 def test_perplexity_refuses_data_without_input_ids() -> None:
     batches = lambda: iter([{"tokens": np.array([[0, 1, 2]])}])  # noqa: E731
     with pytest.raises(BadInputError, match="input_ids"):
