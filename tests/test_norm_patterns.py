@@ -254,6 +254,23 @@ def test_decomposed_layer_norm_on_a_prunable_width_is_approximate(style: str) ->
     assert grp.prunable == 16 and any("ln.mean" in r for r in grp.approximate)
 
 
+@pytest.mark.parametrize(("equation", "ranks", "weight", "expected"), [
+    ("...i,ij->...j", (3, 2, 3), 1, (0, 2, 0, 1, 2)), ("abc,cd->abd", (3, 2, 3), 1, (0, 2, 0, 1, 2)),
+    ("ji,...i->...j", (2, 2, 2), 0, (1, 1, 1, 0, 1)), ("bij,jk->bik", (3, 2, 3), 1, (0, 2, 0, 1, 2)),
+    ("abc,dc->abd", (3, 2, 3), 1, (0, 2, 1, 0, 2)), ("abc,cde->abde", (3, 3, 4), 1, None),
+    ("abc,cd->ad", (3, 2, 2), 1, None), ("ab,bc,cd->ad", (2, 2, 2), 1, None), ("aa,ab->b", (2, 2, 1), 1, None),
+])
+def test_dense_einsum_reads_the_axes(equation: str, ranks: tuple[int, int, int], weight: int,
+                                     expected: tuple[int, ...] | None) -> None:
+    """(data input, its contracted axis, weight rows axis, weight columns axis, output axis), or not a dense layer."""
+    from dataclasses import astuple
+
+    from onnxprune.analysis.rules.einsum import dense_einsum
+
+    found = dense_einsum(equation, ranks[:2], weight, ranks[2])
+    assert (astuple(found) if found else None) == expected
+
+
 @pytest.mark.parametrize("equation", ["abc,cde->abde", "ab,bc,cd->ad", "abc,abd->acd", "bij,bjk->bik"])
 def test_einsum_that_is_not_a_dense_layer_blocks_naming_the_equation(equation: str) -> None:
     g = _Graph("einsum_other", 0, 17)

@@ -49,18 +49,24 @@ def expand_term(term: str, rank: int) -> list[str] | None:
     return [*head, *(f"…{k}" for k in range(fill - 1, -1, -1)), *tail]
 
 
-def dense_einsum(equation: str, ranks: list[int | None], weight: int, out_rank: int | None) -> DenseEinsum | None:
-    """The dense-layer reading of ``equation`` with input ``weight`` constant, or None when it is not one."""
+def dense_einsum(equation: str, ranks: tuple[int, int], weight: int, out_rank: int) -> DenseEinsum | None:
+    """The dense-layer reading of ``equation`` (operand ranks ``ranks``, input ``weight`` constant), or None
+    when it is not one.
+
+    Example:
+        >>> dense_einsum("...i,ij->...j", (3, 2), 1, 3)
+        DenseEinsum(data=0, data_axis=2, weight_in=0, weight_out=1, out_axis=2)
+    """
     eq = equation.replace(" ", "")
-    if "->" not in eq or out_rank is None or any(r is None for r in ranks):
+    if "->" not in eq:
         return None
     lhs, out_term = eq.split("->")
     terms = lhs.split(",")
     if len(terms) != 2:
         return None
     data = 1 - weight
-    x = expand_term(terms[data], ranks[data])  # type: ignore[arg-type]
-    w = expand_term(terms[weight], ranks[weight])  # type: ignore[arg-type]
+    x = expand_term(terms[data], ranks[data])
+    w = expand_term(terms[weight], ranks[weight])
     out = expand_term(out_term, out_rank)
     if x is None or w is None or out is None or len(w) != 2 or any(len(set(s)) != len(s) for s in (x, w, out)):
         return None
@@ -78,9 +84,10 @@ def einsum(az: Analyzer, node: gs.Node) -> None:
     """A dense Einsum is a producer (the weight's free axis) and a consumer (its contracted axis)."""
     equation = str(node.attrs.get("equation", ""))
     consts = [i for i, t in enumerate(node.inputs) if az.const(t) is not None and az.map(t) is None]
+    ranks = [az.rank(t) for t in [*node.inputs, node.outputs[0]]]
     dense = None
-    if len(node.inputs) == 2 and len(consts) == 1:
-        dense = dense_einsum(equation, [az.rank(t) for t in node.inputs], consts[0], az.rank(node.outputs[0]))
+    if len(node.inputs) == 2 and len(consts) == 1 and all(r is not None for r in ranks):
+        dense = dense_einsum(equation, (ranks[0], ranks[1]), consts[0], ranks[2])  # type: ignore[arg-type]
     if dense is None:
         az.block_inputs(node, f"Einsum {node.name} with equation {equation!r} is not a dense layer the analysis follows")
         return
