@@ -1,4 +1,4 @@
-"""Tiny random-weight decoder LMs in pure PyTorch, exported by torch.onnx (TorchScript, ``dynamo=False``).
+"""Tiny random-weight decoder LMs in pure PyTorch, exported by torch.onnx (TorchScript, ``dynamo=False``; or dynamo).
 
 Two families, each with and without a KV cache:
 
@@ -196,14 +196,16 @@ def cache_names(c: DecoderConfig) -> tuple[list[str], list[str]]:
     return past, [name.replace("past_key_values", "present") for name in past]
 
 
-def export_decoder(path: Path, c: DecoderConfig, *, cache: bool, seed: int = 0) -> Path:
-    """Build a random-weight decoder and export it with the TorchScript exporter (opset 17)."""
+def export_decoder(path: Path, c: DecoderConfig, *, cache: bool, seed: int = 0, dynamo: bool = False) -> Path:
+    """Build a random-weight decoder and export it with the TorchScript exporter (opset 17), or the dynamo one."""
     import torch
 
     torch.manual_seed(seed)
     model = _modules(torch)["Decoder"](c, cache).eval()
     ids = torch.randint(0, c.vocab, (2, 3))
     past_names, present_names = cache_names(c)
+    if dynamo:
+        return _export_dynamo(torch, model, path, c, ids, cache)
     dyn: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
     args: tuple[Any, ...] = (ids,)
     if cache:
@@ -214,6 +216,22 @@ def export_decoder(path: Path, c: DecoderConfig, *, cache: bool, seed: int = 0) 
         torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", *(past_names if cache else [])],
                           output_names=["logits", *(present_names if cache else [])], dynamic_axes=dyn)
+    return path
+
+
+def _export_dynamo(torch: Any, model: Any, path: Path, c: DecoderConfig, ids: Any, cache: bool) -> Path:
+    """torch.export-based export: ``*flat_past`` gets its dynamic dims as one tuple."""
+    past_names, present_names = cache_names(c)
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
+    args: tuple[Any, ...] = (ids,)
+    shapes: tuple[Any, ...] = ({0: batch, 1: seq},)
+    if cache:
+        args += tuple(torch.randn(2, c.kv_heads, 2, c.head_dim) for _ in past_names)
+        shapes += (tuple({0: batch, 2: past} for _ in past_names),)
+    with torch.no_grad():
+        program = torch.onnx.export(model, args, dynamo=True, input_names=["input_ids", *(past_names if cache else [])],
+                                    output_names=["logits", *(present_names if cache else [])], dynamic_shapes=shapes)
+    program.save(str(path))
     return path
 
 

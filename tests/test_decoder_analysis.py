@@ -169,10 +169,10 @@ def test_exactness_zeroed_heads_and_mlp_units_removed(name: str, exports: dict[s
     np.testing.assert_allclose(run(pruned, feeds)["logits"], run(zeroed, feeds)["logits"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2_cache", "llama_cache"])
-def test_exactness_with_cache_shrinks_past_and_present(name: str, exports: dict[str, Path]) -> None:
-    c = _config(name)
-    zeroed, pruned, summary = _zeroed_and_cut(onnx.load(exports[name]), seed=2)
+def _assert_exact_with_cache(c: DecoderConfig, zeroed: onnx.ModelProto, pruned: onnx.ModelProto,
+                             summary: CutSummary) -> None:
+    """Half the KV heads went: the cache is declared with the rest, and fed the kept heads of a past the cut
+    model gives the zeroed model's logits and the kept heads of its presents."""
     past, present = cache_names(c)
     kept = c.kv_heads // 2
     assert all(summary.cache[n].shape[1] == kept for n in past + present), summary.cache
@@ -188,10 +188,8 @@ def test_exactness_with_cache_shrinks_past_and_present(name: str, exports: dict[
         np.testing.assert_allclose(after[n], summary.cache[n].narrow(before[n]), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2_cache", "llama_cache"])
-def test_pruned_cache_model_prefill_then_decode_equals_full_sequence(name: str, exports: dict[str, Path]) -> None:
-    c = _config(name)
-    _, pruned, summary = _zeroed_and_cut(onnx.load(exports[name]), seed=3)
+def _assert_generates(c: DecoderConfig, pruned: onnx.ModelProto) -> None:
+    """A prefill with an empty past, then one decode step with its presents, give the full sequence's logits."""
     kv = c.kv_heads // 2
     past, present = cache_names(c)
     ids = _ids(c, 2, 6, seed=4)
@@ -201,7 +199,35 @@ def test_pruned_cache_model_prefill_then_decode_equals_full_sequence(name: str, 
     assert first[present[0]].shape == (2, kv, 5, c.head_dim)
     np.testing.assert_allclose(first["logits"], full[:, :5], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(step["logits"], full[:, 5:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2_cache", "llama_cache"])
+def test_exactness_with_cache_shrinks_past_and_present(name: str, exports: dict[str, Path]) -> None:
+    zeroed, pruned, summary = _zeroed_and_cut(onnx.load(exports[name]), seed=2)
+    _assert_exact_with_cache(_config(name), zeroed, pruned, summary)
+
+
+@pytest.mark.parametrize("name", ["gpt2_cache", "llama_cache"])
+def test_pruned_cache_model_prefill_then_decode_equals_full_sequence(name: str, exports: dict[str, Path]) -> None:
+    _, pruned, summary = _zeroed_and_cut(onnx.load(exports[name]), seed=3)
+    _assert_generates(_config(name), pruned)
     assert any("cache present.0.key is now" in n for n in summary.notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dynamo_cache_export_prunes_heads_and_mlp_exactly_and_generates(family: str, tmp_path: Path) -> None:
+    """torch.onnx's dynamo exporter (node names say nothing: groups are picked by size)."""
+    pytest.importorskip("onnxscript")
+    c = CONFIGS[family]
+    model = onnx.load(export_decoder(tmp_path / "dynamo.onnx", c, cache=True, dynamo=True))
+    _, a = _analysis(model)
+    prunable = sorted(g.prunable for g in a.groups if g.prunable)
+    assert prunable == sorted([c.kv_heads] * c.layers + [c.mlp] * c.layers), [(g.producers, g.reasons) for g in a.groups]
+    zeroed, chosen = _zero_groups(model, lambda g: g.prunable > 0, seed=2)
+    pruned, summary, _ = _cut(zeroed, chosen)
+    _assert_exact_with_cache(c, zeroed, pruned, summary)
+    _assert_generates(c, pruned)
 
 
 # --- pruning through the pipeline -----------------------------------------------------------------------
