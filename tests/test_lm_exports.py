@@ -11,7 +11,13 @@ import onnxruntime as ort
 import pytest
 
 from onnxprune.data import model_inputs, open_data
-from tests.lms.tokens import heldout_ids, heldout_stream, tokenizer, windows, write_tokens_npz
+from tests.lms.tokens import (
+    heldout_ids,
+    heldout_stream,
+    tokenizer,
+    windows,
+    write_tokens_npz,
+)
 
 KINDS = ["llama", "gpt2"]
 

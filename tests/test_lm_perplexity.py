@@ -69,7 +69,7 @@ def test_report_gives_perplexity_beside_its_log() -> None:
 
 
 def test_perplexity_refuses_data_without_input_ids() -> None:
-    batches = lambda: iter([{"tokens": np.array([[0, 1, 2]])}])  # noqa: E731
+    batches = lambda: iter([{"tokens": np.array([[0, 1, 2]])}])
     with pytest.raises(BadInputError, match="input_ids"):
         TaskMetric.create(_bigram_model("tokens"), batches, parse_metric("perplexity"), has_labels=False, device="cpu")
 

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     info_path = DATA / "lms.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info.update({"python": sys.version.split()[0], "vocab": VOCAB, "seq": SEQ, "train_files": list(TRAIN_FILES),
-                 "heldout_files": list(HELDOUT_FILES), "train_tokens": int(len(train)),
-                 "heldout_tokens": int(len(held)), "unigram_perplexity": round(unigram_perplexity(train, held), 3)})
+                 "heldout_files": list(HELDOUT_FILES), "train_tokens": len(train),
+                 "heldout_tokens": len(held), "unigram_perplexity": round(unigram_perplexity(train, held), 3)})
     for kind in args.kinds:
         model, stats = train_model(kind, train, held, args.steps)
         np.savez_compressed(DATA / f"{kind}.npz", **state_to_numpy(model))  # type: ignore[arg-type]

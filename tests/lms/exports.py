@@ -26,7 +26,7 @@ STYLES = ("plain", "cache", "dynamo")
 OPSET = 17
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weights(kind: str) -> dict[str, np.ndarray]:
     """The committed trained weights of ``kind`` (``llama`` or ``gpt2``)."""
     if kind not in KINDS:

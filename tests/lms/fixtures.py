@@ -21,7 +21,8 @@ def lm_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], 
 
     def get(kind: str, style: str) -> Path:
         if (kind, style) not in built:
-            from tests.lms.exports import export  # torch is imported only by tests that use the LMs
+            # imported here so that torch loads only in tests that use the LMs
+            from tests.lms.exports import export
 
             built[(kind, style)] = export(kind, style, root / f"{kind}_{style}.onnx")
         return built[(kind, style)]
