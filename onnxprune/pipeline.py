@@ -25,6 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.io.export import export_checked, export_graph
+from onnxprune.io.genai import write_genai_config
 from onnxprune.io.load import LoadedModel, load_model
 from onnxprune.io.save import save_model
 from onnxprune.io.shapes import check_model, ops_without_schema, static_shapes
@@ -954,8 +955,12 @@ def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | No
 
 
 def stage_save(state: PruneState) -> None:
+    """Write the model, and an updated ``genai_config.json`` when the input came with one."""
     assert state.pruned is not None
     save_model(state.pruned, state.output_path)
+    genai = write_genai_config(state.model_path, state.pruned, state.output_path)
+    if genai is not None:
+        state.notes.append(genai.note())
 
 
 def _original_stats(state: PruneState) -> ModelStats:

@@ -34,6 +34,8 @@ class FixupKind(str, enum.Enum):
     SHAPE_VALUE = "shape_value"
     SHAPE_PIN = "shape_pin"
     RESIZE_SIZES = "resize_sizes"
+    ATTR_COUNT = "attr_count"
+    """An integer attribute that counts channels (a contrib op's ``num_heads``): set to the kept count."""
 
 
 @dataclass

@@ -127,6 +127,11 @@ def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.nda
     return [Edit(node.name, input_index=3, array=sizes)]
 
 
+def _attr_count(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    """An attribute counting heads (GroupQueryAttention's ``num_heads``/``kv_num_heads``): the kept count."""
+    return [Edit(node.name, attr=fix.data["attr"], value=int(keep(fix.ids[0]).sum()))]
+
+
 def default_fixups() -> FixupRegistry:
     reg = FixupRegistry()
     reg.register(FixupKind.CONV_GROUP, _conv_group)
@@ -136,6 +141,7 @@ def default_fixups() -> FixupRegistry:
     reg.register(FixupKind.RESIZE_SIZES, _resize_sizes)
     reg.register(FixupKind.SHAPE_VALUE, _shape_value)
     reg.register(FixupKind.SHAPE_PIN, _shape_pin)
+    reg.register(FixupKind.ATTR_COUNT, _attr_count)
     return reg
 
 
@@ -193,8 +199,8 @@ def cut_channels(
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise SurgeryError(f"cannot update {node.op} {node.name} ({fix.kind}): {e}") from e
     for edit in edits:
-        if edit.attr == "group" and int(edit.value) < 1:
-            raise SurgeryError(f"the cut would leave Conv {edit.node} with no channels")
+        if edit.attr is not None and isinstance(edit.value, int) and edit.value < 1:  # a group or head count
+            raise SurgeryError(f"the cut would leave {edit.node} with no channels ({edit.attr} = {edit.value})")
     edits = _merge_updates(edits, nodes)
     cache = _cache_cuts(graph, analysis, keep)
 

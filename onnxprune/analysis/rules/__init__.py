@@ -10,12 +10,19 @@ shuffle, fused Q/K/V) and update the target entry, even when it is computed at r
 computed tensors couples heads on batch axes and contracted features; LayerNormalization over the
 channels (fused, or decomposed into ReduceMean/Sub/Pow/Sqrt/Div) couples γ/β across the residual
 stream; Gather from a constant table is an embedding producer; a two-operand Einsum with a 2-D constant weight
-is a dense layer; recurrent and control-flow ops block.
+is a dense layer; onnxruntime's contrib ops from the genai model builder (GroupQueryAttention, RotaryEmbedding,
+SkipSimplifiedLayerNormalization) have rules in their com.microsoft domain; recurrent and control-flow ops block.
 """
 
 from __future__ import annotations
 
 from onnxprune.analysis.analyzer import RuleRegistry
+from onnxprune.analysis.rules.contrib import (
+    MS_DOMAIN,
+    group_query_attention,
+    rotary_embedding,
+    skip_simplified_layer_norm,
+)
 from onnxprune.analysis.rules.conv import conv, conv_transpose
 from onnxprune.analysis.rules.elementwise import (
     BROADCAST,
@@ -81,7 +88,11 @@ def default_registry() -> RuleRegistry:
     reg.register(("Softmax", "LogSoftmax", "Hardmax"), softmax)
     reg.register(("Resize", "Upsample"), resize)
     reg.register("Pad", pad)
-    reg.register("LayerNormalization", layer_norm)
+    reg.register(("LayerNormalization", "SimplifiedLayerNormalization"), layer_norm)  # onnxruntime keeps the
+    # latter in the default domain
+    reg.register("SkipSimplifiedLayerNormalization", skip_simplified_layer_norm, MS_DOMAIN)
+    reg.register("RotaryEmbedding", rotary_embedding, MS_DOMAIN)
+    reg.register("GroupQueryAttention", group_query_attention, MS_DOMAIN)
     reg.register("Gather", gather)
     reg.register("Expand", expand)
     reg.register("Tile", tile)

@@ -32,32 +32,33 @@ def batch_norm(az: Analyzer, node: gs.Node) -> None:
 
 
 def layer_norm(az: Analyzer, node: gs.Node) -> None:
-    """LayerNormalization: over axes without the channels it passes them through; over the channel axis
-    alone (a transformer's residual stream) it couples its scale and bias and passes them too. Removing
-    channels there changes the statistics, so that width is prunable but never exactly."""
+    """LayerNormalization (and onnxruntime's SimplifiedLayerNormalization, RMSNorm with a scale only): over
+    axes without the channels it passes them through; over the channel axis alone (a transformer's residual
+    stream) it couples its scale and bias and passes them too. Removing channels there changes the
+    statistics, so that width is prunable but never exactly."""
     xm, rank = az.map(first_input(node)), az.rank(first_input(node))
     if xm is None:
         return
     axis = int(node.attrs.get("axis", -1))
     axis = axis + rank if rank is not None and axis < 0 else axis
     if rank is None:
-        az.block(xm.ids, f"LayerNormalization {node.name}: rank unknown")
+        az.block(xm.ids, f"{node.op} {node.name}: rank unknown")
         return
     if xm.axis < axis:
         az.set_map(node.outputs[0], xm)
         return
     if not (xm.axis == axis == rank - 1):
-        az.block(xm.ids, f"LayerNormalization {node.name} normalizes the channels together with other axes")
+        az.block(xm.ids, f"{node.op} {node.name} normalizes the channels together with other axes")
         return
     for t in node.inputs[1:3]:
         if not Analyzer.present(t):
             continue
         if az.const(t) is None or az.const(t).size != len(xm.ids):
-            az.block(xm.ids, f"LayerNormalization {node.name} has computed or non-per-channel {t.name}")
+            az.block(xm.ids, f"{node.op} {node.name} has computed or non-per-channel {t.name}")
             return
         az.site(t, az.const(t).ndim - 1, xm.ids, node, SiteRole.PARAM)
-    az.approximate(xm.ids, f"LayerNormalization {node.name} normalizes over the channels: a cut changes its statistics")
+    az.approximate(xm.ids, f"{node.op} {node.name} normalizes over the channels: a cut changes its statistics")
     az.set_map(node.outputs[0], xm)
     for extra in node.outputs[1:]:
         if extra.outputs:
-            az.block(xm.ids, f"LayerNormalization {node.name} mean/inv-std outputs are used")
+            az.block(xm.ids, f"{node.op} {node.name} mean/inv-std outputs are used")
