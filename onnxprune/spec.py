@@ -13,7 +13,8 @@ from typing import Any
 
 from onnxprune.errors import BadInputError
 
-CRITERIA = ("l1", "l2", "bn-scale", "apoz", "activation", "regression", "taylor", "obd", "random")
+CRITERIA = ("l1", "l2", "bn-scale", "apoz", "activation", "regression", "taylor", "obd", "wanda", "flap",
+            "flap-std", "random")
 DEVICES = ("auto", "cuda", "cpu")
 LOSSES = ("ce", "distill", "mse")
 OPTIMIZERS = ("sgd", "adamw")

@@ -19,7 +19,7 @@ def default_criteria() -> CriterionRegistry:
 
     reg = CriterionRegistry()
     magnitude.register(reg)
-    for module in ("scaling", "apoz", "regression", "taylor"):
+    for module in ("scaling", "apoz", "regression", "taylor", "wanda", "flap"):
         try:
             mod = __import__(f"onnxprune.importance.{module}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -28,6 +28,8 @@ class Need(str, enum.Enum):
     """Gram matrices of the consumers' input features (regression), from calibration runs."""
     GRADIENTS = "gradients"
     """Per-weight gradient statistics from backward passes on the calibration data."""
+    LAYER_INPUTS = "layer inputs"
+    """Per-feature Σx and Σx² of the inputs of the layers holding a group's weights (wanda, flap)."""
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Calibration: run the model on real (or random) inputs and keep only running statistics.
 
 Data-driven criteria need to know what the model does, not just its weights: APoZ needs the share
-of zeros after each ReLU, ``activation`` the mean |x| the next layer sees, ``regression`` (LASSO, He et
-al. 2017) and ``--reconstruct`` the second moments of the next layer's inputs at sampled output
-positions. All of these are *sums*, so calibration streams batches through onnxruntime (intermediate
+of zeros after each ReLU, ``activation`` the mean |x| the next layer sees, ``wanda`` and ``flap`` the
+norm and variance of every weighted layer's input features, ``regression`` (LASSO, He et al. 2017) and
+``--reconstruct`` the second moments of the next layer's inputs at sampled output positions. All of
+these are *sums*, so calibration streams batches through onnxruntime (intermediate
 tensors added as outputs in a copy of the model, see :func:`onnxprune.runtime.iter_capture`) and folds
 each batch into fixed-size accumulators before reading the next one.
 
 Memory bound (independent of the number of samples):
 
-* per captured activation tensor with ``P`` positions on its channel axis: 3 float64 arrays of ``P``
-  (sum, |x| sum, zero count) → ``24·P`` bytes;
+* per captured activation tensor with ``P`` positions on its channel axis: 4 float64 arrays of ``P``
+  (sum, |x| sum, x² sum, zero count) → ``32·P`` bytes;
 * per linear consumer (Conv via im2col patches, Gemm, MatMul) reading ``K`` input features
   (Conv: ``Cin·kh·kw``): one float64 Gram matrix ``K×K`` → ``8·K²`` bytes; consumers with
   ``K > max_features`` are skipped (noted), so this term is at most ``8·max_features²`` each;
@@ -19,6 +20,10 @@ Memory bound (independent of the number of samples):
 
 :meth:`CalibrationStats.nbytes` reports the accumulators' size and :func:`memory_bound` the formula's
 value; tests check that the first does not grow with the sample count and stays under the second.
+
+Token data (LMs): when the feeds carry an ``attention_mask [N, S]``, a captured ``[N, T, C]`` tensor
+counts only the positions whose token is attended (the last ``T`` columns of the mask: a KV-cache
+model's mask also covers the past), so padding never enters a statistic.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = Need.ACTIVATIONS
 FEATURES = Need.FEATURES
+LAYER_INPUTS = Need.LAYER_INPUTS
+
+ATTENTION_MASK = "attention_mask"
+"""The feed whose zeros mark padding tokens (the name Hugging Face exports and ``--metric perplexity`` use)."""
 
 RELU_LIKE = ("Relu", "Clip")
 """Ops whose output is exactly zero on a whole half-line (Clip only with min 0): where APoZ means something."""
@@ -105,6 +114,13 @@ class LinearView:
         else:
             out = m
         return np.ascontiguousarray(out.astype(like.dtype))
+
+    @property
+    def input_axis(self) -> int:
+        """The axis of the stored weight that reads the input channels (Conv's Cin, Gemm's K, MatMul's rows)."""
+        if self.op == "Conv":
+            return 1
+        return 1 if self.op == "Gemm" and self.trans_b else 0
 
     def per_channel(self) -> int:
         """Features per input channel (kh·kw for Conv, 1 otherwise)."""
@@ -217,20 +233,25 @@ class TensorStats:
     count: int = 0
     sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     abs_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sq_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
         if not len(self.sum):
-            self.sum, self.abs_sum, self.zeros = np.zeros(self.size), np.zeros(self.size), np.zeros(self.size)
+            self.sum, self.abs_sum, self.sq_sum, self.zeros = (np.zeros(self.size) for _ in range(4))
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Add one batch; ``keep`` (over the non-channel positions, in order) drops the positions that are False."""
         if x.shape[self.axis] != self.size:
             raise BadInputError(f"a captured tensor has {x.shape[self.axis]} channels on axis {self.axis}, "
                                 f"the analysis expected {self.size}", field="calib")
         flat = np.moveaxis(np.asarray(x), self.axis, 0).reshape(self.size, -1)
+        if keep is not None:
+            flat = flat[:, keep.reshape(-1)]
         self.count += flat.shape[1]
         self.sum += flat.sum(axis=1, dtype=np.float64)
         self.abs_sum += np.abs(flat).sum(axis=1, dtype=np.float64)
+        self.sq_sum += np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
         self.zeros += (flat == 0).sum(axis=1)
 
     @property
@@ -242,8 +263,20 @@ class TensorStats:
         return self.abs_sum / max(self.count, 1)
 
     @property
+    def l2_norm(self) -> np.ndarray:
+        """‖x‖₂ per channel over every counted position (Wanda's input-feature norm)."""
+        return np.sqrt(self.sq_sum)
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Sample variance per channel over the counted positions (FLAP's fluctuation); 0 below two positions."""
+        if self.count < 2:
+            return np.zeros(self.size)
+        return np.maximum(self.sq_sum - self.sum ** 2 / self.count, 0.0) / (self.count - 1)
+
+    @property
     def nbytes(self) -> int:
-        return int(self.sum.nbytes + self.abs_sum.nbytes + self.zeros.nbytes)
+        return int(self.sum.nbytes + self.abs_sum.nbytes + self.sq_sum.nbytes + self.zeros.nbytes)
 
 
 @dataclass
@@ -268,6 +301,8 @@ class CalibrationStats:
     device: str
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     grams: dict[str, FeatureGram] = field(default_factory=dict)
+    layers: dict[str, LinearView] = field(default_factory=dict)
+    """Weighted layers whose input features were measured (``tensors[view.input]``), by node name."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -277,8 +312,8 @@ class CalibrationStats:
 
 
 def memory_bound(tensor_sizes: Iterable[int], feature_counts: Iterable[int]) -> int:
-    """The module docstring's bound on accumulator bytes: ``Σ 24·P + Σ 8·K²``."""
-    return sum(24 * p for p in tensor_sizes) + sum(8 * k * k for k in feature_counts)
+    """The module docstring's bound on accumulator bytes: ``Σ 32·P + Σ 8·K²``."""
+    return sum(32 * p for p in tensor_sizes) + sum(8 * k * k for k in feature_counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +365,28 @@ def consumer_inputs(graph: gs.Graph, analysis: Analysis, group: PruningGroup) ->
     return names
 
 
+def weighted_layers(graph: gs.Graph, analysis: Analysis) -> tuple[dict[str, LinearView], list[str]]:
+    """The Conv/Gemm/MatMul layers whose weights hold a prunable group's rows or columns (what ``wanda`` and
+    ``flap`` weigh by their input features), and why any other such layer is left out."""
+    nodes = {n.name: n for n in graph.nodes}
+    free = {int(c) for g in analysis.groups if g.prunable for c in g.classes}
+    layers: dict[str, LinearView] = {}
+    notes: list[str] = []
+    for site in analysis.sites:
+        node = nodes.get(site.node)
+        if (site.role not in (SiteRole.OUT, SiteRole.IN) or node is None or site.node in layers
+                or not free.intersection(analysis.classes_of(site.ids).tolist())):
+            continue
+        view = linear_view(node)
+        if isinstance(view, str):
+            note = f"calibration: {view}; its input features are not measured"
+            if note not in notes:
+                notes.append(note)
+        elif view.weight == site.tensor:
+            layers[site.node] = view
+    return layers, notes
+
+
 @dataclass
 class CapturePlan:
     """Tensors to collect statistics for and consumers to accumulate Grams for."""
@@ -337,11 +394,14 @@ class CapturePlan:
     tensors: dict[str, int] = field(default_factory=dict)
     views: dict[str, LinearView] = field(default_factory=dict)
     features: dict[str, int] = field(default_factory=dict)
+    layers: dict[str, LinearView] = field(default_factory=dict)
+    inputs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Input tensors of ``layers`` not already in ``tensors``: name → (channel axis, channels)."""
     notes: list[str] = field(default_factory=list)
 
     @property
     def capture_names(self) -> list[str]:
-        names = list(self.tensors)
+        names = list(self.tensors) + [n for n in self.inputs if n not in self.tensors]
         for v in self.views.values():
             if v.input not in names:
                 names.append(v.input)
@@ -349,7 +409,8 @@ class CapturePlan:
 
     def bound(self) -> int:
         """The accumulators' size by the module docstring's formula."""
-        return memory_bound(self.tensors.values(), self.features.values())
+        sizes = [*self.tensors.values(), *(size for _, size in self.inputs.values())]
+        return memory_bound(sizes, self.features.values())
 
 
 def plan_capture(graph: gs.Graph, analysis: Analysis, needs: set[str], max_features: int = 2304) -> CapturePlan:
@@ -376,7 +437,28 @@ def plan_capture(graph: gs.Graph, analysis: Analysis, needs: set[str], max_featu
                 continue
             plan.views[site.node] = view
             plan.features[site.node] = k
+    if LAYER_INPUTS in needs:
+        plan.layers, notes = weighted_layers(graph, analysis)
+        plan.notes.extend(notes)
+        weights = graph.tensors()
+        for view in plan.layers.values():
+            if view.input not in plan.tensors:
+                size = int(weights[view.weight].shape[view.input_axis])
+                plan.inputs.setdefault(view.input, (view.channel_axis, size))
     return plan
+
+
+def token_keep(mask: np.ndarray | None, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """Which non-channel positions of a captured ``[N, T, C]`` tensor hold attended tokens, from the feeds'
+    ``attention_mask [N, S]`` (its last ``T`` columns: the current tokens after any past); None to keep all
+    (no mask, or a tensor whose positions are not tokens)."""
+    if mask is None or len(shape) != 3 or axis % 3 != 2:
+        return None
+    m = np.asarray(mask)
+    n, t = shape[0], shape[1]
+    if m.ndim != 2 or m.shape[0] != n or m.shape[1] < t:
+        return None
+    return m[:, m.shape[1] - t:] != 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +557,9 @@ def calibrate(
     plan = plan_capture(graph, analysis, needs, max_features)
     stats = CalibrationStats(0, description, choice.name, notes=list(plan.notes))
     stats.tensors = {name: TensorStats(analysis.maps[name].axis, size) for name, size in plan.tensors.items()}
+    for name, (axis, size) in plan.inputs.items():
+        stats.tensors.setdefault(name, TensorStats(axis, size))
+    stats.layers = dict(plan.layers)
     stats.grams = {node: FeatureGram(v, np.zeros((plan.features[node],) * 2)) for node, v in plan.views.items()}
     names = plan.capture_names
     if not names:
@@ -484,15 +569,18 @@ def calibrate(
     rng = np.random.default_rng(seed)
     try:
         sizes: list[int] = []
+        masks: list[np.ndarray | None] = []
 
         def counted() -> Iterator[dict[str, np.ndarray]]:
             for feeds in stream(source, batch_size):
                 sizes.append(len(next(iter(feeds.values()))))
+                masks.append(feeds.get(ATTENTION_MASK))
                 yield feeds
 
         for captured in iter_capture(model, names, counted(), choice):
             for name, ts in stats.tensors.items():
-                ts.update(captured[name])
+                x = captured[name]
+                ts.update(x, token_keep(masks[-1], x.shape, ts.axis))
             for fg in stats.grams.values():
                 x = captured[fg.view.input]
                 rows = fg.view.rows(x, fg.view.positions(x.shape, positions, rng))
