@@ -8,7 +8,8 @@ Two families, each with and without a KV cache:
   ``where(mask, scores, min)``, merge by ``view(x.size()[:-2] + (H·d,))``, ``c_fc → GELU → c_proj``.
 * ``llama``: RMSNorm, rotary embeddings (cos/sin tables gathered by position, ``rotate_half`` by
   Slice/Neg/Concat), grouped-query attention (4 query heads share 2 KV heads via ``repeat_kv`` = Unsqueeze,
-  Expand, Reshape), heads by ``view(B, T, -1, d)``, an additive causal mask, SwiGLU ``down(silu(gate)·up)``.
+  Expand, Reshape), heads by ``view(B, T, -1, d)``, merged by ``reshape(b, t, h * d)`` with h and d read from
+  the shape, an additive causal mask, SwiGLU ``down(silu(gate)·up)``.
 
 With a cache the graph reads ``past_key_values.{i}.key/value`` [B, kv_heads, P, d], concatenates them with the
 new keys/values on the sequence axis and returns them as ``present.{i}.key/value``.
@@ -132,8 +133,9 @@ def _modules(torch: Any) -> dict[str, Any]:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             w = torch.matmul(q, self.repeat_kv(k).transpose(2, 3)) / float(self.d) ** 0.5
             w = w + causal(w, 0).to(w.dtype) * torch.finfo(w.dtype).min
-            a = torch.matmul(w.softmax(-1), self.repeat_kv(v)).transpose(1, 2).reshape(*x.shape[:-1], -1)
-            return self.o_proj(a), k, v
+            a = torch.matmul(w.softmax(-1), self.repeat_kv(v))
+            b, h, t, d = a.shape
+            return self.o_proj(a.transpose(1, 2).reshape(b, t, h * d)), k, v
 
     class LlamaBlock(nn.Module):
         def __init__(self, c: DecoderConfig) -> None:

@@ -85,8 +85,11 @@ def _carry_shape_read(az: Analyzer, node: gs.Node) -> list[tuple[str, ...]] | No
     if node.op in SHAPE_PASS and all(t.name not in az.shape_reads for t in node.inputs[1:]):
         return src
     if node.op in ARITHMETIC and src is not None and len(node.inputs) == 2 and node.inputs[1].name not in az.shape_reads:
-        c = az.const(node.inputs[1])
-        return src if c is not None and c.size == 1 else None
+        c, dims = az.const(node.inputs[1]), az.shape(node.inputs[1])
+        if c is not None:
+            return src if c.size == 1 else None
+        # a count times (or over) a runtime scalar that no cut changes (h * d of a merge): the consumer checks it
+        return src if node.op in ("Mul", "Div") and dims in ([], [1]) else None
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and src is not None:
         idx = az.const(node.inputs[1])
         return None if idx is None else [src[int(i)] for i in idx.reshape(-1)]
@@ -161,7 +164,23 @@ class ShapeEntry:
     of: gs.Tensor | None = None
     dim: int = -1
     divisor: int = 1
+    multiplier: int = 1  # times a fixed dim of another tensor: h * d of the merge reshape(b, t, h * d)
     piece: tuple[gs.Node, int] | None = None  # the one-entry Concat input it arrives through, if any
+
+
+def _count_times_dim(az: Analyzer, mul: gs.Node) -> ShapeEntry | None:
+    """``Shape(x)[h] * Shape(y)[d]``: a channel count (x carries channels on axis h) times a dim that
+    carries none and has a known size (the head dim, in ``reshape(b, t, h * d)``)."""
+    found = [shape_source(az, mul, j, 0) for j in (0, 1)]
+    for count, other in (found, found[::-1]):
+        if count is None or other is None or count.of is None or other.of is None or other.divisor != 1:
+            continue
+        m, o = az.map(count.of), az.map(other.of)
+        dims = az.shape(other.of)
+        size = dims[other.dim] if dims is not None and 0 <= other.dim < len(dims) else None
+        if m is not None and m.axis == count.dim and (o is None or o.axis != other.dim) and isinstance(size, int):
+            return dataclasses.replace(count, multiplier=count.multiplier * size * other.multiplier)
+    return None
 
 
 def shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | None:
@@ -211,7 +230,7 @@ def shape_source(az: Analyzer, node: gs.Node, i: int, pos: int) -> ShapeEntry | 
             c = az.const(src.inputs[j])
             if c is not None and c.size == 1 and az.const(src.inputs[1 - j]) is None:
                 return ShapeEntry(src, j, 0, int(c.reshape(-1)[0]))
-        return None
+        return _count_times_dim(az, src) if pos == 0 else None
     if src.op == "Concat":
         offset = 0
         for j, piece in enumerate(src.inputs):

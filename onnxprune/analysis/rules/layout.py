@@ -343,7 +343,10 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
         return False
     if src.of is not None:
         m = az.map(src.of)
-        if m is None or m.axis != src.dim or az.proportion(m.ids, ids) != src.divisor:
+        follows = m is not None and m.axis == src.dim and (
+            az.proportion(m.ids, ids) == src.divisor if src.multiplier == 1
+            else src.divisor == 1 and az.proportion(ids, m.ids) == src.multiplier)
+        if not follows:
             if src.piece is None:
                 az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
                 return False
