@@ -576,3 +576,80 @@ def test_non_differentiable_paths_are_skipped() -> None:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 9
     _check(m, {"x": away_from(x, [0.0])}, ["x"])
+
+
+# ------------------------------------------------------------------------------ onnxruntime contrib ops (genai builder)
+def _contrib(nodes: list[onnx.NodeProto], floats: dict[str, np.ndarray], consts: dict[str, np.ndarray],
+             outputs: list[str]) -> onnx.ModelProto:
+    """A graph of onnxruntime contrib nodes: ``floats`` (and int arrays) are inputs, ``consts`` initializers."""
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+              for k, v in floats.items()]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                          [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 9
+    return m
+
+
+def _check_runtime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], wrt: list[str], tol: float = 2e-3) -> None:
+    """The expansion's gradients hold numerically, and match the deployed contrib kernel's central differences."""
+    from onnxprune.training.gradcheck import check_runtime_gradients
+
+    res = check_runtime_gradients(model, feeds, wrt)
+    assert res.expanded.max_rel_err < TOL64, f"float64 rel err {res.expanded.max_rel_err:.2e}"
+    assert res.expanded.max_rel_err_ort32 < TOL32, f"onnxruntime float32 rel err {res.expanded.max_rel_err_ort32:.2e}"
+    assert res.max_rel_err_runtime < tol, f"vs onnxruntime's contrib kernel: rel err {res.max_rel_err_runtime:.2e}"
+
+
+def test_contrib_rms_norms() -> None:
+    """SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization (with bias): input, skip, scale, bias."""
+    x, skip = r(2, 3, 8), r(2, 3, 8)
+    w, b = r(8, low=0.5, high=1.5), r(8)
+    nodes = [helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "w", "b"], ["h", "", "", "s"],
+                              domain="com.microsoft", epsilon=1e-5),
+             helper.make_node("SimplifiedLayerNormalization", ["s", "w2"], ["y"], axis=-1, epsilon=1e-5),
+             helper.make_node("Add", ["h", "y"], ["out"])]
+    model = _contrib(nodes, {"x": x, "skip": skip}, {"w": w, "b": b, "w2": r(8, low=0.5, high=1.5)}, ["out"])
+    _check_runtime(model, {"x": x, "skip": skip}, ["x", "skip", "w", "b", "w2"])
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_contrib_rotary_embedding(interleaved: int) -> None:
+    """com.microsoft RotaryEmbedding on [B, S, N·D] with position ids (a projection weight before it)."""
+    x, wq = r(2, 3, 8), r(8, 32)
+    ang = RNG.uniform(0, 3, (16, 8)).astype(np.float32)
+    pos = np.array([[0, 1, 2], [5, 6, 7]], np.int64)
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("RotaryEmbedding", ["q", "pos", "cos", "sin"], ["y"], domain="com.microsoft",
+                              num_heads=2, interleaved=interleaved)]
+    model = _contrib(nodes, {"x": x, "pos": pos}, {"wq": wq, "cos": np.cos(ang), "sin": np.sin(ang)}, ["y"])
+    _check_runtime(model, {"x": x, "pos": pos}, ["x", "wq"])
+
+
+@pytest.mark.parametrize("packed,interleaved,half,d", [(False, 0, 8, 16), (True, 0, 8, 16), (False, 1, 8, 16),
+                                                      (False, 0, None, 16), (True, 0, 8, 32)])
+def test_contrib_group_query_attention(packed: bool, interleaved: int, half: int | None, d: int) -> None:
+    """GroupQueryAttention at prefill (4 query heads on 2 KV heads, rotary inside, partial or not): the q/k/v
+    projection weights' gradients, output and present key/value both in the loss."""
+    b, s, hidden, heads, kv = 2, 4, 8, 4, 2
+    x = r(b, s, hidden)
+    consts = {"wq": r(hidden, heads * d), "wk": r(hidden, kv * d), "wv": r(hidden, kv * d)}
+    nodes = [helper.make_node("MatMul", ["x", f"w{t}"], [t]) for t in "qkv"]
+    qkv = ["q", "k", "v"]
+    if packed:
+        nodes.append(helper.make_node("Concat", ["q", "k", "v"], ["qkv"], axis=-1))
+        qkv = ["qkv", "", ""]
+    rotary = ["", ""]
+    if half is not None:
+        ang = RNG.uniform(0, 3, (16, half)).astype(np.float32)
+        consts.update(cos=np.cos(ang), sin=np.sin(ang))
+        rotary = ["cos", "sin"]
+    nodes.append(helper.make_node(
+        "GroupQueryAttention", qkv + ["past_k", "past_v", "seqlens_k", "total"] + rotary, ["y", "present_k", "present_v"],
+        domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=int(half is not None),
+        rotary_interleaved=interleaved))
+    empty = np.zeros((b, kv, 0, d), np.float32)
+    feeds = {"x": x, "past_k": empty, "past_v": empty, "seqlens_k": np.full(b, s - 1, np.int32),
+             "total": np.array(s, np.int32)}
+    model = _contrib(nodes, feeds, consts, ["y", "present_k", "present_v"])
+    _check_runtime(model, feeds, ["wq", "wk", "wv"])

@@ -26,6 +26,7 @@ from onnxprune.errors import BadInputError
 from onnxprune.io.limits import readable_ir_version
 from onnxprune.io.shapes import set_input_shapes
 from onnxprune.quantize.detect import has_float16, quantized_nodes
+from onnxprune.training.decompose import expand_contrib
 from onnxprune.training.grad.context import FLOAT_TYPES, NON_DIFFERENTIABLE, node_inputs
 from onnxprune.training.grad.driver import (
     GradientResult,
@@ -55,6 +56,8 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
     "Gather": (0,), "PRelu": (1,),
+    # onnxruntime's RMSNorms (onnxruntime-genai builder): scale, and gamma + bias; rotary caches fill no slot
+    "SimplifiedLayerNormalization": (1,), "SkipSimplifiedLayerNormalization": (2, 3),
 }
 #: Elementwise ops whose initializer operand is a weight when it has more than one element (biases,
 #: per-channel scales, positional embeddings); single-element ones are constants like HardSwish's 6.
@@ -224,6 +227,9 @@ def build_gradient_model(
 ) -> GradientModel:
     """The loss and its gradients w.r.t. ``trainable`` (default :func:`select_trainable`).
 
+    Contrib ops (onnxruntime-genai's RMSNorms, rotary, GroupQueryAttention) are differentiated through their
+    standard-op expansions (:func:`~onnxprune.training.decompose.expand_contrib`); ``base`` is that expansion.
+
     Parameters with no path to the loss stay frozen initializers (logged). ``recompute``: the backward
     re-runs cheap elementwise chains instead of keeping their outputs (see :func:`build_gradients`).
 
@@ -232,9 +238,11 @@ def build_gradient_model(
         UnsupportedOpError: an op on the differentiated path has no VJP rule.
     """
     refuse_quantized(model)
-    base = upgrade_opset(fix_input_shapes(constants_to_initializers(model), shapes))
+    prepared = fix_input_shapes(constants_to_initializers(model), shapes)
+    # chosen on the deployed ops: their slots say which inputs are weights (rotary caches are not)
+    names = list(trainable) if trainable is not None else select_trainable(prepared)
+    base = upgrade_opset(expand_contrib(prepared))
     inits = {t.name: t for t in base.graph.initializer}
-    names = list(trainable) if trainable is not None else select_trainable(base)
     for n in names:
         if n not in inits or inits[n].data_type not in FLOAT_TYPES:
             raise BadInputError(f"trainable tensor {n!r} is not a float initializer of the model", field="trainable")

@@ -7,14 +7,15 @@ onnxruntime to prove it loads and agrees there too. Used by the tests; handy whe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.training.artifacts import constants_to_initializers, params_to_inputs
+from onnxprune.training.decompose import expand_contrib
 from onnxprune.training.grad.context import collect_tensor_info
 from onnxprune.training.grad.driver import build_gradients, upgrade_opset
 
@@ -181,11 +182,25 @@ class GradCheck:
     max_rel_err_ort32: float  # onnxruntime float32 gradient graph vs float64 analytic
     analytic: dict[str, np.ndarray]
     numeric: dict[str, np.ndarray]
+    loss_weights: dict[str, np.ndarray] = field(default_factory=dict)  # the random functional's R_k inputs
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     scale = max(float(np.abs(b).max(initial=0.0)), 1e-3)
     return float(np.abs(a - b).max(initial=0.0)) / scale
+
+
+def _central(loss: Callable[[np.ndarray], float], base: np.ndarray, picked: np.ndarray, eps: float) -> np.ndarray:
+    """Central differences of ``loss`` at the flat positions ``picked`` of ``base`` (divided by the step actually
+    taken, which float32 rounds)."""
+    out = np.zeros(len(picked))
+    for j, k in enumerate(picked):
+        idx = np.unravel_index(k, base.shape)
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += eps
+        minus[idx] -= eps
+        out[j] = (loss(plus) - loss(minus)) / (float(plus[idx]) - float(minus[idx]))
+    return out
 
 
 def check_gradients(
@@ -232,14 +247,7 @@ def check_gradients(
         flat_idx = np.arange(base.size)
         if base.size > max_elements:
             flat_idx = rng.choice(base.size, max_elements, replace=False)
-        for k in flat_idx:
-            idx = np.unravel_index(k, base.shape)
-            vals = []
-            for sign in (1.0, -1.0):
-                pert = base.copy()
-                pert[idx] += sign * eps
-                vals.append(float(fwd.run(None, {**f64, w: pert})[0]))
-            num[idx] = (vals[0] - vals[1]) / (2 * eps)
+        num.reshape(-1)[flat_idx] = _central(lambda v, w=w: float(fwd.run(None, {**f64, w: v})[0]), base, flat_idx, eps)
         numeric[w] = num
         a = analytic.get(w, np.zeros_like(base))
         worst = max(worst, _rel(a.reshape(-1)[flat_idx], num.reshape(-1)[flat_idx]))
@@ -252,4 +260,48 @@ def check_gradients(
         out32 = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in f32.items() if k in names})))
         for w, a in analytic.items():
             worst32 = max(worst32, _rel(np.asarray(out32[res32.grads[w]], np.float64), a))
-    return GradCheck(worst, worst32, analytic, numeric)
+    weights = {k: v for k, v in f64.items() if k.startswith("gc_weight/")}
+    return GradCheck(worst, worst32, analytic, numeric, weights)
+
+
+@dataclass(frozen=True)
+class RuntimeGradCheck:
+    """Gradients of a model with contrib ops: through their training expansion, against the deployed kernels."""
+
+    expanded: GradCheck  # the expansion's gradient graph vs its own float64 central differences
+    max_rel_err_runtime: float  # float64 analytic vs float32 central differences of the original graph on onnxruntime
+
+
+def check_runtime_gradients(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    wrt: Sequence[str],
+    *,
+    eps: float = 1e-2,
+    max_elements: int = 24,
+    seed: int = 0,
+) -> RuntimeGradCheck:
+    """Check the training graph of ``model``'s contrib ops (:func:`~onnxprune.training.decompose.expand_contrib`)
+    against central differences of ``model`` itself, run by onnxruntime's contrib kernels in float32.
+
+    The reference evaluator cannot run contrib ops, and onnxruntime runs them in float32 only, so the
+    second check uses a larger ``eps``; the gradients are those of the op that is deployed, not of a
+    re-implementation of it.
+    """
+    res = check_gradients(expand_contrib(model), feeds, wrt, max_elements=max_elements, seed=seed)
+    model = constants_to_initializers(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    f32 = {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else v for k, v in feeds.items()}
+    f32.update({w: inits[w] for w in wrt if w not in f32})
+    f32.update({k: v.astype(np.float32) for k, v in res.loss_weights.items()})
+    model = params_to_inputs(model, [w for w in wrt if w in inits])
+    shapes = {o.name: res.loss_weights[f"gc_weight/{o.name}"].shape for o in model.graph.output}
+    sess = _ort(with_linear_loss(model, shapes))
+
+    rng = np.random.default_rng(seed + 1)
+    worst = 0.0
+    for w in wrt:
+        picked = rng.choice(f32[w].size, min(max_elements, f32[w].size), replace=False)
+        num = _central(lambda v, w=w: float(sess.run(None, {**f32, w: v})[0]), f32[w], picked, eps)
+        worst = max(worst, _rel(res.analytic[w].reshape(-1)[picked], num))
+    return RuntimeGradCheck(res, worst)

@@ -36,6 +36,7 @@ from onnxprune.training.artifacts import (
     params_to_inputs,
 )
 from onnxprune.training.data import TrainData
+from onnxprune.training.decompose import expand_contrib
 from onnxprune.training.grad.driver import upgrade_opset
 from onnxprune.training.losses import (
     FeatureMatch,
@@ -441,7 +442,7 @@ class _Samples:
 
 def _eval_model(model: onnx.ModelProto, params: list[str], terms: Sequence[LossTerm]) -> onnx.ModelProto:
     """The inference graph with params as inputs and the logits the loss terms read as extra outputs."""
-    base = params_to_inputs(upgrade_opset(model), params)
+    base = params_to_inputs(upgrade_opset(expand_contrib(model)), params)
     shown = logits_model(base, [t.semantics for t in terms if t.reads_logits])[0]
     features = [t.tensor for t in terms if t.kind is LossKind.FEATURE]
     return with_outputs(shown, features) if features else shown
