@@ -10,7 +10,8 @@
   KV head). A channel is a whole KV group: one KV head's key and value dims with its query heads' dims, from
   the packed or separate q/k/v projections, through the output to the o_proj rows and into the KV cache
   (``past_key``/``past_value`` in, ``present_key``/``present_value`` out, ``[B, kv_heads, T, head_size]``),
-  with ``num_heads``/``kv_num_heads`` set to the kept counts.
+  with ``num_heads``/``kv_num_heads`` set to the kept counts. ``AnalysisOptions.heads == "dims"`` does not apply
+  here: the op derives the head size from the widths and the rotary caches, so only whole groups go.
 
 The language model's hidden width (the residual stream these normalise) is kept by the driver's ``lm_stream``
 policy, with its reason; any other com.microsoft op has no rule and blocks what it reads.
