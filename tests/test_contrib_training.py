@@ -121,6 +121,18 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+def noised(model: onnx.ModelProto, scale: float = 0.3, seed: int = 7) -> onnx.ModelProto:
+    """Copy of ``model`` with Gaussian noise (``scale`` × each matrix's std) on its weight matrices, caches untouched."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    for t in out.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32 and a.ndim == 2 and not t.name.endswith("_cache"):
+            t.CopyFrom(numpy_helper.from_array((a + scale * a.std() * rng.standard_normal(a.shape)).astype(np.float32), t.name))
+    return out
+
+
 def _kl(teacher: np.ndarray, student: np.ndarray) -> float:
     """Mean KL(teacher ‖ student) over the vocabulary per position."""
     def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -272,13 +284,7 @@ def test_rotary_caches_are_buffers_and_norms_train() -> None:
 def test_distil_genai_style_lm_from_noised_copy(tmp_path: Path) -> None:
     """30 AdamW steps of KL distillation bring a noised copy back towards the original; the result keeps its ops."""
     teacher = genai_style_lm()
-    student = onnx.ModelProto()
-    student.CopyFrom(teacher)
-    rng = np.random.default_rng(7)
-    for t in student.graph.initializer:
-        a = numpy_helper.to_array(t)
-        if a.dtype == np.float32 and a.ndim == 2 and not t.name.endswith("_cache"):
-            t.CopyFrom(numpy_helper.from_array((a + 0.3 * a.std() * rng.standard_normal(a.shape)).astype(np.float32), t.name))
+    student = noised(teacher)
     held = lm_feeds(8, 12, seed=99)
     kl_before = _kl(_session(teacher).run(["logits"], held)[0], _session(student).run(["logits"], held)[0])
     res = finetune(student, TrainData(lm_feeds(64, 12, seed=1)),
@@ -306,20 +312,25 @@ GENAI_MODEL = ROOT / "lms" / "genai_llama" / "model.onnx"
 @pytest.mark.slow
 @pytest.mark.skipif(not GENAI_MODEL.exists(), reason="the onnxruntime-genai builder model is not built")
 def test_distil_genai_builder_model_a_few_steps() -> None:
-    """onnxruntime-genai's own builder output: its expansion matches onnxruntime, and it distils a few steps from
-    itself (the loss stays finite, the contrib ops stay)."""
+    """onnxruntime-genai's own builder output: its expansion matches onnxruntime, and a noised copy distils back
+    towards it in 20 steps, keeping its contrib ops."""
     import json
 
     model = onnx.load(GENAI_MODEL)
     decoder = json.loads((GENAI_MODEL.parent / "genai_config.json").read_text())["model"]["decoder"]
     kv, head = decoder["num_key_value_heads"], decoder["head_size"]
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 200, (16, 8)).astype(np.int64), "attention_mask": np.ones((16, 8), np.int64)}
-    feeds.update({i.name: np.zeros((16, kv, 0, head), np.float32) for i in model.graph.input
+    feeds = {"input_ids": rng.integers(0, 200, (32, 8)).astype(np.int64), "attention_mask": np.ones((32, 8), np.int64)}
+    feeds.update({i.name: np.zeros((32, kv, 0, head), np.float32) for i in model.graph.input
                   if i.name.startswith("past_key_values")})
     for a, b in zip(_session(model).run(None, feeds), _session(expand_contrib(model)).run(None, feeds)):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)  # the expansion computes what the kernels do
-    res = finetune(model, TrainData(feeds), FinetuneConfig(steps=3, lr=1e-4, batch_size=4, eval_fraction=0.0,
-                                                           progress_bar=False))
-    assert all(np.isfinite(h["loss"]) for h in res.history if "loss" in h)
-    assert {n.op_type for n in res.model.graph.node if n.domain == MS} == {n.op_type for n in model.graph.node if n.domain == MS}
+    student = noised(model, scale=1.0)
+    held = {k: v[:8] for k, v in feeds.items()}
+    held["input_ids"] = rng.integers(0, 200, (8, 8)).astype(np.int64)
+    kl_before = _kl(_session(model).run(["logits"], held)[0], _session(student).run(["logits"], held)[0])
+    res = finetune(student, TrainData(feeds), FinetuneConfig(steps=20, lr=3e-3, batch_size=4, eval_fraction=0.0,
+                                                             progress_bar=False), teacher=model)
+    kl_after = _kl(_session(model).run(["logits"], held)[0], _session(res.model).run(["logits"], held)[0])
+    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
+    assert [n.op_type for n in res.model.graph.node] == [n.op_type for n in model.graph.node]
