@@ -55,7 +55,7 @@ from onnxprune.importance import default_criteria
 from onnxprune.importance.taylor import collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
-from onnxprune.transform.surgery import CacheCut, cut_channels
+from onnxprune.transform.surgery import CacheCut, cut_channels, full_cache_inputs
 
 if TYPE_CHECKING:
     from onnxprune.data import DataSource
@@ -264,7 +264,8 @@ def _score(state: PruneState) -> float:
     """The task metric of ``state.pruned``, measured once per model."""
     assert state.task is not None and state.pruned is not None
     if state.scored is None or state.scored.model is not state.pruned:
-        state.scored = ScoredModel(state.pruned, state.task(state.pruned).value)
+        measured = full_cache_inputs(state.pruned, state.cache) if state.cache else state.pruned
+        state.scored = ScoredModel(state.pruned, state.task(measured).value)
     return state.scored.value
 
 

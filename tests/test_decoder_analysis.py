@@ -9,6 +9,7 @@ with an empty past and one decode step give the logits of the full sequence.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,54 @@ def test_pipeline_prunes_kv_groups_of_a_cache_model_and_reports_the_cache_shapes
         assert f"cache {n} is now ['batch', 1, 'total_seq', {c.head_dim}]" in report["notes"]
     step = run(onnx.load(out), {"input_ids": _ids(c, 2, 3), **empty_past(c, 2, 1)})
     assert step["logits"].shape == (2, 3, c.vocab) and step[present[0]].shape == (2, 1, 3, c.head_dim)
+
+
+# --- the trained tiny LMs (tests/lms) ----------------------------------------------------------------------
+
+
+def _lm_shapes(model: onnx.ModelProto, seq: int = 8, past: int = 3) -> dict[str, list[int]]:
+    """--shape for every input of a trained LM's export: the attention mask spans past + seq."""
+    shapes: dict[str, list[int]] = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.name.startswith("past_key_values"):
+            shapes[vi.name] = [1, dims[1], past, dims[3]]
+        else:
+            shapes[vi.name] = [1, seq + past if vi.name == "attention_mask" else seq]
+    return shapes
+
+
+@pytest.mark.parametrize("style", ["plain", "cache", pytest.param("dynamo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_trained_lm_heads_kv_groups_and_mlp_are_prunable(kind: str, style: str,
+                                                          lm_export: Callable[[str, str], Path]) -> None:
+    from tests.lms.models import CONFIGS as LM_CONFIGS
+
+    c = LM_CONFIGS[kind]
+    model = onnx.load(lm_export(kind, style))
+    _, a = _analysis(model, _lm_shapes(model))
+    prunable = sorted(g.prunable for g in a.groups if g.prunable)
+    assert prunable == sorted([c.kv_heads] * c.layers + [c.hidden] * c.layers), [
+        (g.producers[:2], g.reasons[:1]) for g in a.groups if not g.prunable]
+    if style != "plain":
+        assert len(a.cache_io) == 4 * c.layers
+
+
+def test_trained_lm_with_cache_prunes_kv_groups_and_measures_perplexity(
+        lm_export: Callable[[str, str], Path], lm_tokens_npz: Callable[..., Path], tmp_path: Path) -> None:
+    """The evaluation data holds an empty past with the original's heads: the cut model is measured through a
+    view that keeps its heads of that past (``full_cache_inputs``); the written model takes its own cache."""
+    src = lm_export("llama", "cache")
+    model = onnx.load(src)
+    out = tmp_path / "out.onnx"
+    spec = PruneSpec(ratio=0.5, device="cpu", shapes=_lm_shapes(model), eval_data=str(lm_tokens_npz("llama", "cache", n=4, seq=32)),
+                     metric="perplexity")
+    report = prune(src, out, spec).report
+    shown = report["metric"]["shown"]
+    assert shown["label"] == "perplexity" and 1 < shown["original"] < shown["pruned"] < 1e4
+    assert "cache past_key_values.0.key is now ['batch', 1, 'past', 24]" in report["notes"]
+    pruned = onnx.load(out)
+    feeds = {vi.name: np.zeros([1, 1, 0, 24], np.float32) for vi in pruned.graph.input if vi.name.startswith("past")}
+    feeds.update(input_ids=_ids(DecoderConfig(vocab=512), 1, 5), attention_mask=np.ones((1, 5), np.int64),
+                 position_ids=np.arange(5)[None])
+    assert run(pruned, feeds)["logits"].shape == (1, 5, 512)

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.core import Analysis, Fixup, FixupKind
 from onnxprune.analysis.index_mapping import keep_positions
 from onnxprune.errors import SurgeryError
-from onnxprune.io.export import clear_inferred_shapes
+from onnxprune.io.export import clear_inferred_shapes, export_graph
 from onnxprune.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,35 @@ class CacheCut:
     axis: int
     kept: np.ndarray
     shape: list[int | str]
+    size: int
+    """Heads on ``axis`` before the cut."""
 
     def narrow(self, value: np.ndarray) -> np.ndarray:
         """The original model's value of this tensor, as the cut model reads or writes it."""
         return np.take(value, self.kept, axis=self.axis)
+
+
+def full_cache_inputs(model: onnx.ModelProto, cache: dict[str, CacheCut]) -> onnx.ModelProto:
+    """A copy of the cut model that reads cache inputs with the original head count and keeps the cut's heads
+    (a Gather on their axis), so that data made for the original runs on it; present outputs stay cut.
+
+    For measuring on the original's evaluation data only: a generator feeds the cut model its own cache.
+    """
+    graph = gs.import_onnx(model)
+    for k, t in enumerate(graph.inputs):
+        cut = cache.get(t.name)
+        if cut is None:
+            continue
+        shape = list(t.shape) if t.shape is not None else None
+        if shape is not None:
+            shape[cut.axis] = cut.size
+        full = gs.Variable(t.name, dtype=t.dtype, shape=shape)
+        t.name = f"{t.name}_kept_heads"
+        index = gs.Constant(f"{t.name}_index", np.asarray(cut.kept, dtype=np.int64))
+        graph.nodes.append(gs.Node("Gather", f"{t.name}_gather", {"axis": cut.axis}, inputs=[full, index], outputs=[t]))
+        graph.inputs[k] = full
+    graph.toposort()
+    return export_graph(graph, model, check=False)
 
 
 FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
@@ -250,7 +276,7 @@ def _cache_cuts(graph: gs.Graph, analysis: Analysis, keep: Callable[[np.ndarray]
             raise SurgeryError(f"the cut would remove every head of cache tensor {name}")
         shape = list(t.shape)
         shape[m.axis] = int(mask.sum())
-        cuts[name] = CacheCut(m.axis, np.flatnonzero(mask), shape)
+        cuts[name] = CacheCut(m.axis, np.flatnonzero(mask), shape, len(mask))
     return cuts
 
 
