@@ -262,6 +262,15 @@ def test_unproduced_contrib_output_read_by_the_graph_is_refused() -> None:
     assert expandable_nodes(model)
 
 
+def test_expansion_needs_opset_13() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])
+    model = _model([helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"])], [x], ["y"],
+                   {"w": np.ones(8, np.float32)})
+    model.opset_import[0].version = 12
+    with pytest.raises(BadInputError, match="opset 13"):
+        expand_contrib(model)
+
+
 def test_every_expansion_is_checked_against_onnxruntime_here() -> None:
     """A new expansion needs a forward test above and a gradient test in test_autodiff_rules.py."""
     assert default_expansions().ops() == ["GroupQueryAttention", "RotaryEmbedding", "SimplifiedLayerNormalization",

@@ -337,13 +337,13 @@ def _shapes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], extra: list[onn
 def _expand_all(model: onnx.ModelProto, reg: ExpansionRegistry) -> None:
     """Rewrite in place, in graph order; expansions that read shapes see every earlier node already expanded."""
     graph = model.graph
-    info = _declared(model)
+    info = _shapes(model, list(graph.node), [])
     taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     done: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     todo = list(graph.node)
-    fresh = False  # ``info`` holds inferred shapes of the graph as it is now (at first only the declared ones)
+    fresh = True  # ``info`` holds the inferred shapes of the graph as it is now
     for k, node in enumerate(todo):
         exp = reg.get(node.op_type, node.domain)
         if exp is None:
@@ -362,20 +362,6 @@ def _expand_all(model: onnx.ModelProto, reg: ExpansionRegistry) -> None:
     del graph.node[:]
     graph.node.extend(done)
     graph.initializer.extend(inits)
-
-
-def _declared(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    """Types and shapes the graph declares (inputs, initializers, value_info) without running inference."""
-    g = model.graph
-    info: dict[str, TensorInfo] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                        for d in tt.shape.dim]
-        info[vi.name] = TensorInfo(int(tt.elem_type), dims if tt.HasField("shape") else None)
-    for t in g.initializer:
-        info[t.name] = TensorInfo(int(t.data_type), [int(d) for d in t.dims])
-    return info
 
 
 def expand_contrib(model: onnx.ModelProto, registry: ExpansionRegistry | None = None) -> onnx.ModelProto:
