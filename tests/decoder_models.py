@@ -8,7 +8,7 @@ Two families, each with and without a KV cache:
   ``where(mask, scores, min)``, merge by ``view(x.size()[:-2] + (H·d,))``, ``c_fc → GELU → c_proj``.
 * ``llama``: RMSNorm, rotary embeddings (cos/sin tables gathered by position, ``rotate_half`` by
   Slice/Neg/Concat), grouped-query attention (4 query heads share 2 KV heads via ``repeat_kv`` = Unsqueeze,
-  Expand, Reshape), heads by ``view(B, T, -1, d)``, merged by ``reshape(b, t, h * d)`` with h and d read from
+  Expand, Reshape; or repeat_interleave, or Tile), heads by ``view(B, T, -1, d)``, merged by ``reshape(b, t, h * d)`` with h and d read from
   the shape, an additive causal mask, SwiGLU ``down(silu(gate)·up)``.
 
 With a cache the graph reads ``past_key_values.{i}.key/value`` [B, kv_heads, P, d], concatenates them with the
@@ -36,6 +36,9 @@ class DecoderConfig:
     mlp: int = 64
     layers: int = 2
     max_pos: int = 32
+    kv_repeat: str = "expand"
+    """How query heads get their KV head: HF's ``expand`` + reshape ([k0, k0, k1, k1]), ``interleave``
+    (``repeat_interleave``, the same order) or ``tile`` (``repeat``: [k0, k1, k0, k1])."""
 
     @property
     def head_dim(self) -> int:
@@ -112,7 +115,7 @@ def _modules(torch: Any) -> dict[str, Any]:
     class LlamaAttention(nn.Module):
         def __init__(self, c: DecoderConfig) -> None:
             super().__init__()
-            self.h, self.kvh, self.d = c.heads, c.kv_heads, c.head_dim
+            self.h, self.kvh, self.d, self.kv_repeat = c.heads, c.kv_heads, c.head_dim, c.kv_repeat
             self.q_proj = nn.Linear(c.dim, c.heads * c.head_dim, bias=False)
             self.k_proj = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
             self.v_proj = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
@@ -121,6 +124,10 @@ def _modules(torch: Any) -> dict[str, Any]:
         def repeat_kv(self, x: Any) -> Any:
             b, kvh, t, d = x.shape
             rep = self.h // self.kvh
+            if self.kv_repeat == "interleave":
+                return torch.repeat_interleave(x, rep, dim=1)
+            if self.kv_repeat == "tile":
+                return x.repeat(1, rep, 1, 1)
             return x[:, :, None, :, :].expand(b, kvh, rep, t, d).reshape(b, kvh * rep, t, d)
 
         def forward(self, x: Any, cos: Any, sin: Any, past: tuple[Any, Any] | None) -> tuple[Any, Any, Any]:

@@ -8,6 +8,7 @@ with an empty past and one decode step give the logits of the full sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -229,6 +230,17 @@ def test_dynamo_cache_export_prunes_heads_and_mlp_exactly_and_generates(family: 
     pruned, summary, _ = _cut(zeroed, chosen)
     _assert_exact_with_cache(c, zeroed, pruned, summary)
     _assert_generates(c, pruned)
+
+
+@pytest.mark.parametrize("kv_repeat", ["interleave", "tile"])
+def test_gqa_with_repeat_interleave_or_tile_prunes_kv_groups_exactly(kv_repeat: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    c = dataclasses.replace(LLAMA, kv_repeat=kv_repeat, layers=1)
+    model = onnx.load(export_decoder(tmp_path / "gqa.onnx", c, cache=True))
+    _, a = _analysis(model)
+    assert [g.prunable for g in _kinds(a)["attention"]] == [c.kv_heads]
+    zeroed, pruned, summary = _zeroed_and_cut(model, seed=5)
+    _assert_exact_with_cache(c, zeroed, pruned, summary)
 
 
 # --- pruning through the pipeline -----------------------------------------------------------------------

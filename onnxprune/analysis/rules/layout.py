@@ -465,11 +465,14 @@ def _expand_target_fixup(az: Analyzer, node: gs.Node, ids: np.ndarray, axis: int
 
 
 def tile(az: Analyzer, node: gs.Node) -> None:
+    """Tile: other axes repeat freely; repeating the channel axis r times (``k.repeat(1, r, 1, 1)``, GQA's
+    key-value heads as [k0, k1, k0, k1]) repeats the id block, and r counts copies, not channels."""
     xm = az.map(first_input(node))
     if xm is None:
         return
-    repeats = az.const(optional_input(node, 1))
-    if repeats is None or int(repeats.reshape(-1)[xm.axis]) != 1:
-        az.block(xm.ids, f"Tile {node.name} repeats the channel axis")
+    repeats = runtime_ints(az, node, 1)
+    if repeats is None:
+        az.block(xm.ids, f"Tile {node.name} repeats are computed at runtime from unknown shapes (pass --shape)")
         return
-    az.set_map(node.outputs[0], xm)
+    times = int(repeats.reshape(-1)[xm.axis])
+    az.set_map(node.outputs[0], ChannelMap(xm.axis, np.tile(xm.ids, times)))
