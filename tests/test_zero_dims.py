@@ -139,10 +139,11 @@ def test_analyze_with_an_empty_past(tmp_path: Path) -> None:
     onnx.save(build_toy_decoder(), path)
     result = analyze(path, SHAPES)
     prunable = [g for g in result["groups"] if g["prunable"]]
-    assert [g["producers"] for g in prunable] == [["fc1"], ["fc2"]]  # the MLP width, and m read by q and kv
+    # the MLP width, m read by q and kv, and the 2 heads (k/v share ``present``, so a head goes with its cache slice)
+    assert [g["producers"] for g in prunable] == [["fc1"], ["fc2"], ["kv_proj", "q_proj"]]
     proc = cli("analyze", str(path), *SHAPE_ARGS)
     assert proc.returncode == 0, proc.stderr
-    assert "2 prunable groups" in proc.stdout
+    assert "3 prunable groups" in proc.stdout
 
 
 def test_prune_with_an_empty_past_end_to_end(tmp_path: Path) -> None:
