@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.analyzer import Analyzer, RuleRegistry, UnionFind
 from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup, Site
+from onnxprune.analysis.graph import find_cache_io
 from onnxprune.analysis.shape_reads import check_shape_reads, follow_shape_reads
 from onnxprune.analysis.shape_values import shape_facts
 
@@ -84,19 +85,6 @@ def analyze_graph(
         _keep_lm_stream(az, graph)
     _check_sites(az)
     return _build_groups(az)
-
-
-def find_cache_io(graph: gs.Graph) -> dict[str, str]:
-    """KV-cache pairs: a graph input read only by one Concat (and ``Shape``, for the past length) whose
-    output is a graph output (``past_key_values.i.key`` → ``present.i.key``). Both are generation state,
-    not task outputs: they may shrink with the heads they carry, consistently."""
-    outputs = {t.name for t in graph.outputs}
-    pairs: dict[str, str] = {}
-    for t in graph.inputs:
-        users = [u for u in t.outputs if u.op != "Shape"]
-        if len(users) == 1 and users[0].op == "Concat" and users[0].outputs[0].name in outputs:
-            pairs[t.name] = users[0].outputs[0].name
-    return pairs
 
 
 def _keep_lm_stream(az: Analyzer, graph: gs.Graph) -> None:

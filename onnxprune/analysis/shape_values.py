@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxprune.analysis.graph import find_cache_io
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,8 @@ def _primes_from(start: int) -> Iterator[int]:
         n += 1
 
 
-def _stand_ins(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, int]:
-    """A distinct small prime for every symbolic input dim (the sequence length, a cache's past length).
+def _symbols(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> list[str]:
+    """The symbolic input dims (the sequence length, a cache's past length), in order of appearance.
 
     The channel structure of a graph does not depend on these lengths, but its Reshape targets are
     computed from them at run time: folding with stand-ins makes those targets (and the shapes after
@@ -86,7 +89,28 @@ def _stand_ins(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str,
         for d in shapes.get(t.name) or []:
             if isinstance(d, str) and d not in names:
                 names.append(d)
-    return dict(zip(names, _primes_from(FIRST_STAND_IN)))
+    return names
+
+
+def _cache_aliases(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[str, str]:
+    """Symbol → the symbol it equals at run time: every layer's KV cache has the same past length, though
+    dynamo names each input's dim apart (``[s10, 2, s69, 24]``, ``[s10, 2, s89, 24]``)."""
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name in find_cache_io(graph):
+        for k, d in enumerate(shapes.get(name) or []):
+            if isinstance(d, str):
+                aliases[d] = first.setdefault(k, d)
+    return aliases
+
+
+def _forget_symbolic_shapes(graph: gs.Graph) -> None:
+    """Drop the symbolic shapes an exporter recorded past the inputs (dynamo's ``[s10, s70, 96]``): inference
+    keeps a recorded shape over the static one it could now derive from the fixed inputs."""
+    inputs = {id(t) for t in graph.inputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and id(t) not in inputs and t.shape is not None and not _static_dims(t.shape):
+            t.shape = None
 
 
 def _needs_folding(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> bool:
@@ -104,24 +128,66 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
     ``Concat``; with the inputs fixed those are constants, but ONNX shape inference does not fold them.
     On a copy, fold them (graphsurgeon's ``fold_shapes``) and re-infer until nothing changes; known
     shapes are kept, only missing or symbolic ones are filled. The graph itself is not changed.
-    """
-    import onnx
 
+    Symbolic input dims get stand-ins (:func:`_symbols`). When Reshapes stay unknown and the inputs have
+    three or more symbols, one may be the sum of two others (a decoder's ``attention_mask [batch, total]``
+    with total = past + seq): those relations are tried and the one that resolves most is kept.
+    """
     if not _needs_folding(graph, shapes) or sum(
             int(np.asarray(t.values).nbytes) for t in graph.tensors().values()
             if isinstance(t, gs.Constant)) > COMPLETE_SHAPES_MAX_BYTES:
         return ShapeFacts(shapes)
+    aliases = _cache_aliases(graph, shapes)
+    symbols = [s for s in _symbols(graph, shapes) if aliases.get(s, s) == s]
+    best = _fold(graph, shapes, dict(zip(symbols, _primes_from(FIRST_STAND_IN))), aliases)
+    if best is None:
+        return ShapeFacts(shapes)
+    left = _unresolved(graph, best.shapes)
+    for stand_ins in _sum_stand_ins(symbols) if left else ():
+        facts = _fold(graph, shapes, stand_ins, aliases)
+        if facts is not None and _unresolved(graph, facts.shapes) < left:
+            best, left = facts, _unresolved(graph, facts.shapes)
+            if not left:
+                break
+    return best
+
+
+MAX_SUM_SYMBOLS = 4
+
+
+def _sum_stand_ins(symbols: list[str]) -> Iterator[dict[str, int]]:
+    """Stand-ins where one symbol is the sum of two others (primes for the rest)."""
+    if not 3 <= len(symbols) <= MAX_SUM_SYMBOLS:
+        return
+    for total in symbols:
+        rest = [s for s in symbols if s != total]
+        for a, b in itertools.combinations(rest, 2):
+            values = dict(zip(rest, _primes_from(FIRST_STAND_IN)))
+            values[total] = values[a] + values[b]
+            yield values
+
+
+def _unresolved(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> int:
+    """How many Reshapes still have an unknown input or output shape (the rules need both)."""
+    return sum(1 for n in graph.nodes if n.op == "Reshape" and not all(
+        _static_dims(shapes.get(t.name)) for t in (n.inputs[0], n.outputs[0])))
+
+
+def _fold(graph: gs.Graph, shapes: dict[str, list[int | str]], stand_ins: dict[str, int], aliases: dict[str, str]
+          ) -> ShapeFacts | None:
+    """One folding of a copy with the symbolic input dims replaced by ``stand_ins`` (through ``aliases``); None
+    when it fails."""
+    import onnx
+
     folded_dims: dict[str, list[int | str]] = {}
     values: dict[str, np.ndarray] = {}
     try:
         copy = graph.copy()
-        stand_ins = _stand_ins(copy, shapes)
         for t in copy.inputs:
             dims = shapes.get(t.name)
-            if dims is not None and all(isinstance(d, int) and d >= 0 for d in dims):
-                t.shape = list(dims)
-            elif dims is not None:
-                t.shape = [stand_ins[d] if isinstance(d, str) else d for d in dims]
+            if dims is not None:
+                t.shape = [stand_ins[aliases.get(d, d)] if isinstance(d, str) else d for d in dims]
+        _forget_symbolic_shapes(copy)
         _split_ranged_shapes(copy)
         model = gs.export_onnx(copy, do_type_check=False)
         count = len(model.graph.node)
@@ -143,7 +209,7 @@ def shape_facts(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> ShapeFac
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape completion is best effort: the analysis then blocks what it cannot see
         log.warning("could not complete shapes by folding shape arithmetic: %s", e)
-        return ShapeFacts(shapes)
+        return None
     result = dict(shapes)
     for vi in list(model.graph.value_info) + list(model.graph.output):
         if result.get(vi.name) is not None and _static_dims(result[vi.name]):

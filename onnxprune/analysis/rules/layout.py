@@ -51,7 +51,7 @@ def concat(az: Analyzer, node: gs.Node) -> None:
 
 
 def _cache_input_maps(az: Analyzer, node: gs.Node, maps: list[ChannelMap | None]) -> None:
-    """A KV cache's past (a graph input, see ``driver.find_cache_io``) concatenated with the new keys on
+    """A KV cache's past (a graph input, see ``graph.find_cache_io``) concatenated with the new keys on
     the sequence axis carries the same heads: give it their map, so that it shrinks with them."""
     mapped = next(m for m in maps if m is not None)
     for t, m in zip(node.inputs, maps):
