@@ -990,7 +990,8 @@ def stage_report(state: PruneState) -> None:
                "max_drop": state.max_drop.to_dict() if state.max_drop else None,
                "reconstruct": _reconstruct_report(state.reconstruct),
                "finetune": state.finetune.to_dict() if state.finetune else None,
-               "quantize": _quantize_report(state, latency)},
+               "quantize": _quantize_report(state, latency),
+               "cache": {name: cut.shape for name, cut in state.cache.items()} or None},
     )
 
 
