@@ -293,6 +293,8 @@ def test_pipeline_prunes_kv_groups_of_a_cache_model_and_reports_the_cache_shapes
         assert f"cache {n} is now ['batch', 1, 'past_seq', {c.head_dim}]" in report["notes"]
     for n in present:
         assert f"cache {n} is now ['batch', 1, 'total_seq', {c.head_dim}]" in report["notes"]
+    assert report["cache"] == {**{n: ["batch", 1, "past_seq", c.head_dim] for n in past},
+                               **{n: ["batch", 1, "total_seq", c.head_dim] for n in present}}
     step = run(onnx.load(out), {"input_ids": _ids(c, 2, 3), **empty_past(c, 2, 1)})
     assert step["logits"].shape == (2, 3, c.vocab) and step[present[0]].shape == (2, 1, 3, c.head_dim)
 
