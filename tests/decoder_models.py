@@ -36,6 +36,8 @@ class DecoderConfig:
     mlp: int = 64
     layers: int = 2
     max_pos: int = 32
+    qkv_split: str = "split"
+    """How GPT-2's fused c_attn output is taken apart: ``split`` (a Split op) or ``slice`` (three Slices)."""
     kv_repeat: str = "expand"
     """How query heads get their KV head: HF's ``expand`` + reshape ([k0, k0, k1, k1]), ``interleave``
     (``repeat_interleave``, the same order) or ``tile`` (``repeat``: [k0, k1, k0, k1])."""
@@ -72,14 +74,18 @@ def _modules(torch: Any) -> dict[str, Any]:
     class GPT2Attention(nn.Module):
         def __init__(self, c: DecoderConfig) -> None:
             super().__init__()
-            self.h, self.d, self.dim = c.heads, c.head_dim, c.dim
+            self.h, self.d, self.dim, self.qkv_split = c.heads, c.head_dim, c.dim, c.qkv_split
             self.c_attn, self.c_proj = Conv1D(c.dim, 3 * c.dim), Conv1D(c.dim, c.dim)
 
         def split_heads(self, x: Any) -> Any:
             return x.view(x.size()[:-1] + (self.h, self.d)).permute(0, 2, 1, 3)
 
         def forward(self, x: Any, past: tuple[Any, Any] | None) -> tuple[Any, Any, Any]:
-            q, k, v = self.c_attn(x).split(self.dim, dim=2)
+            qkv = self.c_attn(x)
+            if self.qkv_split == "slice":
+                q, k, v = qkv[..., : self.dim], qkv[..., self.dim : 2 * self.dim], qkv[..., 2 * self.dim :]
+            else:
+                q, k, v = qkv.split(self.dim, dim=2)
             q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)

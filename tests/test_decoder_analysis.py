@@ -232,10 +232,18 @@ def test_dynamo_cache_export_prunes_heads_and_mlp_exactly_and_generates(family: 
     _assert_generates(c, pruned)
 
 
-@pytest.mark.parametrize("kv_repeat", ["interleave", "tile"])
-def test_gqa_with_repeat_interleave_or_tile_prunes_kv_groups_exactly(kv_repeat: str, tmp_path: Path) -> None:
+VARIANTS = {
+    "gqa_interleave": dataclasses.replace(LLAMA, kv_repeat="interleave", layers=1),
+    "gqa_tile": dataclasses.replace(LLAMA, kv_repeat="tile", layers=1),
+    "gpt2_qkv_slices": dataclasses.replace(GPT2, qkv_split="slice", layers=1),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_prune_heads_exactly_with_their_cache(variant: str, tmp_path: Path) -> None:
+    """GQA's repeat_kv as repeat_interleave or Tile; GPT-2's fused q/k/v taken apart by Slices."""
     pytest.importorskip("torch")
-    c = dataclasses.replace(LLAMA, kv_repeat=kv_repeat, layers=1)
+    c = VARIANTS[variant]
     model = onnx.load(export_decoder(tmp_path / "gqa.onnx", c, cache=True))
     _, a = _analysis(model)
     assert [g.prunable for g in _kinds(a)["attention"]] == [c.kv_heads]
