@@ -265,6 +265,10 @@ def _score(state: PruneState) -> float:
     assert state.task is not None and state.pruned is not None
     if state.scored is None or state.scored.model is not state.pruned:
         measured = full_cache_inputs(state.pruned, state.cache) if state.cache else state.pruned
+        if state.depth is not None and state.depth.cache_io:
+            from onnxprune.transform.depth import original_io
+
+            measured = original_io(measured, state.model, state.depth.cache_io)
         state.scored = ScoredModel(state.pruned, state.task(measured).value)
     return state.scored.value
 
@@ -284,6 +288,7 @@ def stage_depth(state: PruneState) -> None:
     state.depth = result
     state.notes.append("removed residual blocks " + ", ".join(f"{b.add} ({b.kind}, {b.importance:.3g})"
                                                               for b in result.removed))
+    state.notes.extend(result.notes)
 
 
 def stage_analyze(state: PruneState) -> None:
@@ -869,13 +874,15 @@ def stage_verify(state: PruneState) -> None:
             state.notes.append(_unchecked_note(unchecked, "loaded the pruned model (not run: no inputs to draw)"))
         return
     compared = FidelityAccumulator(class_axis=_class_axis(state))
+    cache_io = state.depth.cache_io if state.depth is not None else {}
     with make_session(_reference(state), choice) as ref, _pruned_session(candidate, choice) as cand:
-        names = ref.output_names
-        if cand.output_names != names:
-            raise InvariantError(f"the pruned model's outputs {cand.output_names} differ from the original's {names}")
+        names = cand.output_names
+        if names != [n for n in (cache_io.get(o, o) for o in ref.output_names) if n is not None]:
+            raise InvariantError(f"the pruned model's outputs {names} differ from the original's {ref.output_names}")
         for feeds in batches:
-            a, b = ref.run(feeds), cand.run(_narrow_cache(feeds, state.cache))
-            a = _narrow_cache(a, state.cache)
+            a = ref.run(feeds)
+            b = cand.run(_narrow_cache(_renamed(feeds, cache_io), state.cache))
+            a = _narrow_cache(_renamed(a, cache_io), state.cache)
             for name in names:
                 if a[name].shape != b[name].shape:
                     raise InvariantError(f"output {name} changed shape from {a[name].shape} to {b[name].shape}")
@@ -895,6 +902,11 @@ def _class_axis(state: PruneState) -> int | None:
     """The first output's class axis when the task metric found it (fidelity's own default otherwise)."""
     layout = state.task.layout if state.task is not None else None
     return layout.class_axis if layout is not None and layout.class_span == 1 else None
+
+
+def _renamed(values: dict[str, np.ndarray], cache_io: dict[str, str | None]) -> dict[str, np.ndarray]:
+    """The original model's feeds or outputs under the names ``--depth`` left (its removed cache IO dropped)."""
+    return {new: v for name, v in values.items() if (new := cache_io.get(name, name)) is not None}
 
 
 def _narrow_cache(values: dict[str, np.ndarray], cache: dict[str, CacheCut]) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from onnxprune.io.shapes import static_shapes
 from onnxprune.pipeline import analyze, prune
 from onnxprune.spec import PruneSpec
 from onnxprune.transform.surgery import cut_channels
+from tests.lms.generate import greedy
 from tests.models import run
 
 MODEL_DIR = Path(__file__).parent / "lms" / "genai_llama"
@@ -144,18 +145,6 @@ def test_report_lists_the_new_cache_shapes_and_genai_config(pruned_dir: Path) ->
     assert (pruned_dir / "tokenizer.json").read_bytes() == (MODEL_DIR / "tokenizer.json").read_bytes()
 
 
-def _greedy(directory: Path, prompt: list[int], length: int) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(directory))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)]
-
-
 def test_generates_through_onnxruntime_genai_like_the_zeroed_original(
         original: onnx.ModelProto, pruned_dir: Path, tmp_path: Path) -> None:
     zeroed, _ = _zeroed_original(original, onnx.load(pruned_dir / "small.onnx"))
@@ -163,9 +152,9 @@ def test_generates_through_onnxruntime_genai_like_the_zeroed_original(
     for name in (GENAI_CONFIG, "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(MODEL_DIR / name, tmp_path / name)
     prompt = [1, 5, 9, 30]
-    tokens = _greedy(pruned_dir, prompt, 12)
+    tokens = greedy(pruned_dir, prompt, 12)
     assert len(tokens) == 12 and tokens[:4] == prompt
-    assert tokens == _greedy(tmp_path, prompt, 12)
+    assert tokens == greedy(tmp_path, prompt, 12)
 
 
 def test_genai_config_is_not_written_over_the_inputs(original: onnx.ModelProto, tmp_path: Path) -> None:

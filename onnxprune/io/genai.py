@@ -1,8 +1,9 @@
 """onnxruntime-genai's ``genai_config.json``: a pruned model saved from a genai model directory gets its own.
 
 The genai runtime allocates the KV cache from the config (``num_key_value_heads`` x ``head_size`` per layer,
-one count for every layer) and loads the file it names, so a cut that removes KV groups must be described
-there. The counts are read from the saved graph's GroupQueryAttention nodes, the single source of truth.
+one count for every layer, ``num_hidden_layers`` caches named ``past_key_values.0..L-1``) and loads the file it
+names, so a cut that removes KV groups or (``--depth``) attention layers must be described there. The counts
+are read from the saved graph's GroupQueryAttention nodes, the single source of truth.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def head_counts(model: onnx.ModelProto) -> tuple[int, int] | None:
     Raises:
         ValueError: the layers have different counts (one config cannot describe them).
     """
-    counts = {(_attr(n, "num_heads"), _attr(n, "kv_num_heads")) for n in model.graph.node
-              if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"}
+    counts = {(_attr(n, "num_heads"), _attr(n, "kv_num_heads")) for n in _attention_nodes(model)}
     if len(counts) > 1:
         raise ValueError(f"the layers keep different (query, KV) head counts {sorted(counts)}")
     return counts.pop() if counts else None
+
+
+def _attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The GroupQueryAttention nodes: one per layer that keeps a KV cache."""
+    return [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:
@@ -60,7 +65,7 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
 
 def write_genai_config(source_model: str, model: onnx.ModelProto, output_model: str) -> GenaiConfigUpdate | None:
     """Write ``genai_config.json`` beside ``output_model`` when one sits beside ``source_model``: the saved
-    model's file name and head counts, the tokenizer files copied. None when the source has no config."""
+    model's file name, head counts and cached layers, the tokenizer files copied. None when the source has no config."""
     src_dir = os.path.dirname(os.path.abspath(source_model))
     out_dir = os.path.dirname(os.path.abspath(output_model))
     src = os.path.join(src_dir, GENAI_CONFIG)
@@ -78,7 +83,8 @@ def write_genai_config(source_model: str, model: onnx.ModelProto, output_model: 
         return GenaiConfigUpdate(None, skipped=f"{src}: {e}")
     wanted: dict[str, Any] = {"filename": os.path.basename(output_model)}
     if counts is not None:
-        wanted.update(num_attention_heads=counts[0], num_key_value_heads=counts[1])
+        wanted.update(num_attention_heads=counts[0], num_key_value_heads=counts[1],
+                      num_hidden_layers=len(_attention_nodes(model)))
     changed = {f"decoder.{k}": (decoder.get(k), v) for k, v in wanted.items() if decoder.get(k) != v}
     decoder.update(wanted)
     out = os.path.join(out_dir, GENAI_CONFIG)

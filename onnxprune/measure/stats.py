@@ -12,7 +12,9 @@ Conventions (the report's numbers):
   time in Paddle and Hugging Face exports) come from one onnxruntime run with random feeds
   (:func:`onnxprune.runtime.shapes.run_shapes`). ``Conv`` = output elements × (Cin/groups) × kernel elements (1-D/2-D/3-D alike);
   ``ConvTranspose`` = input elements × (Cout/groups) × kernel elements; ``Gemm``/``MatMul`` = M × N × K,
-  batched ``MatMul`` times the broadcast batch dims. Every other op counts 0 MACs (elementwise ops,
+  batched ``MatMul`` times the broadcast batch dims; com.microsoft ``GroupQueryAttention`` and
+  ``MultiHeadAttention`` count q·kᵀ and attention·v, B·S·T·(H·Dk + H·Dv) with T = past + S keys (their
+  projections are MatMuls of their own). Every other op counts 0 MACs (elementwise ops,
   pooling and normalization are cheap next to these and counting them is convention-dependent).
   When a needed dim is symbolic and ``shapes`` does not fix it (or the run fails), MACs are ``None``
   with the reason.
@@ -162,14 +164,43 @@ def einsum_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
     return math.prod(out) * math.prod(sizes.values())
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def _attention_keys(node: onnx.NodeProto, shapes: Shapes, query_len: int) -> int:
+    """T, the keys each query attends to: the present key's length (past + S), else the key input's."""
+    if len(node.output) > 1 and node.output[1]:
+        return shapes.get(node.output[1])[2]  # present_key [B, kv_heads, T, D]
+    if len(node.input) > 1 and node.input[1]:
+        key = shapes.get(node.input[1])  # [B, L, hidden] or [B, heads, L, D]
+        return key[1] if len(key) == 3 else key[2]
+    return query_len  # packed q/k/v without a cache: self-attention over S
+
+
+def attention_macs(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """com.microsoft GroupQueryAttention / MultiHeadAttention: q·kᵀ plus attention·v, B·S·T·(H·Dk + H·Dv).
+
+    H·Dv is the output's last dim; H·Dk is the query's when it holds the queries only (rank 3 with separate
+    keys), else H·Dv (packed q/k/v; GroupQueryAttention's heads share one size).
+    """
+    out = shapes.get(node.output[0])  # [B, S, H·Dv]
+    batch, seq, hv = out[0], out[1], out[-1]
+    query = shapes.get(node.input[0])
+    separate = len(node.input) > 1 and bool(node.input[1])
+    hk = query[-1] if separate and len(query) == 3 else hv
+    return batch * seq * _attention_keys(node, shapes, seq) * (hk + hv)
+
+
 def default_macs_registry() -> MacsRegistry:
-    """A fresh registry with the built-in counters (Conv, ConvTranspose, Gemm, MatMul, Einsum); other ops count 0."""
+    """A fresh registry with the built-in counters (Conv, ConvTranspose, Gemm, MatMul, Einsum, com.microsoft
+    GroupQueryAttention and MultiHeadAttention); other ops count 0."""
     reg = MacsRegistry()
     reg.register("Conv", conv_macs)
     reg.register("ConvTranspose", conv_transpose_macs)
     reg.register("Gemm", gemm_macs)
     reg.register("MatMul", matmul_macs)
     reg.register("Einsum", einsum_macs)
+    reg.register(("GroupQueryAttention", "MultiHeadAttention"), attention_macs, MS_DOMAIN)
     return reg
 
 

@@ -8,6 +8,17 @@ of a layer, not a layer. Removing it means ``y = x``: every reader of ``y`` read
 goes away (ResNet basic/bottleneck blocks, MobileNetV2 inverted residuals, ConvNeXt blocks, and a
 transformer's attention and MLP sub-blocks, each on its own).
 
+Decoder LMs: the unit is the residual block, so one decoder layer is two blocks (attention, MLP) and
+``--depth 2`` may take both of one layer (ShortGPT's layer removal) or one of each of two layers
+(finer, and what the importance prefers). A block may own a KV cache: graph inputs only its branch
+reads (``past_key_values.{i}.*``) and the graph outputs it writes from them (``present.{i}.*``); they go
+with it, and the cache IO left is renumbered ``0..L-1`` in layer order (onnxruntime-genai and optimum
+count layers that way); :attr:`DepthResult.cache_io` lists every change. onnxruntime-genai's builder
+fuses the residual Add into ``SkipSimplifiedLayerNormalization`` (``SkipLayerNormalization``): its
+``input + skip`` with the sum as output 3 is the join, and the branch reads the stream through the
+previous join's normalised output 0. Removing such a block turns the join into the plain norm of its
+input (``SimplifiedLayerNormalization``, ``LayerNormalization``) and its sum into the input.
+
 Importance (lower is removed first):
 
 * ``ratio`` (default): ‖f(x)‖ / ‖x‖ over calibration inputs (random inputs when none are given): a
@@ -21,6 +32,7 @@ Finding and removal work on a graphsurgeon graph; measuring runs onnxruntime thr
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +48,12 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ratio", "fidelity")
 RESIDUAL_OPS = ("Add", "Sum")
+SKIP_NORMS = {"SkipSimplifiedLayerNormalization": ("SimplifiedLayerNormalization", 3),
+              "SkipLayerNormalization": ("LayerNormalization", 4)}
+"""A fused residual join → (the plain norm that remains without the branch, how many inputs it may have
+without a bias: input, skip, gamma [, beta])."""
+SUM_OUTPUT = 3
+"""The skip norms' output that is ``input + skip``: the residual stream."""
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
 
 
@@ -51,11 +69,13 @@ class ResidualBlock:
     kind: str
     params: int
     importance: float | None = None
+    cache: list[str] = field(default_factory=list)
+    """Graph inputs only the branch reads and the graph outputs it writes (a KV cache): removed with it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "add": self.add, "skip": self.skip, "branch": self.branch, "kind": self.kind,
-            "nodes": len(self.nodes), "params": self.params, "importance": self.importance,
+            "nodes": len(self.nodes), "params": self.params, "importance": self.importance, "cache": self.cache,
         }
 
 
@@ -68,12 +88,15 @@ class DepthResult:
     candidates: list[ResidualBlock]
     method: str
     notes: list[str] = field(default_factory=list)
+    cache_io: dict[str, str | None] = field(default_factory=dict)
+    """Cache graph IO that changed: original name → its new name (renumbered), or None (removed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "removed": [b.to_dict() for b in self.removed],
             "candidates": [b.to_dict() for b in self.candidates],
+            "cache_io": self.cache_io,
         }
 
 
@@ -112,13 +135,25 @@ def _descendants(t: gs.Tensor) -> set[int]:
 
 
 def _same_shape(shapes: Mapping[str, list[int | str]], *names: str) -> bool:
-    dims = [shapes.get(n) for n in names]
-    return all(d is not None for d in dims) and all(d == dims[0] for d in dims) and "?" not in dims[0]
+    """Whether the tensors have one shape. Shape inference names the same runtime dim differently in places
+    (``unk__33`` and ``unk__35`` for the sequence) and a run fills some dims with stand-ins, so a symbolic dim
+    matches any dim but a concrete 1 off the batch axis (which could broadcast)."""
+    dims = [d for d in (shapes.get(n) for n in names) if d is not None and "?" not in d]
+    if len(dims) != len(names) or len({len(d) for d in dims}) != 1:
+        return False
+    return all(_dims_match(axis, a, b) for d in dims[1:] for axis, (a, b) in enumerate(zip(dims[0], d)))
+
+
+def _dims_match(axis: int, a: int | str, b: int | str) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    known = a if isinstance(a, int) else b
+    return not isinstance(known, int) or known != 1 or axis == 0
 
 
 def _kind(nodes: list[gs.Node]) -> str:
     ops = {n.op for n in nodes}
-    if "Softmax" in ops:
+    if ops & {"Softmax", "GroupQueryAttention", "MultiHeadAttention", "Attention"}:
         return "attention"
     if ops & {"Conv", "ConvTranspose"}:
         return "conv"
@@ -149,26 +184,53 @@ def _has_weighted_layer(nodes: list[gs.Node]) -> bool:
     return any(n.op in WEIGHTED_OPS and any(_is_constant(t) for t in n.inputs) for n in nodes)
 
 
-def _block_at(node: gs.Node, shapes: Mapping[str, list[int | str]], graph_outputs: set[int]) -> ResidualBlock | None:
-    """The residual block ending at ``node`` (an Add of x and f(x)), or None."""
-    if node.op not in RESIDUAL_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+def _join(node: gs.Node) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor] | None:
+    """(a, b, the stream after the join) when ``node`` may join a residual block: an Add/Sum of two, or a skip
+    norm without a bias whose statistics outputs are unused (its sum output 3, else output 0 for a final norm)."""
+    if node.op in RESIDUAL_OPS:
+        if len(node.inputs) != 2 or len(node.outputs) != 1:
+            return None
+        return node.inputs[0], node.inputs[1], node.outputs[0]
+    if node.op not in SKIP_NORMS or len(node.inputs) > SKIP_NORMS[node.op][1] or len(node.inputs) < 3:
         return None
-    a, b = node.inputs
+    if any(out.name and k not in (0, SUM_OUTPUT) for k, out in enumerate(node.outputs)):
+        return None
+    total = node.outputs[SUM_OUTPUT] if len(node.outputs) > SUM_OUTPUT and node.outputs[SUM_OUTPUT].name else None
+    return node.inputs[0], node.inputs[1], total or node.outputs[0]
+
+
+def _stream_views(skip: gs.Tensor) -> list[gs.Tensor]:
+    """The tensors a branch may read its stream ``skip`` through: itself, and a skip norm's normalised output
+    when ``skip`` is that norm's sum (onnxruntime-genai's builder)."""
+    src = _producer(skip)
+    if src is None or src.op not in SKIP_NORMS:
+        return [skip]
+    return [skip, *(t for t in src.outputs if t.name and t is not skip)]
+
+
+def _block_at(node: gs.Node, shapes: Mapping[str, list[int | str]], graph_io: set[int]) -> ResidualBlock | None:
+    """The residual block ending at ``node`` (a join of x and f(x)), or None."""
+    joined = _join(node)
+    if joined is None:
+        return None
+    a, b, y = joined
     if not all(isinstance(t, gs.Variable) and t.name for t in (a, b)) or a is b:
         return None
-    if not _same_shape(shapes, a.name, b.name, node.outputs[0].name):
+    if not _same_shape(shapes, a.name, b.name, y.name):
         return None
     for skip, branch in ((a, b), (b, a)):
         up = _ancestors(branch)
-        if _reads(up, skip):
-            region_ids = up & _descendants(skip)
+        views = _stream_views(skip)
+        if any(_reads(up, t) for t in views):
+            region_ids = up & set().union(*(_descendants(t) for t in views))
             if not region_ids:
                 continue
             nodes = [n for n in _nodes_by_id(branch, region_ids)]
-            if not _self_contained(nodes, region_ids, node, graph_outputs) or not _has_weighted_layer(nodes):
+            cache = _branch_cache(nodes, region_ids, node, graph_io)
+            if cache is None or not _has_weighted_layer(nodes):
                 return None
-            return ResidualBlock(node.name, skip.name, branch.name, node.outputs[0].name,
-                                 [n.name for n in nodes], _kind(nodes), _params(nodes))
+            return ResidualBlock(node.name, skip.name, branch.name, y.name, [n.name for n in nodes], _kind(nodes),
+                                 _params(nodes), cache=cache)
     return None
 
 
@@ -189,15 +251,22 @@ def _nodes_by_id(branch: gs.Tensor, ids: set[int]) -> list[gs.Node]:
     return list(out.values())
 
 
-def _self_contained(nodes: list[gs.Node], ids: set[int], add: gs.Node, graph_outputs: set[int]) -> bool:
-    """Every value the branch makes is read only inside it or by the Add, and none is a graph output."""
+def _branch_cache(nodes: list[gs.Node], ids: set[int], join: gs.Node, graph_io: set[int]) -> list[str] | None:
+    """The graph IO the branch owns (a KV cache: inputs only it reads, outputs written from them), or None when
+    the branch is not self-contained: a value it makes is read outside it (other than by the join) or is
+    another graph output."""
+    past = {id(t): t.name for n in nodes for t in n.inputs
+            if id(t) in graph_io and not t.inputs and isinstance(t, gs.Variable) and all(id(c) in ids for c in t.outputs)}
+    present: list[str] = []
     for n in nodes:
         for out in n.outputs:
-            if id(out) in graph_outputs:
-                return False
-            if any(id(c) not in ids and c is not add for c in out.outputs):
-                return False
-    return True
+            if any(id(c) not in ids and c is not join for c in out.outputs):
+                return None
+            if id(out) in graph_io:
+                if not any(id(t) in past for t in n.inputs):
+                    return None
+                present.append(out.name)
+    return [*sorted(past.values() if present else []), *sorted(set(present))]
 
 
 def find_residual_blocks(graph: gs.Graph, shapes: Mapping[str, list[int | str]]) -> list[ResidualBlock]:
@@ -216,10 +285,10 @@ def find_residual_blocks(graph: gs.Graph, shapes: Mapping[str, list[int | str]])
 
     shapes = complete_shapes(graph, dict(shapes))
     graph.toposort()
-    outputs = {id(t) for t in graph.outputs}
+    graph_io = {id(t) for t in (*graph.inputs, *graph.outputs)}
     blocks = []
     for node in graph.nodes:
-        block = _block_at(node, shapes, outputs)
+        block = _block_at(node, shapes, graph_io)
         if block is not None:
             blocks.append(block)
     return blocks
@@ -245,18 +314,19 @@ def ratio_importance(
 def fidelity_importance(
     model: onnx.ModelProto, blocks: list[ResidualBlock], feeds: Mapping[str, np.ndarray], device: str = "cpu"
 ) -> dict[str, float]:
-    """1 − cosine similarity of all outputs (flattened together) with each block removed alone."""
+    """1 − cosine similarity of all outputs (flattened together) with each block removed alone; a block's own
+    cache outputs go with it, so the outputs that remain are compared."""
     from onnxprune.runtime.session import make_session
 
     with make_session(model, device) as sess:
         reference = sess.run(feeds)
-    ref = np.concatenate([np.ravel(reference[k]).astype(np.float64) for k in sorted(reference)])
     scores: dict[str, float] = {}
     for block in blocks:
         graph = gs.import_onnx(model)
         remove_blocks(graph, [block])
         with make_session(export_graph(graph, model, check=False), device) as sess:
-            out = sess.run(feeds)
+            out = sess.run({k: v for k, v in feeds.items() if k not in block.cache})
+        ref = np.concatenate([np.ravel(reference[k]).astype(np.float64) for k in sorted(out)])
         cand = np.concatenate([np.ravel(out[k]).astype(np.float64) for k in sorted(out)])
         denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
         scores[block.add] = 1.0 - (float(ref @ cand) / denom if denom > 0 else 0.0)
@@ -267,33 +337,79 @@ def fidelity_importance(
 
 
 def remove_blocks(graph: gs.Graph, blocks: list[ResidualBlock]) -> None:
-    """Bypass each block in place: readers of its output read its skip input; the branch is cleaned up.
+    """Bypass each block in place: readers of its output read its skip input (a skip norm becomes the plain norm
+    of it); the branch is cleaned up and the graph IO it owned (its KV cache) dropped.
 
     Raises:
-        PlanError: a block's Add or skip tensor is not in ``graph`` (e.g. already removed with another block).
+        PlanError: a block's join or skip tensor is not in ``graph`` (e.g. already removed with another block).
     """
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     bypassed: dict[str, gs.Tensor] = {}  # a removed block's output → the tensor now read instead
     for block in blocks:
-        add = nodes.get(block.add)
+        join = nodes.get(block.add)
         skip = bypassed.get(block.skip, tensors.get(block.skip))
-        if add is None or skip is None or not add.outputs:
+        if join is None or skip is None or not join.outputs:
             raise PlanError(f"residual block {block.add} is no longer in the graph")
-        y = add.outputs[0]
-        if any(t is y for t in graph.outputs):
-            add.op = "Identity"
-            add.inputs.clear()
-            add.inputs.append(skip)
-            add.attrs.clear()
-            continue
-        for consumer in list(y.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is y:
-                    consumer.inputs[i] = skip
-        add.outputs.clear()
+        y = tensors[block.output]
+        if join.op in SKIP_NORMS:
+            _to_plain_norm(join, skip)
+        elif join.op in RESIDUAL_OPS:
+            join.outputs.clear()
+        if y.inputs and y.inputs[0] is join:
+            continue  # a final skip norm: its normalised output now normalises the stream alone
+        _read_instead(graph, y, skip)
         bypassed[block.output] = skip
+    owned = {name for block in blocks for name in block.cache}
+    graph.outputs = [t for t in graph.outputs if t.name not in owned]
     graph.cleanup().toposort()
+    graph.inputs = [t for t in graph.inputs if t.name not in owned]
+
+
+def _to_plain_norm(join: gs.Node, skip: gs.Tensor) -> None:
+    """A skip norm without its branch: the plain norm of ``skip`` (its gamma [, beta] kept), output 0 only."""
+    plain = SKIP_NORMS[join.op][0]
+    params, normed = list(join.inputs[2:]), join.outputs[0]
+    join.inputs.clear()
+    join.inputs.extend([skip, *params])
+    join.outputs.clear()
+    join.outputs.append(normed)
+    join.op, join.domain = plain, ""
+    join.attrs = {"axis": -1, "epsilon": float(join.attrs.get("epsilon", 1e-5))}
+
+
+def _read_instead(graph: gs.Graph, y: gs.Tensor, skip: gs.Tensor) -> None:
+    """Every reader of ``y`` reads ``skip``; a graph output ``y`` becomes an Identity of it."""
+    if y is skip:
+        return
+    for consumer in list(y.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is y:
+                consumer.inputs[i] = skip
+    if any(t is y for t in graph.outputs):
+        y.inputs.clear()
+        graph.nodes.append(gs.Node("Identity", f"{y.name}_bypass", inputs=[skip], outputs=[y]))
+
+
+_NUMBERED = re.compile(r"^(\D*?)(\d+)(\D*)$")
+
+
+def renumber_cache(graph: gs.Graph, removed: Iterable[str]) -> dict[str, str]:
+    """Rename the cache IO left after ``removed`` went so that each family (``past_key_values.%d.key``, …)
+    counts 0..L-1 again, in the old order: generators (onnxruntime-genai, optimum) loop over layers by
+    number. Returns old name → new name for the tensors renamed."""
+    families = {m.group(1, 3) for m in map(_NUMBERED.match, removed) if m}
+    renamed: dict[str, str] = {}
+    for io in (graph.inputs, graph.outputs):
+        for pre, post in families:
+            members = sorted(((int(m.group(2)), t) for t in io
+                              if (m := _NUMBERED.match(t.name)) and m.group(1, 3) == (pre, post)), key=lambda e: e[0])
+            for rank, (_, t) in enumerate(members):
+                new = f"{pre}{rank}{post}"
+                if t.name != new:
+                    renamed[t.name] = new
+                    t.name = new
+    return renamed
 
 
 def select(blocks: list[ResidualBlock], scores: Mapping[str, float], k: int) -> list[ResidualBlock]:
@@ -369,5 +485,34 @@ def prune_depth(
         b.importance = scores[b.add]
     chosen = select(blocks, scores, k)
     remove_blocks(graph, chosen)
+    removed_io = [name for b in chosen for name in b.cache]
+    cache_io: dict[str, str | None] = {**dict.fromkeys(removed_io), **renumber_cache(graph, removed_io)}
     log.info("removed residual blocks %s", ", ".join(b.add for b in chosen))
-    return DepthResult(model=export_graph(graph, model, check=False), removed=chosen, candidates=blocks, method=method)
+    return DepthResult(model=export_graph(graph, model, check=False), removed=chosen, candidates=blocks, method=method,
+                       notes=_cache_notes(cache_io), cache_io=cache_io)
+
+
+def _cache_notes(cache_io: Mapping[str, str | None]) -> list[str]:
+    """The report's lines on the cache IO that went with the removed blocks and the IO renumbered."""
+    gone = [old for old, new in cache_io.items() if new is None]
+    moved = sorted(f"{old} -> {new}" for old, new in cache_io.items() if new is not None)
+    return ([f"cache IO removed with its blocks: {', '.join(gone)}"] if gone else []) + \
+           ([f"cache IO renumbered: {', '.join(moved)}"] if moved else [])
+
+
+def original_io(pruned: onnx.ModelProto, original: onnx.ModelProto, cache_io: Mapping[str, str | None]
+                ) -> onnx.ModelProto:
+    """A copy of a depth-pruned model that reads feeds made for the original: renumbered IO takes its old
+    names back and removed cache inputs are declared again (read by nothing); removed outputs stay gone.
+
+    For measuring on the original's data only: a generator feeds the pruned model its own cache.
+    """
+    if not cache_io:
+        return pruned
+    graph = gs.import_onnx(pruned)
+    back = {new: old for old, new in cache_io.items() if new is not None}
+    for t in (*graph.inputs, *graph.outputs):
+        t.name = back.get(t.name, t.name)
+    out = export_graph(graph, pruned, check=False)
+    out.graph.input.extend(vi for vi in original.graph.input if vi.name in cache_io and cache_io[vi.name] is None)
+    return out
