@@ -254,9 +254,9 @@ def _nodes_by_id(branch: gs.Tensor, ids: set[int]) -> list[gs.Node]:
 def _branch_cache(nodes: list[gs.Node], ids: set[int], join: gs.Node, graph_io: set[int]) -> list[str] | None:
     """The graph IO the branch owns (a KV cache: inputs only it reads, outputs written from them), or None when
     the branch is not self-contained: a value it makes is read outside it (other than by the join) or is
-    another graph output."""
-    past = {id(t): t.name for n in nodes for t in n.inputs
-            if id(t) in graph_io and not t.inputs and isinstance(t, gs.Variable) and all(id(c) in ids for c in t.outputs)}
+    another graph output. A cache input may also be read by ``Shape`` outside (dynamo reads lengths there)."""
+    past = {id(t): t.name for n in nodes for t in n.inputs if id(t) in graph_io and not t.inputs
+            and isinstance(t, gs.Variable) and all(id(c) in ids or c.op == "Shape" for c in t.outputs)}
     present: list[str] = []
     for n in nodes:
         for out in n.outputs:
@@ -361,6 +361,7 @@ def remove_blocks(graph: gs.Graph, blocks: list[ResidualBlock]) -> None:
         _read_instead(graph, y, skip)
         bypassed[block.output] = skip
     owned = {name for block in blocks for name in block.cache}
+    _reread_shapes(graph, owned)
     graph.outputs = [t for t in graph.outputs if t.name not in owned]
     graph.cleanup().toposort()
     graph.inputs = [t for t in graph.inputs if t.name not in owned]
@@ -394,11 +395,43 @@ def _read_instead(graph: gs.Graph, y: gs.Tensor, skip: gs.Tensor) -> None:
 _NUMBERED = re.compile(r"^(\D*?)(\d+)(\D*)$")
 
 
+def _family(name: str) -> tuple[str, str] | None:
+    """``past_key_values.3.key`` → (``past_key_values.``, ``.key``): the layers' copies of one cache tensor."""
+    m = _NUMBERED.match(name)
+    return m.group(1, 3) if m else None
+
+
+def _fixed_dims(t: gs.Tensor) -> list[int | None]:
+    return [d if isinstance(d, int) else None for d in t.shape or []]
+
+
+def _reread_shapes(graph: gs.Graph, owned: set[str]) -> None:
+    """``Shape`` reads of a removed cache input (dynamo's exports take the past length from one layer's cache)
+    read a kept layer's copy instead: every layer's cache has one length.
+
+    Raises:
+        PlanError: no input of the same family and fixed dims is kept.
+    """
+    kept = [t for t in graph.inputs if t.name not in owned]
+    for t in graph.inputs:
+        readers = [n for n in t.outputs if n.op == "Shape"] if t.name in owned else []
+        if not readers:
+            continue
+        family = _family(t.name)
+        twin = next((k for k in kept if family is not None and _family(k.name) == family
+                     and _fixed_dims(k) == _fixed_dims(t)), None)
+        if twin is None:
+            raise PlanError(f"cache input {t.name} is read by {readers[0].name} (Shape) outside its block and no "
+                            "other layer's cache of its shape is kept")
+        for node in readers:
+            node.inputs[0] = twin
+
+
 def renumber_cache(graph: gs.Graph, removed: Iterable[str]) -> dict[str, str]:
     """Rename the cache IO left after ``removed`` went so that each family (``past_key_values.%d.key``, …)
     counts 0..L-1 again, in the old order: generators (onnxruntime-genai, optimum) loop over layers by
     number. Returns old name → new name for the tensors renamed."""
-    families = {m.group(1, 3) for m in map(_NUMBERED.match, removed) if m}
+    families = {f for f in map(_family, removed) if f is not None}
     renamed: dict[str, str] = {}
     for io in (graph.inputs, graph.outputs):
         for pre, post in families:
