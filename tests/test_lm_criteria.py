@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ from onnxprune.analysis.driver import analyze_graph
 from onnxprune.importance import default_criteria, score_groups
 from onnxprune.importance.base import Evidence, ScoringContext
 from onnxprune.importance.flap import standardized
+from onnxprune.io.load import load_model
 from onnxprune.io.shapes import static_shapes
-from onnxprune.repair.calibration import calibrate, open_calibration
+from onnxprune.pipeline import analysis_shapes
+from onnxprune.repair.calibration import LAYER_INPUTS, calibrate, open_calibration
+from tests.lms.tokens import feeds_for, heldout_ids
 
 D, H, O = 6, 8, 5
 
@@ -119,3 +123,23 @@ def test_cli_refuses_an_unknown_criterion(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit) as e:
         cli.main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--criterion", "wandb"])
     assert e.value.code == 2 and "flap" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~15 s: export and analysis of the trained Llama with a KV cache
+def test_cache_export_statistics_count_only_attended_tokens(lm_export: Callable[[str, str], Path],
+                                                            tmp_path: Path) -> None:
+    path = lm_export("llama", "cache")
+    feeds = feeds_for(path, heldout_ids(6, 32))
+    feeds["attention_mask"][:3, 20:] = 0  # right padding in half the windows
+    np.savez(tmp_path / "calib.npz", **feeds)
+    model = load_model(path).model  # as the pipeline loads it (symbolic dims folded, so heads are prunable)
+    graph = gs.import_onnx(model)
+    analysis = analyze_graph(graph, analysis_shapes(model, {}))
+    source, _ = open_calibration(model, str(tmp_path / "calib.npz"), 64, {})
+    stats = calibrate(model, graph, analysis, source, needs={LAYER_INPUTS}, device="cpu", batch_size=4)
+    assert len(stats.layers) >= 16  # q, k, v, o, gate, up, down per block
+    attended = int(feeds["attention_mask"].sum())
+    assert {stats.tensors[v.input].count for v in stats.layers.values()} == {attended}
+    ctx = ScoringContext(graph, analysis, evidence=Evidence(calibration=stats))
+    scores = score_groups(ctx, "wanda")
+    assert len(scores) == sum(g.prunable > 0 for g in analysis.groups) and not ctx.notes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.lms.tokens import DATA, SEQ
+from tests.lms.tokens import DATA, SEQ, tokenizer, windows
 
 VOCAB = 512
 TRAIN_FILES = ("argparse.py", "textwrap.py", "functools.py", "inspect.py", "dataclasses.py", "typing.py", "enum.py",
@@ -43,6 +43,14 @@ def train_tokenizer(texts: list[str]) -> object:
 
 def encode(tok: object, texts: list[str]) -> np.ndarray:
     return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts)])  # type: ignore[attr-defined]
+
+
+def training_windows(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random ``[n, SEQ]`` windows (sorted, disjoint) of the text the LMs were trained on, e.g. ``--train-data``
+    for distillation that never sees held-out text."""
+    all_windows = windows(encode(tokenizer(), stdlib_text(TRAIN_FILES)), SEQ)
+    pick = np.random.default_rng(seed).choice(len(all_windows), size=min(n, len(all_windows)), replace=False)
+    return all_windows[np.sort(pick)]
 
 
 def unigram_perplexity(train: np.ndarray, heldout: np.ndarray) -> float:

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.measure.metrics import TaskMetric
+from onnxprune.spec import parse_metric
+
 DATA = Path(__file__).resolve().parent / "data"
 SEQ = 128
 
@@ -94,3 +97,16 @@ def torch_perplexity(model: object, input_ids: np.ndarray, batch: int = 16) -> f
             total += float(nll)
             count += x[:, 1:].numel()
     return math.exp(total / count)
+
+
+def heldout_perplexities(original: Path, pruned: Path, data: Path, batch: int = 32) -> tuple[float, float]:
+    """Perplexity of the ONNX LMs ``original`` and ``pruned`` on the DATA file ``data`` (``--metric perplexity``'s own
+    code, so a test reads what the report would)."""
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files}
+    n = len(arrays["input_ids"])
+    task = TaskMetric.create(original, lambda: ({k: v[i:i + batch] for k, v in arrays.items()}
+                                                for i in range(0, n, batch)),
+                             parse_metric("perplexity"), has_labels=False, device="cpu")
+    assert task.shown is not None
+    return task.shown.convert(task.baseline.value), task.shown.convert(task(pruned).value)
