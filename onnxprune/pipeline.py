@@ -56,6 +56,7 @@ from onnxprune.importance.taylor import collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
 from onnxprune.transform.surgery import CacheCut, cut_channels, full_cache_inputs
+from onnxprune.transform.depth import depth_io, original_io, without_removed_outputs
 
 if TYPE_CHECKING:
     from onnxprune.data import DataSource
@@ -265,9 +266,7 @@ def _score(state: PruneState) -> float:
     assert state.task is not None and state.pruned is not None
     if state.scored is None or state.scored.model is not state.pruned:
         measured = full_cache_inputs(state.pruned, state.cache) if state.cache else state.pruned
-        if state.depth is not None and state.depth.cache_io:
-            from onnxprune.transform.depth import original_io
-
+        if state.depth is not None:
             measured = original_io(measured, state.model, state.depth.cache_io)
         state.scored = ScoredModel(state.pruned, state.task(measured).value)
     return state.scored.value
@@ -722,8 +721,11 @@ def stage_finetune(state: PruneState) -> None:
     features = _distill_features(state, data, teacher) if data.labels is None and spec.feature_distill else ()
     config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                             progress_bar=False, features=features)
-    result = finetune(state.pruned, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
-    state.pruned = export_checked(result.model)
+    cache_io = state.depth.cache_io if state.depth is not None else {}
+    student = original_io(state.pruned, state.model, cache_io)  # the data's cache names
+    teacher = without_removed_outputs(teacher, cache_io)
+    result = finetune(student, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
+    state.pruned = export_checked(depth_io(result.model, cache_io))
     how = "labels" if data.labels is not None else "distillation from the original model"
     metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
     terms = {t.output: {"term": t.kind.value, "reads": t.tensor, "class_axis": t.class_axis,

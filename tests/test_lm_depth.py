@@ -152,6 +152,22 @@ def test_cli_depth_1_on_a_cache_export_keeps_perplexity_within_1_3x(
     assert np.exp(metric["original"] - metric["pruned"]) <= 1.3  # perplexity ratio (llama 1.18, gpt2 1.03)
 
 
+@pytest.mark.slow
+def test_depth_then_distillation_on_the_originals_cache_data(
+        lm_export: Callable[[str, str], Path], lm_tokens_npz: Callable[..., Path], tmp_path: Path) -> None:
+    """The student trains under the original's cache names (original_io) against a teacher without the removed
+    cache outputs, and is saved with the names --depth left."""
+    tokens = str(lm_tokens_npz("llama", "cache", n=8))
+    spec = PruneSpec(ratio=0.0, depth=1, depth_method="fidelity", calib=tokens, calib_samples=8, train_data=tokens,
+                     finetune_steps=3, batch_size=4)
+    result = prune(lm_export("llama", "cache"), tmp_path / "small.onnx", spec)
+    assert result.report["finetune"]["steps"] == 3
+    pruned = onnx.load(tmp_path / "small.onnx")
+    assert sorted(i.name for i in pruned.graph.input if i.name.endswith(".key")) == [
+        f"past_key_values.{i}.key" for i in range(3)]
+    assert len(pruned.graph.output) == 7
+
+
 # --- onnxruntime-genai's builder model ------------------------------------------------------------------------
 
 

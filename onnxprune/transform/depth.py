@@ -538,14 +538,41 @@ def original_io(pruned: onnx.ModelProto, original: onnx.ModelProto, cache_io: Ma
     """A copy of a depth-pruned model that reads feeds made for the original: renumbered IO takes its old
     names back and removed cache inputs are declared again (read by nothing); removed outputs stay gone.
 
-    For measuring on the original's data only: a generator feeds the pruned model its own cache.
+    For measuring and fine-tuning on the original's data only (:func:`depth_io` undoes it): a generator
+    feeds the pruned model its own cache.
     """
     if not cache_io:
         return pruned
-    graph = gs.import_onnx(pruned)
-    back = {new: old for old, new in cache_io.items() if new is not None}
-    for t in (*graph.inputs, *graph.outputs):
-        t.name = back.get(t.name, t.name)
-    out = export_graph(graph, pruned, check=False)
+    out = _renamed_io(pruned, {new: old for old, new in cache_io.items() if new is not None}, set())
     out.graph.input.extend(vi for vi in original.graph.input if vi.name in cache_io and cache_io[vi.name] is None)
     return out
+
+
+def without_removed_outputs(original: onnx.ModelProto, cache_io: Mapping[str, str | None]) -> onnx.ModelProto:
+    """The original without the cache outputs ``--depth`` removed: a teacher whose outputs pair with
+    :func:`original_io`'s."""
+    gone = {old for old, new in cache_io.items() if new is None}
+    if not gone & {o.name for o in original.graph.output}:
+        return original
+    out = onnx.ModelProto()
+    out.CopyFrom(original)
+    kept = [o for o in out.graph.output if o.name not in gone]
+    del out.graph.output[:]
+    out.graph.output.extend(kept)
+    return out
+
+
+def depth_io(model: onnx.ModelProto, cache_io: Mapping[str, str | None]) -> onnx.ModelProto:
+    """The inverse of :func:`original_io`: the IO names ``--depth`` left, the removed cache inputs dropped."""
+    if not cache_io:
+        return model
+    return _renamed_io(model, {old: new for old, new in cache_io.items() if new is not None},
+                       {old for old, new in cache_io.items() if new is None})
+
+
+def _renamed_io(model: onnx.ModelProto, names: Mapping[str, str], drop: set[str]) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    for t in (*graph.inputs, *graph.outputs):
+        t.name = names.get(t.name, t.name)
+    graph.inputs = [t for t in graph.inputs if t.name not in drop]
+    return export_graph(graph, model, check=False)
