@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
+from onnxprune.errors import PlanError
 from onnxprune.io.export import export_graph
 from onnxprune.io.genai import GENAI_CONFIG, write_genai_config
 from onnxprune.io.shapes import static_shapes
@@ -273,3 +274,47 @@ def test_multi_head_attention_macs_use_the_key_length() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=8)
     assert model_stats(model).macs == 2 * heads * s * t * size
+
+
+# --- code-built: a cache input that Shape also reads outside its block ----------------------------------------
+
+
+def _shape_read_cache(layers: int) -> onnx.ModelProto:
+    """``layers`` blocks x + h·Σ(concat(past_i, h)) with h = x·W_i, and Shape(past_0) as a graph output (the
+    past length, as dynamo reads it)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, inputs, outputs = [], [], [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, "S", 4])], []
+    for i in range(layers):
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), f"w{i}"))
+        inputs.append(helper.make_tensor_value_info(f"past.{i}", TensorProto.FLOAT, [1, "P", 4]))
+        outputs.append(helper.make_tensor_value_info(f"present.{i}", TensorProto.FLOAT, [1, "T", 4]))
+        nodes += [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Concat", [f"past.{i}", f"h{i}"], [f"present.{i}"], name=f"cat{i}", axis=1),
+                  helper.make_node("ReduceSum", [f"present.{i}", "axis"], [f"r{i}"], name=f"sum{i}", keepdims=1),
+                  helper.make_node("Mul", [f"h{i}", f"r{i}"], [f"b{i}"], name=f"mul{i}"),
+                  helper.make_node("Add", [f"x{i}", f"b{i}"], [f"x{i + 1}"], name=f"add{i}")]
+    nodes.append(helper.make_node("Shape", ["past.0"], ["past_len"], name="past_len", start=1, end=2))
+    inits.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    outputs = [helper.make_tensor_value_info(f"x{layers}", TensorProto.FLOAT, [1, "S", 4]),
+               helper.make_tensor_value_info("past_len", TensorProto.INT64, [1]), *outputs]
+    graph = helper.make_graph(nodes, "shape_read", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_shape_reads_of_a_removed_cache_move_to_a_kept_layer() -> None:
+    model = _shape_read_cache(2)
+    blocks = _blocks(model)
+    assert [b.cache for b in blocks] == [["past.0", "present.0"], ["past.1", "present.1"]]
+    pruned, renamed = _removed(model, blocks[0])
+    assert renamed == {"past.1": "past.0", "present.1": "present.0"}
+    shape = next(n for n in pruned.graph.node if n.op_type == "Shape")
+    assert list(shape.input) == ["past.0"]  # the old past.1, renamed
+    feeds = {"x0": np.ones((1, 2, 4), np.float32), "past.0": np.zeros((1, 3, 4), np.float32)}
+    assert run(pruned, feeds)["past_len"].tolist() == [3]
+
+
+def test_a_cache_whose_shape_is_read_and_has_no_kept_copy_refuses() -> None:
+    model = _shape_read_cache(1)
+    (block,) = _blocks(model)
+    with pytest.raises(PlanError, match="past.0 is read by past_len"):
+        _removed(model, block)
