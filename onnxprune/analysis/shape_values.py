@@ -104,6 +104,18 @@ def _cache_aliases(graph: gs.Graph, shapes: dict[str, list[int | str]]) -> dict[
     return aliases
 
 
+def _weights_as_inputs(graph: gs.Graph) -> None:
+    """Float constants larger than a shape value become graph inputs of their shape: folding never needs their
+    values, and every pass then exports and re-imports no weights (minutes saved on a 124M-parameter GPT-2)."""
+    made: dict[str, gs.Variable] = {}
+    for node in graph.nodes:
+        for k, t in enumerate(node.inputs):
+            if (isinstance(t, gs.Constant) and np.issubdtype(np.dtype(t.dtype), np.floating)
+                    and int(np.prod(t.shape, dtype=np.int64)) > FOLDED_VALUE_MAX):
+                node.inputs[k] = made.setdefault(t.name, gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape)))
+    graph.inputs.extend(made.values())
+
+
 def _forget_symbolic_shapes(graph: gs.Graph) -> None:
     """Drop the symbolic shapes an exporter recorded past the inputs (dynamo's ``[s10, s70, 96]``): inference
     keeps a recorded shape over the static one it could now derive from the fixed inputs."""
@@ -188,6 +200,7 @@ def _fold(graph: gs.Graph, shapes: dict[str, list[int | str]], stand_ins: dict[s
             if dims is not None:
                 t.shape = [stand_ins[aliases.get(d, d)] if isinstance(d, str) else d for d in dims]
         _forget_symbolic_shapes(copy)
+        _weights_as_inputs(copy)
         _split_ranged_shapes(copy)
         model = gs.export_onnx(copy, do_type_check=False)
         count = len(model.graph.node)
