@@ -281,3 +281,12 @@ def test_inconsistent_head_counts_block_with_a_reason(attr: str, value: int, rea
     _, a = _analysis(model)
     assert not any(g.prunable for g in a.groups if "q_proj" in g.producers)
     assert any(reason in r for g in a.groups for r in g.reasons)
+
+
+def test_prune_at_decode_shapes_with_a_filled_cache(tmp_path: Path) -> None:
+    """``--shape`` of a decode step (past 3, one new token): verification's random feeds give GroupQueryAttention an
+    all-ones attention_mask (a 0/1 draw made its seqlens_k -1 and onnxruntime refused the model), and MACs count."""
+    shapes = {"input_ids": [1, 1], "attention_mask": [1, 4], **{name: [1, KV_HEADS, 3, HEAD_SIZE] for name in PAST}}
+    report = prune(MODEL, tmp_path / "small.onnx", PruneSpec(ratio=0.3, shapes=shapes)).report
+    assert report["fidelity_data"].startswith("random inputs") and report["fidelity"]["samples"] > 0
+    assert 0 < report["pruned"]["macs"] < report["original"]["macs"]

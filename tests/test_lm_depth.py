@@ -318,3 +318,11 @@ def test_a_cache_whose_shape_is_read_and_has_no_kept_copy_refuses() -> None:
     (block,) = _blocks(model)
     with pytest.raises(PlanError, match="past.0 is read by past_len"):
         _removed(model, block)
+
+
+def test_group_query_attention_macs_with_a_filled_cache(genai: onnx.ModelProto) -> None:
+    """A decode step over a past of 3: the keys span T = past + S."""
+    shapes = {"input_ids": [1, 1], "attention_mask": [1, 4],
+              **{i.name: [1, 2, 3, 16] for i in genai.graph.input if i.name.startswith("past")}}
+    gqa = [layer for layer in model_stats(genai, shapes).layers if layer.op == "GroupQueryAttention"]
+    assert [layer.macs for layer in gqa] == [2 * 1 * 4 * 1 * 4 * 16] * 2

@@ -351,3 +351,16 @@ def test_spinning_can_be_turned_off_for_interleaved_sessions() -> None:
     with make_session(_affine_model(), "cpu", threads=2) as default:
         with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default: spin
             default._sess.get_session_options().get_session_config_entry(key)
+
+
+def test_random_masks_are_all_ones() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+         helper.make_node("Cast", ["input_ids"], ["i"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["m", "i"], ["y"])],
+        "masks", [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [2, 64]),
+                  helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])])
+    feeds = random_inputs(helper.make_model(graph))
+    assert (feeds["attention_mask"] == 1).all()
+    assert set(np.unique(feeds["input_ids"])) == {0, 1}  # other integer inputs stay random

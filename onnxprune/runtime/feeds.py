@@ -54,7 +54,9 @@ def random_inputs(
     batch: int | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Random feeds for every input: normal floats, ints in {0, 1} (valid as indices and masks), bools.
+    """Random feeds for every input: normal floats, ints in {0, 1} (valid as indices), bools; an integer or bool
+    input named like a mask (``attention_mask``) is all ones, since kernels such as GroupQueryAttention refuse
+    masks with holes (a row's attended length is read from it).
 
     Shapes come from ``shapes`` (input name → full shape) when given, else from the model. A symbolic
     first dim is the batch: ``batch`` when given (it wins over the first dim in ``shapes``, which
@@ -100,6 +102,8 @@ def random_array(spec: TensorSpec, shapes: Mapping[str, list[int]], batch: int |
         BadInputError: as :func:`random_inputs`.
     """
     dims = _resolve_shape(spec, shapes, batch)
+    if "mask" in spec.name.lower() and (spec.dtype == np.bool_ or np.issubdtype(spec.dtype, np.integer)):
+        return np.ones(dims, dtype=spec.dtype)
     if spec.dtype == np.bool_:
         return rng.integers(0, 2, size=dims).astype(np.bool_)
     if np.issubdtype(spec.dtype, np.integer):
