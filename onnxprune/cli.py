@@ -90,6 +90,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="block importance: |f(x)|/|x| (ratio) or the output change without the block (fidelity)")
     p.add_argument("--heads", choices=HEADS, default="whole",
                    help="attention: remove whole heads, or the same dims of every head")
+    p.add_argument("--prune-lm-hidden", action="store_true",
+                   help="language models: also cut the hidden size (the residual stream), not only heads and MLP")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
                    help="fix symbolic input dims (a dim may be 0, e.g. a KV cache's past length)")
     p.add_argument("--calib", metavar="DATA", help=".npz, a directory of .npz, or 'random'")

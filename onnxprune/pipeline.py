@@ -294,7 +294,8 @@ def stage_analyze(state: PruneState) -> None:
     state.shapes = analysis_shapes(state.working, state.spec.shapes)
     state.graph = gs.import_onnx(state.working)
     state.analysis = analyze_graph(state.graph, state.shapes, exclude=state.spec.exclude,
-                                   options=AnalysisOptions(heads=state.spec.heads))
+                                   options=AnalysisOptions(heads=state.spec.heads,
+                                                           lm_stream=state.spec.prune_lm_hidden))
     if state.spec.granularity == "channel" and state.spec.depth == 0 and state.spec.ratio > 0:
         if not any(g.prunable for g in state.analysis.groups):
             reasons = sorted({r for g in state.analysis.groups for r in g.reasons})

@@ -115,6 +115,10 @@ class PruneSpec:
     """``--metric``; None: ``top1`` when the evaluation data has labels, else ``agreement``."""
     max_drop: float | None = None
     """Metric points (100 × the metric's value) the result may lose against the original; chooses the budget."""
+    prune_lm_hidden: bool = False
+    """``--prune-lm-hidden``: also cut a language model's hidden size (the residual stream its token embedding
+    starts, read by every layer). Off: only heads, KV groups and MLP width are cut, as the quality cost of the
+    stream is far higher."""
     feature_distill: bool = True
     """Distillation (fine-tuning without labels) also matches block/stage outputs of the original, not only its
     outputs (``--no-feature-distill`` turns it off)."""

@@ -97,7 +97,7 @@ def _keep_lm_stream(az: Analyzer, graph: gs.Graph) -> None:
     embeddings = {name for name, rows in tables.items() if rows in vocab}
     ids = np.array([i for i, p in enumerate(az.producer_of) if p in embeddings], dtype=np.int64)
     az.block(ids, "the hidden size of a language model (the residual stream from its token embedding) stays "
-                  "intact: only heads and MLP width are cut (AnalysisOptions.lm_stream prunes it)")
+                  "intact: only heads and MLP width are cut (--prune-lm-hidden cuts it)")
 
 
 def _name_nodes(graph: gs.Graph) -> None:
