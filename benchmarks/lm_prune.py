@@ -164,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(asdict(run_one(Config(**json.loads(args.one)), Path(tmp)))))
         return 0
-    rows = []
+    rows: list[Row] = []
+    failed: list[dict[str, str]] = []
     for config in configs(args):
-        rows.append(run_isolated(config))
+        try:
+            rows.append(run_isolated(config))
+        except RuntimeError as e:  # one broken configuration is a result too; the others still run
+            failed.append({**asdict(config), "error": str(e)[-2000:]})
+            print(f"FAILED {config}: {str(e).splitlines()[-1]}", flush=True)
+            continue
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
         if args.json:
-            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+            args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "failed": failed}, indent=1))
     table = markdown(rows)
     print(table)
     if args.markdown:

@@ -29,3 +29,18 @@ def test_llama_at_0_7_params_after_300_distillation_steps_stays_within_1_15x(
     original, pruned = heldout_perplexities(model, out, test)
     assert original < 25  # the trained model (held-out perplexity ~19.5), not a broken export
     assert pruned / original <= 1.15, (original, pruned)
+
+
+@pytest.mark.slow  # ~1 CPU minute: the measured allocation cuts KV groups of a cache export many times
+def test_budget_allocation_measures_cut_cache_exports_on_the_originals_data(
+        lm_export: Callable[[str, str], Path], lm_tokens_npz: Callable[..., Path], tmp_path: Path) -> None:
+    """Every candidate cut is measured on data holding the original's empty past (all KV heads): the candidate
+    reads it through a view that keeps its own heads, as the final measurement does."""
+    model = lm_export("llama", "cache")
+    calib, valid = (lm_tokens_npz("llama", "cache", n=4, seq=32, start=start) for start in (0, 4))
+    spec = PruneSpec(criterion="wanda", target_params=0.7, calib=str(calib), eval_data=str(valid),
+                     metric="perplexity", device="cpu")
+    report = prune(model, tmp_path / "small.onnx", spec).report
+    assert report["pruned"]["params"] / report["original"]["params"] <= 0.705
+    assert "allocation measured by" in " ".join(report["notes"])
+    assert report["metric"]["shown"]["pruned"] < 4 * report["metric"]["shown"]["original"]

@@ -37,7 +37,7 @@ from onnxprune.planning.budget import RemovalOrder, greedy_order
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, feasible_removal, lowest
 from onnxprune.spec import MetricChoice
-from onnxprune.transform.surgery import cut_channels
+from onnxprune.transform.surgery import cut_channels, full_cache_inputs
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,12 @@ def _loss_name(task: TaskMetric) -> str:
 
 
 def cut_copy(model: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
-    """``model`` with ``plan`` applied, leaving ``model`` untouched (re-importing is cheap)."""
+    """``model`` with ``plan`` applied, leaving ``model`` untouched (re-importing is cheap). KV-cache inputs the cut
+    shrank still take the original's head count (:func:`full_cache_inputs`), so data made for ``model`` measures it."""
     graph = gs.import_onnx(model)
-    cut_channels(graph, analysis, plan.removed_classes(analysis))
-    return export_graph(graph, model, check=False)
+    summary = cut_channels(graph, analysis, plan.removed_classes(analysis))
+    cut = export_graph(graph, model, check=False)
+    return full_cache_inputs(cut, summary.cache) if summary.cache else cut
 
 
 def scan(
