@@ -62,6 +62,10 @@ class Case:
     example: Callable[[], torch.Tensor]
     input_name: str
     head: Callable[[torch.nn.Module], list[torch.nn.Module]]
+    options: tuple[tuple[str, Any], ...] = ()
+    """Extra ``PruneSpec`` fields for onnxprune (``prune_lm_hidden``)."""
+    export_as: str = ""
+    """The export's file stem when another case's export is reused (default: ``key``)."""
 
 
 def _import_torchvision() -> None:
@@ -145,6 +149,8 @@ CASES: dict[str, Case] = {
              _timm_head),
         Case("gpt2", "GPT-2 (2 layers, 128 wide, 4 heads, vocab 1024)", PlainGPT2, _gpt2_input, "input_ids",
              lambda m: [m.lm.lm_head]),  # type: ignore[union-attr]
+        Case("gpt2_hidden", "GPT-2, --prune-lm-hidden", PlainGPT2, _gpt2_input, "input_ids",
+             lambda m: [m.lm.lm_head], (("prune_lm_hidden", True),), "gpt2"),  # type: ignore[union-attr]
     )
 }
 
@@ -173,11 +179,13 @@ def runs_in_onnxruntime(original: Path, pruned: Path, x: np.ndarray, name: str) 
     return "yes" if np.isfinite(got).all() else "no: non-finite outputs"
 
 
-def run_onnxprune(path: Path, x: torch.Tensor, name: str, work: Path) -> dict[str, Any]:
+def run_onnxprune(path: Path, x: torch.Tensor, case: Case, work: Path) -> dict[str, Any]:
     """Prune the export at ratio 0.5 (l2, --shape at batch 1); params/MACs kept, groups and wall time."""
+    name = case.input_name
     shapes = {name: list(x.shape)}
     out = work / "pruned.onnx"
-    spec = PruneSpec(ratio=RATIO, criterion="l2", shapes=shapes, device="cpu", fidelity_samples=2)
+    spec = PruneSpec(ratio=RATIO, criterion="l2", shapes=shapes, device="cpu", fidelity_samples=2,
+                     **dict(case.options))
     t0 = time.perf_counter()
     try:
         report = prune(path, out, spec).report
@@ -291,17 +299,17 @@ def bench(case: Case, exports: Path | None) -> dict[str, Any]:
     torch.manual_seed(0)
     x = case.example()
     with tempfile.TemporaryDirectory() as tmp:
-        path = (exports or Path(tmp)) / f"{case.key}.onnx"
+        path = (exports or Path(tmp)) / f"{case.export_as or case.key}.onnx"
         if not path.exists():
             export(case.build(), x, case.input_name, path)
         row: dict[str, Any] = {"key": case.key, "model": case.title, "shape": list(x.shape)}
-        row["onnxprune"] = run_onnxprune(path, x, case.input_name, Path(tmp))
+        row["onnxprune"] = run_onnxprune(path, x, case, Path(tmp))
         try:
             row["torch_pruning"] = run_torch_pruning(case)
         except Exception as e:  # noqa: BLE001
             row["torch_pruning"] = {"error": f"{type(e).__name__}: {e}"}
         row["meets_target"] = not misses(row)
-        if not row["meets_target"]:
+        if not row["meets_target"] and not case.options:  # analyze takes no prune options
             row["blockers"] = blockers(path, {case.input_name: list(x.shape)})
     return row
 
