@@ -55,7 +55,7 @@ from onnxprune.importance import default_criteria
 from onnxprune.importance.taylor import collect_gradients
 from onnxprune.progress import Progress, ProgressFn, Reporter
 from onnxprune.spec import PruneSpec
-from onnxprune.transform.surgery import CacheCut, cut_channels, full_cache_inputs
+from onnxprune.transform.surgery import CacheCut, cache_inputs_in_full, cut_channels, full_cache_inputs
 from onnxprune.transform.depth import depth_io, original_io, without_removed_outputs
 
 if TYPE_CHECKING:
@@ -657,11 +657,12 @@ def stage_reconstruct(state: PruneState) -> None:
     from onnxprune.repair import reconstruct as refit
 
     assert state.graph is not None and state.analysis is not None
-    result = refit.reconstruct(
-        state.working, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
-        _calibration_data(state).source, device=_device(state), seed=state.spec.seed,
-        progress=lambda f, m: state.reporter("reconstruct", f, m),
-    )
+    with cache_inputs_in_full(state.graph, state.cache):  # the calibration data is made for the original
+        result = refit.reconstruct(
+            state.working, state.graph, state.analysis, state.plan.removed_classes(state.analysis),
+            _calibration_data(state).source, device=_device(state), seed=state.spec.seed,
+            progress=lambda f, m: state.reporter("reconstruct", f, m),
+        )
     state.notes.extend(result.notes)
     state.notes.append(f"reconstructed {len(result.layers)} layers on {_calibration_data(state).description}")
     state.reconstruct = result
@@ -719,14 +720,18 @@ def stage_finetune(state: PruneState) -> None:
 
     data = TrainData.load(spec.train_data)
     teacher = load_model(state.teacher_path).model if state.teacher_path else state.model
-    features = _distill_features(state, data, teacher) if data.labels is None and spec.feature_distill else ()
+    cache_io = state.depth.cache_io if state.depth is not None else {}
+    # the data is made for the original: its cache names, and cache inputs with every head (a Gather keeps the cut's)
+    student = original_io(full_cache_inputs(state.pruned, state.cache) if state.cache else state.pruned,
+                          state.model, cache_io)
+    features = (_distill_features(state, data, teacher, student)
+                if data.labels is None and spec.feature_distill else ())
     config = FinetuneConfig(steps=spec.finetune_steps, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
                             progress_bar=False, features=features)
-    cache_io = state.depth.cache_io if state.depth is not None else {}
-    student = original_io(state.pruned, state.model, cache_io)  # the data's cache names
     teacher = without_removed_outputs(teacher, cache_io)
     result = finetune(student, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
-    state.pruned = export_checked(depth_io(result.model, cache_io))
+    state.pruned = export_checked(_with_weights(state.pruned, result.model) if state.cache
+                                  else depth_io(result.model, cache_io))
     how = "labels" if data.labels is not None else "distillation from the original model"
     metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
     terms = {t.output: {"term": t.kind.value, "reads": t.tensor, "class_axis": t.class_axis,
@@ -838,21 +843,34 @@ def _quantize_report(state: PruneState, latency: dict[str, Any] | None) -> dict[
     return out
 
 
-def _distill_features(state: PruneState, data: TrainData, teacher: onnx.ModelProto) -> tuple[FeatureMatch, ...]:
-    """Block and stage outputs the pruned model distils from the original besides its outputs
-    (:func:`onnxprune.training.features.choose_features`); channel-matched only against the model the plan
-    was made on (an iterative run's teacher is the unpruned original, whose channels the plan does not index)."""
+def _distill_features(state: PruneState, data: TrainData, teacher: onnx.ModelProto, student: onnx.ModelProto
+                      ) -> tuple[FeatureMatch, ...]:
+    """Block and stage outputs ``student`` (the pruned model reading the data's inputs) distils from the original
+    besides its outputs (:func:`onnxprune.training.features.choose_features`); channel-matched only against the
+    model the plan was made on (an iterative run's teacher is the unpruned original, whose channels the plan does
+    not index)."""
     from onnxprune.training.features import choose_features
 
-    assert state.pruned is not None
     same_model = teacher is state.model
     shapes = {name: [1, *value.shape[1:]] for name, value in data.inputs.items()}
-    found = choose_features(teacher, state.pruned, shapes, analysis=state.analysis if same_model else None,
+    found = choose_features(teacher, student, shapes, analysis=state.analysis if same_model else None,
                             plan=state.plan if same_model else None)
     if found:
         state.notes.append("distilled intermediate features too: " + ", ".join(
             m.tensor + ("" if m.keep is None else f" ({len(m.keep)} kept channels)") for m in found))
     return tuple(found)
+
+
+def _with_weights(model: onnx.ModelProto, trained: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the initializers ``trained`` has under the same names: fine-tuning ran on a wrapper of
+    ``model`` (renamed IO, cache Gathers), whose weights are ``model``'s."""
+    values = {t.name: t for t in trained.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(values[t.name])
+    return out
 
 
 def _reference(state: PruneState) -> str:

@@ -9,7 +9,8 @@ the graph untouched. Fixup handlers live in a registry keyed by kind, like the a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +74,16 @@ def full_cache_inputs(model: onnx.ModelProto, cache: dict[str, CacheCut]) -> onn
     For measuring on the original's evaluation data only: a generator feeds the cut model its own cache.
     """
     graph = gs.import_onnx(model)
+    with cache_inputs_in_full(graph, cache):
+        return export_graph(graph, model, check=False)
+
+
+@contextmanager
+def cache_inputs_in_full(graph: gs.Graph, cache: dict[str, CacheCut]) -> Iterator[gs.Graph]:
+    """While inside, the cut ``graph`` reads cache inputs with every head (a Gather keeps the cut's), so stages
+    that feed the original's data to both models (reconstruction) run; on exit its own inputs are back, and
+    weights written meanwhile stay."""
+    saved, added = list(graph.inputs), []
     for k, t in enumerate(graph.inputs):
         cut = cache.get(t.name)
         if cut is None:
@@ -83,10 +94,20 @@ def full_cache_inputs(model: onnx.ModelProto, cache: dict[str, CacheCut]) -> onn
         full = gs.Variable(t.name, dtype=t.dtype, shape=shape)
         t.name = f"{t.name}_kept_heads"
         index = gs.Constant(f"{t.name}_index", np.asarray(cut.kept, dtype=np.int64))
-        graph.nodes.append(gs.Node("Gather", f"{t.name}_gather", {"axis": cut.axis}, inputs=[full, index], outputs=[t]))
+        node = gs.Node("Gather", f"{t.name}_gather", {"axis": cut.axis}, inputs=[full, index], outputs=[t])
+        graph.nodes.append(node)
+        added.append((node, t, full.name))
         graph.inputs[k] = full
     graph.toposort()
-    return export_graph(graph, model, check=False)
+    try:
+        yield graph
+    finally:
+        for node, t, name in added:
+            node.inputs.clear()
+            node.outputs.clear()
+            graph.nodes.remove(node)
+            t.name = name
+        graph.inputs[:] = saved
 
 
 FixupHandler = Callable[[Fixup, gs.Node, Callable[[np.ndarray], np.ndarray]], list[Edit]]
