@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from onnxprune.pipeline import prune
 from onnxprune.spec import PruneSpec
 from tests.lms.build import training_windows
-from tests.lms.tokens import SEQ, heldout_ids, heldout_perplexities, write_tokens_npz
+from tests.lms.tokens import SEQ, heldout_ids, onnx_perplexity, write_tokens_npz
 
 CALIB = (0, 64)
 """Held-out windows [start, stop) for --calib."""
@@ -86,9 +86,8 @@ class Row:
 
 
 def write_data(model: Path, root: Path) -> dict[str, Path]:
-    """calib / valid / test / train DATA files with every input ``model`` takes (mask, positions, empty past)."""
-    parts = {name: heldout_ids(stop - start, SEQ, start) for name, (start, stop) in
-             (("calib", CALIB), ("valid", VALID), ("test", TEST))}
+    """calib / valid / train DATA files with every input ``model`` takes (mask, positions, empty past)."""
+    parts = {name: heldout_ids(stop - start, SEQ, start) for name, (start, stop) in (("calib", CALIB), ("valid", VALID))}
     parts["train"] = training_windows(TRAIN_WINDOWS)
     return {name: write_tokens_npz(root / f"{model.stem}_{name}.npz", ids, model) for name, ids in parts.items()}
 
@@ -103,7 +102,8 @@ def run_one(config: Config, root: Path) -> Row:
     t0 = time.perf_counter()
     report = prune(model, out, config.spec(data)).report
     wall = time.perf_counter() - t0
-    original, pruned = heldout_perplexities(model, out, data["test"])
+    test = heldout_ids(TEST[1] - TEST[0], SEQ, TEST[0])
+    original, pruned = onnx_perplexity(model, test), onnx_perplexity(out, test)
     shown = (report.get("metric") or {}).get("shown") or {}
     stages = {s["stage"]: s["value"] for s in shown.get("stages", [])}
     target = TARGETS[config.mode]

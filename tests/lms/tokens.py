@@ -99,14 +99,13 @@ def torch_perplexity(model: object, input_ids: np.ndarray, batch: int = 16) -> f
     return math.exp(total / count)
 
 
-def heldout_perplexities(original: Path, pruned: Path, data: Path, batch: int = 32) -> tuple[float, float]:
-    """Perplexity of the ONNX LMs ``original`` and ``pruned`` on the DATA file ``data`` (``--metric perplexity``'s own
-    code, so a test reads what the report would)."""
-    with np.load(data) as f:
-        arrays = {k: f[k] for k in f.files}
-    n = len(arrays["input_ids"])
-    task = TaskMetric.create(original, lambda: ({k: v[i:i + batch] for k, v in arrays.items()}
-                                                for i in range(0, n, batch)),
+def onnx_perplexity(model_path: Path, input_ids: np.ndarray, batch: int = 32) -> float:
+    """Perplexity of the ONNX LM ``model_path`` on ``input_ids [N, T]`` through ``--metric perplexity``'s own code,
+    fed by :func:`feeds_for` so that a pruned cache export gets an empty past with its own head count."""
+    feeds = feeds_for(model_path, input_ids)
+    n = len(input_ids)
+    task = TaskMetric.create(model_path, lambda: ({k: v[i:i + batch] for k, v in feeds.items()}
+                                                  for i in range(0, n, batch)),
                              parse_metric("perplexity"), has_labels=False, device="cpu")
     assert task.shown is not None
-    return task.shown.convert(task.baseline.value), task.shown.convert(task(pruned).value)
+    return task.shown.convert(task.baseline.value)
