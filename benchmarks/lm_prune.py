@@ -169,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs(args):
         try:
             rows.append(run_isolated(config))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
         except RuntimeError as e:  # one broken configuration is a result too; the others still run
             failed.append({**asdict(config), "error": str(e)[-2000:]})
-            print(f"FAILED {config}: {str(e).splitlines()[-1]}", flush=True)
-            continue
-        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            print(f"FAILED {config}: {str(e).strip().splitlines()[-1]}", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "failed": failed}, indent=1))
     table = markdown(rows)
