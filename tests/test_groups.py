@@ -19,8 +19,10 @@ from onnxprune.io.load import LoadedModel, normalize
 from onnxprune.io.shapes import static_shapes
 from onnxprune.analysis.core import Analysis
 from onnxprune.analysis.driver import analyze_graph
+from onnxprune.io.export import export_graph
 from onnxprune.pipeline import analyze, prune
 from onnxprune.spec import PruneSpec
+from onnxprune.transform.surgery import cut_channels
 from tests.models import BUILDERS, VARIANTS, random_inputs, run
 
 WIDTH_PATTERNS = [
@@ -269,8 +271,9 @@ def test_if_reading_a_tensor_inside_its_branches_blocks_it() -> None:
     assert g.prunable == 0 and "inside a subgraph" in g.blocked_reason
 
 
-def test_channel_count_read_by_shape_elsewhere_blocks_the_channels() -> None:
-    """Shape(x)[C] feeding a Reshape of another tensor: pruning x would change that Reshape at runtime."""
+def _shape_read_elsewhere(use: str) -> onnx.ModelProto:
+    """conv1's channel count read by Shape and used on a side branch of the input: as a Reshape target
+    entry (``reshape``) or as a value (``scale``)."""
     from tests.models import _Graph
 
     g = _Graph("shape_read", 0, 17)
@@ -278,14 +281,37 @@ def test_channel_count_read_by_shape_elsewhere_blocks_the_channels() -> None:
     y = g.conv_bn_act(x, 8, 8, name="conv2")
     c = g.node("Unsqueeze", [g.node("Gather", [g.node("Shape", [x]), g.const("one", np.array(1, np.int64))], axis=0),
                              g.const("axis0", np.array([0], np.int64))])
-    side = g.node("Reshape", ["input", g.node("Concat", [g.const("minus1", np.array([-1], np.int64)), c], axis=0)])
-    side = g.reduce("ReduceMean", side, None, keepdims=0)
+    if use == "reshape":
+        side = g.node("Reshape", ["input", g.node("Concat", [g.const("minus1", np.array([-1], np.int64)), c], axis=0)])
+        side = g.reduce("ReduceMean", side, None, keepdims=0)
+    else:
+        side = g.reduce("ReduceMean", "input", None, keepdims=0)
+        side = g.node("Mul", [side, g.node("Cast", [c], to=onnx.TensorProto.FLOAT)])
     out = g.node("Add", [g.head(y, 8), side])
-    model = g.finish(out, [2, 3, 8, 8])
-    _, a = _analysis(model)
+    return g.finish(out, [2, 3, 8, 8])
+
+
+def test_channel_count_read_by_shape_as_a_value_elsewhere_blocks_the_channels() -> None:
+    """Shape(x)[C] used as a number: pruning x would change that value at runtime."""
+    _, a = _analysis(_shape_read_elsewhere("scale"))
     blocked = _group_of(a, "conv1")
     assert blocked.prunable == 0 and "read by Shape" in blocked.blocked_reason
     assert _group_of(a, "conv2").prunable == 8
+
+
+def test_channel_count_read_by_shape_for_another_tensors_reshape_is_frozen() -> None:
+    """Shape(x)[C] in the target of a Reshape of a tensor without x's channels: the entry keeps its value
+    (CoaT's ``qkv.reshape(B, N, 3, h, C // h)``), so the channels stay prunable and the cut is exact."""
+    model = _shape_read_elsewhere("reshape")
+    graph, a = _analysis(model)
+    conv1 = _group_of(a, "conv1")
+    assert conv1.prunable == 8
+    zeroed = zero_classes(graph, a, conv1.classes[:4])
+    graph, a = _analysis(zeroed)
+    cut_channels(graph, a, _group_of(a, "conv1").classes[:4])
+    pruned = export_graph(graph, zeroed)
+    feeds = random_inputs(zeroed, batch=2)
+    np.testing.assert_allclose(run(pruned, feeds)["output"], run(zeroed, feeds)["output"], atol=1e-4, rtol=1e-4)
 
 
 def test_channels_last_flatten_into_dense_tf2onnx_style(tmp_path: Path) -> None:

@@ -505,17 +505,23 @@ def torch_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
-def test_torchscript_multihead_attention_heads_prune_and_stream_is_blocked(torch_exports: dict[str, Path],
-                                                                            tmp_path: Path) -> None:
-    """nn.MultiheadAttention computes head_dim = E // heads from the input's Shape: the residual stream is
-    blocked with that reason; heads (Reshape [T, B*h, d] targets traced through Mul) and the MLP prune."""
+def test_torchscript_multihead_attention_heads_stream_and_mlp_prune(torch_exports: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """nn.MultiheadAttention computes head_dim = E // heads from the input's Shape for its Reshape of the
+    projected q/k/v, which carry the heads, not the stream: that entry is frozen at its value, so the residual
+    stream prunes too, as do heads (Reshape [T, B*h, d] targets traced through Mul) and the MLP."""
     groups = analyze(torch_exports["encoder"])["groups"]
     heads = next(g for g in groups if g["channels"] == 4)
     assert heads["prunable"] == 4 and any("self_attn" in p for p in heads["producers"])
     stream = next(g for g in groups if "/emb/Gather" in g["producers"])
-    assert stream["prunable"] == 0 and "read by Shape" in stream["blocked"]
+    assert stream["prunable"] == stream["channels"]
     result = prune(torch_exports["encoder"], tmp_path / "out.onnx", PruneSpec(ratio=0.5, device="cpu"))
+    kept = next(g for g in result.report["groups"] if "/emb/Gather" in g["producers"])["kept"]
+    assert kept < stream["channels"]
     assert result.report["pruned"]["params"] < 0.65 * result.report["original"]["params"]
+    ids = {"ids": np.random.default_rng(0).integers(0, 50, (3, 6)).astype(np.int64)}
+    out = run(onnx.load(result.output_path), ids)["output"]
+    assert out.shape == run(onnx.load(str(torch_exports["encoder"])), ids)["output"].shape and np.isfinite(out).all()
 
 
 def test_torchscript_timm_vit_prunes_heads_mlp_and_stream(torch_exports: dict[str, Path], tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ class FixupKind(str, enum.Enum):
     SLICE = "slice"
     SHAPE_VALUE = "shape_value"
     SHAPE_PIN = "shape_pin"
+    SHAPE_FREEZE = "shape_freeze"
+    """A one-entry piece of a shape Concat read from a cut tensor's Shape that must keep its original value."""
     RESIZE_SIZES = "resize_sizes"
     ATTR_COUNT = "attr_count"
     """An integer attribute that counts channels (a contrib op's ``num_heads``): set to the kept count."""

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.analysis.analyzer import Analyzer, RuleRegistry, UnionFind
 from onnxprune.analysis.core import Analysis, AnalysisOptions, PruningGroup, Site
 from onnxprune.analysis.graph import find_cache_io
-from onnxprune.analysis.shape_reads import check_shape_reads, follow_shape_reads
+from onnxprune.analysis.shape_reads import check_frozen_entries, check_shape_reads, follow_shape_reads
 from onnxprune.analysis.shape_values import shape_facts
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def analyze_graph(
             az.block(m.ids, f"reaches graph output {out.name}")
     if not az.options.lm_stream:
         _keep_lm_stream(az, graph)
+    check_frozen_entries(az)
     _check_sites(az)
     return _build_groups(az)
 

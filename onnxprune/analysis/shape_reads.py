@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
     from onnxprune.analysis.analyzer import Analyzer
+from onnxprune.analysis.core import FixupKind
 from onnxprune.analysis.graph import optional_input, producer
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,52 @@ def check_shape_reads(az: Analyzer, node: gs.Node, reads: list[tuple[int, int, s
             if out.axis == axis and (az.proportion(source.ids, out.ids) is not None
                                      or az.proportion(out.ids, source.ids) is not None):
                 continue  # a count divided, or multiplied (repeat_kv's kv_heads · n_rep), along with the cut
+        if source is not None and node.op == "Reshape" and i == 1 and _freeze_foreign_entry(az, node, p, origin):
+            continue
         if source is not None:
             az.block(source.ids, f"{node.op} {node.name} computes with the channel count of {origin} (read by Shape)")
+
+
+def _shares_class(az: Analyzer, a: np.ndarray, b: np.ndarray) -> bool:
+    return bool({az.uf.find(int(i)) for i in a if i >= 0} & {az.uf.find(int(i)) for i in b if i >= 0})
+
+
+def _freeze_foreign_entry(az: Analyzer, node: gs.Node, p: int, origin: str) -> bool:
+    """Entry ``p`` of a Reshape target computed from the channel count of ``origin``, where the reshaped
+    data carries none of those channels: timm's CoaT ``qkv(x).reshape(B, N, 3, h, C // h)`` with C read
+    from the residual stream. No cut of the stream changes the data, so the entry is pinned to its value
+    in the original (a SHAPE_FREEZE fixup on the one-entry Concat piece it arrives through).
+    :func:`check_frozen_entries` checks again once every union is made."""
+    source, data = az.maps[origin], az.map(node.inputs[0])
+    if data is not None and _shares_class(az, source.ids, data.ids):
+        return False
+    src = shape_source(az, node, 1, p)
+    if src is None or src.piece is None or src.of is None or src.of.name != origin:
+        return False
+    concat, k = src.piece
+    value = az.folded.get(concat.inputs[k].name)
+    if value is None:
+        dims = az.shape(src.of)
+        size = dims[src.dim] if dims is not None and 0 <= src.dim < len(dims) else None
+        if not isinstance(size, int) or size % src.divisor:
+            return False
+        value = np.array([size // src.divisor * src.multiplier], np.int64)
+    value = np.asarray(value, np.int64).reshape(-1)
+    if value.size != 1:
+        return False
+    data_ids = np.empty(0, np.int64) if data is None else data.ids.copy()
+    az.fixup(concat, FixupKind.SHAPE_FREEZE, [source.ids.copy()], input=k, value=int(value[0]), reshape=node.name,
+             data_ids=data_ids, origin=origin)
+    return True
+
+
+def check_frozen_entries(az: Analyzer) -> None:
+    """Block the channels of a frozen Reshape entry (:func:`_freeze_foreign_entry`) whose data tensor later
+    joined their group: the cut would then change the data, and the pinned entry would no longer fit it."""
+    for fix in az.fixups:
+        if fix.kind == FixupKind.SHAPE_FREEZE and _shares_class(az, fix.ids[0], fix.data["data_ids"]):
+            az.block(fix.ids[0], f"Reshape {fix.data['reshape']} computes with the channel count of "
+                                 f"{fix.data['origin']} (read by Shape)")
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,11 @@ def _shape_pin(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarra
     return [Edit(node.name, input_index=fix.data["input"], array=np.array([int(keep(fix.ids[0]).sum())], np.int64))]
 
 
+def _shape_freeze(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
+    """A one-entry piece of a shape Concat computed from a cut count becomes its value in the original."""
+    return [Edit(node.name, input_index=fix.data["input"], array=np.array([int(fix.data["value"])], np.int64))]
+
+
 def _resize_sizes(fix: Fixup, node: gs.Node, keep: Callable[[np.ndarray], np.ndarray]) -> list[Edit]:
     sizes = np.array(node.inputs[3].values, dtype=np.int64).copy()
     sizes[fix.data["axis"]] = int(keep(fix.ids[0]).sum())
@@ -188,6 +193,7 @@ def default_fixups() -> FixupRegistry:
     reg.register(FixupKind.RESIZE_SIZES, _resize_sizes)
     reg.register(FixupKind.SHAPE_VALUE, _shape_value)
     reg.register(FixupKind.SHAPE_PIN, _shape_pin)
+    reg.register(FixupKind.SHAPE_FREEZE, _shape_freeze)
     reg.register(FixupKind.ATTR_COUNT, _attr_count)
     return reg
 

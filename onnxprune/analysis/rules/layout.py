@@ -350,8 +350,10 @@ def _shape_fixup(az: Analyzer, node: gs.Node, index: int, ids: np.ndarray, *, sa
             if src.piece is None:
                 az.block(ids, f"Reshape {node.name} takes its channel count from the shape of {src.of.name}")
                 return False
-            # timm-style merge reshape(B, N, C) with C read from the residual stream: pin it to the kept count
-            az.fixup(src.piece[0], FixupKind.SHAPE_PIN, [ids], input=src.piece[1])
+            # timm-style merge reshape(B, N, C) with C read from the residual stream: pin it to the kept count,
+            # also when only the stream is cut (the runtime read would then give the stream's kept count)
+            read = [m.ids] if m is not None else []
+            az.fixup(src.piece[0], FixupKind.SHAPE_PIN, [ids, *read], input=src.piece[1])
             az.pinned.add((node.name, 1, index))
     elif src.value > 0:
         az.fixup(src.owner, FixupKind.SHAPE_VALUE, [ids], input=src.input, position=src.position)
