@@ -70,7 +70,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 
 
 def normalize(loaded: LoadedModel) -> None:
-    """Convert old opsets up and fold constant weight subgraphs into initializers, in place."""
+    """Convert old opsets up, give each Reshape/Expand its own target Concat (:func:`unshare_shape_targets`) and
+    fold constant weight subgraphs into initializers, in place."""
     model = loaded.model
     opset = default_opset(model)
     if opset < 9:
@@ -84,6 +85,9 @@ def normalize(loaded: LoadedModel) -> None:
     # Constant folding runs onnxruntime, which reads IR <= 13: cap it as save_model does.
     model.ir_version = readable_ir_version(model)
     loaded.model = model
+    unshared = unshare_shape_targets(model)
+    if unshared:
+        loaded.notes.append(f"gave {unshared} Reshape/Expand nodes their own copy of a shared shape Concat")
     if not _needs_folding(model):
         return  # nothing to fold: skip the graphsurgeon round trip (it copies every weight)
     graph = gs.import_onnx(model)
@@ -99,6 +103,54 @@ def normalize(loaded: LoadedModel) -> None:
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     loaded.model = out
+
+
+SHAPE_TARGET_INPUTS = {"Reshape": 1, "Expand": 1}
+"""Ops whose input at the index is a target shape that the analysis may rewrite entry by entry."""
+
+
+def unshare_shape_targets(model: onnx.ModelProto) -> int:
+    """Give every Reshape/Expand its own copy of the Concat that builds its target shape, in place; the number
+    of copies made.
+
+    The dynamo exporter builds ``view(B, S, heads, head_dim)``'s target once and feeds every layer's Reshape
+    (queries of all layers, or keys and values of all layers) from that one Concat. A cut that removes heads in
+    some layers only must then change the count for those Reshapes alone: the analysis records the edit on the
+    Concat, so each Reshape needs its own.
+    """
+    nodes = list(model.graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in nodes:
+        index = SHAPE_TARGET_INPUTS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if index is not None and len(node.input) > index and node.input[index] in producer:
+            readers.setdefault(node.input[index], []).append((node, index))
+    outputs = {o.name for o in model.graph.output}
+    taken = {n.name for n in nodes} | set(producer)
+    copies: dict[int, list[onnx.NodeProto]] = {}
+    for name, users in readers.items():
+        concat = nodes[producer[name]]
+        if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(users) < 2:
+            continue
+        keep_first = name not in outputs and sum(list(n.input).count(name) for n in nodes) == len(users)
+        for node, index in users[1 if keep_first else 0:]:
+            new_name = base = f"{name}_for_{node.name or node.output[0]}"
+            while new_name in taken:
+                new_name = f"{base}_{len(taken)}"
+            taken.add(new_name)
+            copy = onnx.NodeProto()
+            copy.CopyFrom(concat)
+            copy.name = f"{concat.name}_for_{node.name or node.output[0]}" if concat.name else ""
+            del copy.output[:]
+            copy.output.append(new_name)
+            node.input[index] = new_name
+            copies.setdefault(producer[name], []).append(copy)
+    if not copies:
+        return 0
+    order = [m for k, n in enumerate(nodes) for m in (n, *copies.get(k, ()))]
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return sum(len(c) for c in copies.values())
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:
