@@ -243,7 +243,7 @@ def test_tf2onnx_block_prunes_its_mlp_width_exactly(style: str, equation: str, t
     assert (report["original"]["macs"], report["pruned"]["macs"]) == (5 * (8 * 32 + 32 * 8), 5 * (8 * 16 + 16 * 8))
 
 
-@pytest.mark.parametrize("style", ["mean", "sum", "flax"])
+@pytest.mark.parametrize("style", ["mean", "sum", "flax", "keras"])
 def test_decomposed_layer_norm_on_a_prunable_width_is_approximate(style: str) -> None:
     """A decomposed LayerNorm over channels that are prunable (not the graph's input) marks them approximate."""
     g = _Graph("ln_width", 0, 17)

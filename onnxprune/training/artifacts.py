@@ -95,7 +95,8 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def activations(model: onnx.ModelProto) -> set[str]:
-    """Tensors that carry the batch's values: float graph inputs, embedding lookups, and what is computed from them.
+    """Tensors that carry the batch's values: float graph inputs, embedding lookups, one-hot encodings of an input
+    cast to float, and what is computed from them.
 
     Shapes, indices and comparisons (:data:`~onnxprune.training.grad.context.NON_DIFFERENTIABLE`) and casts to
     non-float types stop the flow, so positions cast to float (``Cast(Range(...))``) are not activations.
@@ -104,14 +105,28 @@ def activations(model: onnx.ModelProto) -> set[str]:
     consts = {t.name for t in graph.initializer}
     tables = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
     act = {i.name for i in graph.input if i.name not in consts and i.type.tensor_type.elem_type in FLOAT_TYPES}
+    data = {i.name for i in graph.input if i.name not in consts}  # every input's values, not its shape
+    onehot: set[str] = set()
     for node in graph.node:
         ins = node_inputs(node)
+        if node.op_type not in ("Shape", "Size") and any(i in data for i in ins):
+            data.update(o for o in node.output if o)
+            # an input's values compared with a table of classes (jax2tf's one-hot of byte values): a Cast of
+            # it to float is the encoded batch (a mask compared with a scalar is not)
+            if node.op_type == "OneHot" or (node.op_type == "Equal" and any(
+                    i in consts and int(np.prod(_dims(graph, i))) > 1 for i in ins)):
+                onehot.update(o for o in node.output if o)
         if node.op_type in NON_DIFFERENTIABLE or (node.op_type == "Cast" and attr_int(node, "to", 0) not in FLOAT_TYPES):
             continue
         embedding = node.op_type == "Gather" and bool(node.input) and node.input[0] in tables
-        if embedding or any(i in act for i in ins):
+        encoded = node.op_type == "Cast" and any(i in onehot for i in ins)
+        if embedding or encoded or any(i in act for i in ins):
             act.update(o for o in node.output if o)
     return act
+
+
+def _dims(graph: onnx.GraphProto, name: str) -> list[int]:
+    return next(list(t.dims) for t in graph.initializer if t.name == name)
 
 
 def _is_buffer_value(t: onnx.TensorProto) -> bool:

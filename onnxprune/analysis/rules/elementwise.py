@@ -112,8 +112,10 @@ def broadcast(az: Analyzer, node: gs.Node) -> None:
         if dim == 1:
             continue
         source = _param_source(az, t, local, node, ids) if dim == len(ids) else None
-        if source is not None:
-            az.site(source[0], source[1], ids, source[2], SiteRole.PARAM)
+        sources = [source] if source is not None else _computed_params(az, t, local, ids) if dim == len(ids) else None
+        if sources:
+            for const, const_axis, reader in sources:
+                az.site(const, const_axis, ids, reader, SiteRole.PARAM)
         else:
             az.block(ids, f"{node.op} {node.name} combines them with {t.name}, which has no prunable channels")
     az.set_map(out, ChannelMap(axis, ids))
@@ -174,6 +176,36 @@ def _param_source(
     return found
 
 
+def _computed_params(
+    az: Analyzer, t: gs.Tensor, axis: int, ids: np.ndarray, depth: int = 4
+) -> list[tuple[gs.Tensor, int, gs.Node]] | None:
+    """A per-channel operand computed elementwise from per-channel constants and tensors without channels
+    (size 1 on the channel axis: a normalisation's per-position inverse std): flax/jax2tf's
+    ``inv_std · scale``, Keras' ``γ · inv_std`` and ``β − mean · γ · inv_std``. Returns the constants as
+    ``_param_source`` does, all of them to slice; None when anything else enters."""
+    src, rank = producer(t), az.rank(t)
+    if depth == 0 or src is None or rank is None or az.map(t) is not None or src.op not in UNARY + BROADCAST:
+        return None
+    found: list[tuple[gs.Tensor, int, gs.Node]] = []
+    for x in src.inputs:
+        if not Analyzer.present(x):
+            continue
+        r, dims = az.rank(x), az.shape(x)
+        if r is None or dims is None or az.map(x) is not None:
+            return None
+        local = axis - (rank - r)
+        if local < 0 or dims[local] == 1:
+            continue
+        if dims[local] != len(ids):
+            return None
+        direct = _param_source(az, x, local, src, ids)
+        inner = [direct] if direct is not None else _computed_params(az, x, local, ids, depth - 1)
+        if inner is None:
+            return None
+        found.extend(inner)
+    return found or None
+
+
 def reduce(az: Analyzer, node: gs.Node) -> None:
     xm, rank = az.map(first_input(node)), az.rank(first_input(node))
     if xm is None:
@@ -201,6 +233,11 @@ STATISTICS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL
 STAT_HOPS = 8
 
 
+#: Ops that only reshape or broadcast a statistic back over its positions (jax2tf's keepdims=0 sum, then
+#: Reshape to ``[N, 1]`` and BroadcastTo): the walk passes them without counting a step.
+STAT_RESHAPES = ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity")
+
+
 def _upstream(t: gs.Tensor, hops: int) -> set[int]:
     """ids of ``t`` and the computed tensors it comes from through ``hops`` elementwise ops or reductions."""
     found, frontier = {id(t)}, [t]
@@ -213,13 +250,14 @@ def _upstream(t: gs.Tensor, hops: int) -> set[int]:
 
 
 def _is_norm_statistic(node: gs.Node) -> bool:
-    """Whether a reduction over the channel axis (dims kept) is a normalisation's statistic: within a few
+    """Whether a reduction over the channel axis is a normalisation's statistic: within a few
     elementwise steps its value meets a tensor computed from the same source (LayerNorm ``x - mean(x)``,
     ``d / sqrt(mean(d²))``, flax's ``mean(x²) - mean(x)²`` applied to ``x - mean(x)``; RMSNorm; GRN
-    ``Gx / mean(Gx)``; the ``ReduceSum · 1/n`` forms). A softmax (a sum of ``Exp``) and other uses (a CBAM
-    map fed to a Conv) are not."""
+    ``Gx / mean(Gx)``; the ``ReduceSum · 1/n`` forms; jax2tf's ``keepdims=0`` sum brought back to ``[N, 1]``
+    by Reshape/BroadcastTo, which the walk passes for free). A softmax (a sum of ``Exp``) and other uses (a
+    CBAM map fed to a Conv) are not."""
     x = node.inputs[0]
-    if node.op not in STATISTICS or int(node.attrs.get("keepdims", 1)) != 1:
+    if node.op not in STATISTICS:
         return False
     src = producer(x)
     if src is not None and src.op == "Exp":
@@ -227,6 +265,7 @@ def _is_norm_statistic(node: gs.Node) -> bool:
     sources = _upstream(x, 3)
     seen, chain, tensors = set(), {id(node.outputs[0])}, [node.outputs[0]]
     for _ in range(STAT_HOPS):
+        tensors = _through_reshapes(tensors, chain)
         users = [u for t in tensors for u in t.outputs if u.op in UNARY + BROADCAST and id(u) not in seen]
         for u in users:
             others = [t for t in u.inputs if isinstance(t, gs.Variable) and id(t) not in chain]
@@ -236,6 +275,17 @@ def _is_norm_statistic(node: gs.Node) -> bool:
         tensors = [t for u in users for t in u.outputs]
         chain.update(id(t) for t in tensors)
     return False
+
+
+def _through_reshapes(tensors: list[gs.Tensor], chain: set[int]) -> list[gs.Tensor]:
+    """``tensors`` and what Reshape/Expand/Unsqueeze/Squeeze make of them (their data input), added to ``chain``."""
+    found, frontier = list(tensors), list(tensors)
+    while frontier:
+        frontier = [o for t in frontier for u in t.outputs if u.op in STAT_RESHAPES and u.inputs[0] is t
+                    for o in u.outputs if id(o) not in chain]
+        chain.update(id(t) for t in frontier)
+        found.extend(frontier)
+    return found
 
 
 def softmax(az: Analyzer, node: gs.Node) -> None:
