@@ -52,7 +52,8 @@ def tokenizer() -> object:
 
 def feeds_for(model_path: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Every input of ``model_path`` for a prefill of ``input_ids``: ``attention_mask`` of ones, ``position_ids``
-    0..T-1, and ``past_key_values.*`` of length 0 (their other dims read from the graph)."""
+    0..T-1, and ``past_key_values.*`` of length 0 (their other dims read from the graph, a symbolic head size from the
+    genai_config.json beside it)."""
     n, t = input_ids.shape
     model = onnx.load(str(model_path), load_external_data=False)
     init = {i.name for i in model.graph.initializer}
@@ -68,10 +69,17 @@ def feeds_for(model_path: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
             feeds[inp.name] = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t)).copy()
         elif inp.name.startswith("past_key_values."):
             dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-            feeds[inp.name] = np.zeros((n, dims[1], 0, dims[3]), np.float32)
+            feeds[inp.name] = np.zeros((n, dims[1], 0, dims[3] or _genai_head_size(model_path)), np.float32)
         else:
             raise ValueError(f"{model_path.name}: no LM feed for input {inp.name!r}")
     return feeds
+
+
+def _genai_head_size(model_path: Path) -> int:
+    """The head size of a genai-builder model, whose cache declares it as ``kv_cache_dim``: its genai_config.json's."""
+    import json
+
+    return int(json.loads((model_path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
 
 
 def write_tokens_npz(path: Path, input_ids: np.ndarray, model_path: Path | None = None) -> Path:
