@@ -716,7 +716,7 @@ def stage_finetune(state: PruneState) -> None:
     if not spec.finetune_steps:
         return
     assert state.pruned is not None
-    from onnxprune.training import FinetuneConfig, TrainData, finetune
+    from onnxprune.training import FinetuneConfig, TrainData, apply_checkpoint, finetune
 
     data = TrainData.load(spec.train_data)
     teacher = load_model(state.teacher_path).model if state.teacher_path else state.model
@@ -730,8 +730,11 @@ def stage_finetune(state: PruneState) -> None:
                             progress_bar=False, features=features)
     teacher = without_removed_outputs(teacher, cache_io)
     result = finetune(student, data, config, teacher=teacher, device=_device(state), reporter=state.reporter)
-    state.pruned = export_checked(_with_weights(state.pruned, result.model) if state.cache
-                                  else depth_io(result.model, cache_io))
+    if state.cache:  # trained on a wrapper (renamed IO, cache Gathers): its weights go back into the cut model
+        trained = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+        state.pruned = export_checked(apply_checkpoint(state.pruned, trained))
+    else:
+        state.pruned = export_checked(depth_io(result.model, cache_io))
     how = "labels" if data.labels is not None else "distillation from the original model"
     metrics = {k: round(float(v), 6) for k, v in result.final_metrics.items()}
     terms = {t.output: {"term": t.kind.value, "reads": t.tensor, "class_axis": t.class_axis,
@@ -859,18 +862,6 @@ def _distill_features(state: PruneState, data: TrainData, teacher: onnx.ModelPro
         state.notes.append("distilled intermediate features too: " + ", ".join(
             m.tensor + ("" if m.keep is None else f" ({len(m.keep)} kept channels)") for m in found))
     return tuple(found)
-
-
-def _with_weights(model: onnx.ModelProto, trained: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with the initializers ``trained`` has under the same names: fine-tuning ran on a wrapper of
-    ``model`` (renamed IO, cache Gathers), whose weights are ``model``'s."""
-    values = {t.name: t for t in trained.graph.initializer}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for t in out.graph.initializer:
-        if t.name in values:
-            t.CopyFrom(values[t.name])
-    return out
 
 
 def _reference(state: PruneState) -> str:
