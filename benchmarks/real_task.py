@@ -19,14 +19,14 @@ process's own ``VmHWM``; a watchdog kills it above ``--max-rss-gb``), then score
   (``--metric top1``), each line's character indices for the recognizer (``--metric ctc``);
 * ``reconstruct-nobn``, ``finetune-nobn``: the same with the BatchNorm stage switched off.
 
-Every run gets the same plan: ``--plan scores`` (the default) ranks channels globally by their l2 importance;
-``--plan measured`` is the pipeline's own default with calibration data (channels ranked by measuring the metric on
-it, the same in every run since every run sees the same data), which costs minutes per run on these models.
+Every run spreads its budget by ``--allocation`` (the pipeline's option, default ``auto``: uniform over the groups
+that carry the MACs when a repair follows, else measured on the calibration data, which costs minutes per run here;
+``global`` ranks the l2 scores across groups).
 
 Usage:
     python3 benchmarks/real_task.py [--models cls,rec] [--budgets 0.7,0.5] [--repairs cut,cut+bn,reconstruct,finetune]
         [--train-samples 512] [--calib-samples 256] [--eval-samples 256] [--finetune-steps 300] [--batch-size 16]
-        [--plan scores|measured] [--threads 2] [--max-rss-gb 6] [--timeout 1800] [--json results.json] [--quick]
+        [--allocation auto|uniform|global|measured] [--threads 2] [--max-rss-gb 6] [--timeout 1800] [--json results.json] [--quick]
 
 The defaults are the issue's settings (300 fine-tuning steps, 512/256/256 lines); on 2 cores the classifier takes
 about 15 minutes, the recognizer about an hour (one 300-step distillation run ~16 minutes). ``--quick`` runs every
@@ -122,7 +122,7 @@ def spec_for(task: Task, repair: str, budget: float, args: argparse.Namespace) -
     repair = repair.removesuffix(NO_BN)
     spec: dict[str, Any] = {"target_macs": budget, "criterion": "l2", "shapes": {ocr.INPUT_NAME: task.shape},
                             "calib": str(task.train), "calib_samples": args.calib_samples, "device": args.device,
-                            "seed": 0}
+                            "seed": 0, "allocation": args.allocation}
     if repair in ("reconstruct", "reconstruct+finetune"):
         spec["reconstruct"] = True
     if repair in ("finetune", "reconstruct+finetune", "max-drop"):
@@ -141,15 +141,12 @@ def spec_for(task: Task, repair: str, budget: float, args: argparse.Namespace) -
 def child(config: dict[str, Any]) -> int:
     """Prune once as ``config`` says and print what the report holds, wall time and peak RSS as JSON."""
     from onnxprune import pipeline
-    from onnxprune.planning.budget import global_order
     from onnxprune.spec import PruneSpec
 
     if config["no_bn"]:  # the cut alone: the BatchNorm stage (on by default with --calib) leaves the pipeline
         kept = [(n, f) for n, f in pipeline.REPAIR_STAGES if n != "refresh-bn"]
         pipeline.REPAIR_STAGES[:] = kept
         pipeline.STAGES[:] = [(n, f) for n, f in pipeline.STAGES if n != "refresh-bn"]
-    if config["plan"] == "scores":  # rank by importance scores, not by measuring the metric per candidate
-        pipeline._removal_order = lambda state, cost, metric, target: global_order(state.analysis, state.scores)
     t0 = time.perf_counter()
     report = pipeline.prune(config["model"], config["out"], PruneSpec.from_dict(config["spec"])).report
     wall = time.perf_counter() - t0
@@ -263,7 +260,7 @@ def run_task(task: Task, args: argparse.Namespace, tmp: Path) -> list[Row]:
 def run_config(task: Task, repair: str, budget: float, args: argparse.Namespace, tmp: Path) -> Row:
     out = tmp / f"{task.name}-{repair}-{budget}.onnx"
     config = {"model": str(task.path), "out": str(out), "spec": spec_for(task, repair, budget, args),
-              "no_bn": repair == "cut" or repair.endswith(NO_BN), "plan": args.plan}
+              "no_bn": repair == "cut" or repair.endswith(NO_BN)}
     label = f"max-drop {args.max_drop:g}" if repair.startswith("max-drop") else f"macs {budget:g} {repair}"
     if repair.removesuffix(NO_BN) in ("finetune", "reconstruct+finetune", "max-drop"):
         label += f" {args.finetune_steps}" + (" labels" if task.name == "cls" else " distill")
@@ -300,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-drop", type=float, default=2.0, help="points, for the max-drop runs")
-    parser.add_argument("--plan", default="scores", choices=("measured", "scores"),
-                        help="scores: l2 global ranking (fast); measured: the pipeline's default with data (slow)")
+    parser.add_argument("--allocation", default="auto", choices=("auto", "uniform", "global", "measured"),
+                        help="how each budget spreads its cut (the pipeline's --allocation)")
     parser.add_argument("--threads", type=int, default=2, help="cores each run may use (0: all)")
     parser.add_argument("--max-rss-gb", type=float, default=6.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
@@ -314,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         return child(json.loads(args.child))
     if args.quick:
         args.budgets, args.train_samples, args.calib_samples, args.eval_samples = "0.7", 128, 64, 128
-        args.finetune_steps, args.plan = 30, "scores"
+        args.finetune_steps = 30
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.repairs = [r for r in args.repairs.split(",") if r]
     unknown = sorted({r.removesuffix(NO_BN) for r in args.repairs} - set(REPAIRS))
     if unknown:
         raise SystemExit(f"unknown repairs {unknown}: choose from {', '.join(REPAIRS)}")
     print(f"train {args.train_samples} / calibration {args.calib_samples} / held-out {args.eval_samples} lines, "
-          f"plan {args.plan}, fine-tuning {args.finetune_steps} steps at batch {args.batch_size}, lr {args.lr:g}, "
+          f"allocation {args.allocation}, fine-tuning {args.finetune_steps} steps at batch {args.batch_size}, lr {args.lr:g}, "
           f"{args.threads or 'all'} cores per run")
     print("| model | configuration | MACs | char % | line % | top-1 % | prune s | peak RSS MiB | |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -15,6 +15,7 @@ from traceback import print_exception
 
 from onnxprune.errors import USER_ERRORS, OnnxpruneError, is_internal
 from onnxprune.spec import (
+    ALLOCATIONS,
     CRITERIA,
     DEPTH_METHODS,
     DEVICES,
@@ -81,6 +82,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-macs", type=float, help="keep this fraction of the original MACs")
     p.add_argument("--target-params", type=float, help="keep this fraction of the original parameters")
     p.add_argument("--target-latency", type=float, help="keep this fraction of the original latency")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
+                   help="how a budget spreads the cut: uniform (the same share of every group), global (scores "
+                        "ranked across groups), measured (greedy, measured on the data); auto: uniform when "
+                        "fine-tuning follows, else measured with data, else global")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (glob) to leave intact")
     p.add_argument("--granularity", default="channel", help="channel, element or N:M (e.g. 2:4)")

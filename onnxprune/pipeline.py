@@ -39,6 +39,7 @@ from onnxprune.planning.budget import (
     fit_latency,
     global_order,
     plan_from_counts,
+    uniform_order,
 )
 from onnxprune.planning.cost import CostModel
 from onnxprune.planning.plan import Plan, global_ranking, keep_every_tensor, uniform
@@ -421,16 +422,38 @@ def _planner(state: PruneState) -> Evaluator | None:
     return state.planner
 
 
+def allocation_for(spec: PruneSpec) -> str:
+    """The allocation rule ``--allocation auto`` stands for.
+
+    With fine-tuning after the cut, ``uniform``: ranking cuts by their damage before repair misleads, since
+    fine-tuning undoes damage unevenly. PP-OCRv4 rec, reconstructed and distilled 300 steps: every group cut alike
+    reads 96.7 % of characters at 0.69 MACs (512 training lines; 97.7 % with 2048) against 96.1 % by the global
+    score ranking, and 97.7 % / 96.4 % at 0.69 / 0.50 MACs (2048 lines) against 96.9 % / 95.2 % when the stem,
+    the SE squeezes, the SVTR neck and the CTC head's features are left whole, although that reads best right
+    after reconstruction (80.8 % against 69.2 %). Otherwise ``measured`` when there is real data to measure on
+    (75.3 % after reconstruction at 0.70 against 69.2 % uniform), else ``global`` (the scores).
+    """
+    if spec.allocation != "auto":
+        return spec.allocation
+    if spec.finetune_steps:
+        return "uniform"
+    return "measured" if planning_data(spec) is not None else "global"
+
+
 def _removal_order(state: PruneState, cost: CostModel, metric: str, target: float) -> RemovalOrder:
-    """Channels in the order they go: measured greedy allocation down to ``target`` when there is data to rank
-    on (:func:`_planner`), else the global ranking of the importance scores."""
+    """Channels in the order they go, by :func:`allocation_for`: every group the same share, measured greedy
+    allocation down to ``target`` on the planning data (:func:`_planner`), or the global ranking of the importance
+    scores."""
     from onnxprune.planning import sensitivity
 
     assert state.analysis is not None
     spec = state.spec
-    evaluate = _planner(state)
+    rule = allocation_for(spec)
+    if rule == "uniform":
+        return uniform_order(state.analysis, state.scores)
+    evaluate = _planner(state) if rule == "measured" else None
     if evaluate is None:
-        if spec.calib == "random":
+        if spec.calib == "random" and rule == "measured":
             state.notes.append("allocation by importance scores: random calibration inputs cannot rank channels")
         return global_order(state.analysis, state.scores)
     order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,

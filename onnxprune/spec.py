@@ -21,6 +21,8 @@ OPTIMIZERS = ("sgd", "adamw")
 HEADS = ("whole", "dims")
 """Attention heads go as units (``whole``) or every head loses the same dims (``dims``)."""
 DEPTH_METHODS = ("ratio", "fidelity")
+#: ``--allocation``: how a budget (``--target-*``, ``--max-drop``) spreads the cut over the groups.
+ALLOCATIONS = ("auto", "uniform", "global", "measured")
 """Block importance: ‖f(x)‖/‖x‖ on calibration inputs, or the output change when the block is removed."""
 METRICS = ("top1", "agreement", "kl", "cosine", "ctc", "perplexity")
 """Built-in task metrics (``--metric``); ``python:MODULE:FUNC`` names a user function besides these."""
@@ -119,6 +121,10 @@ class PruneSpec:
     """``--prune-lm-hidden``: also cut a language model's hidden size (the residual stream its token embedding
     starts, read by every layer). Off: only heads, KV groups and MLP width are cut, as the quality cost of the
     stream is far higher."""
+    allocation: str = "auto"
+    """How a budget (``--target-*``, ``--max-drop``) spreads the cut: ``uniform`` (the same share of every group),
+    ``global`` (the importance scores ranked across groups), ``measured`` (greedy, each step measured on the
+    planning data), ``auto`` (see :func:`onnxprune.pipeline.allocation_for`)."""
     feature_distill: bool = True
     """Distillation (fine-tuning without labels) also matches block/stage outputs of the original, not only its
     outputs (``--no-feature-distill`` turns it off)."""
@@ -190,9 +196,26 @@ class PruneSpec:
                                 field="depth_method")
         if self.fidelity_samples < 1:
             raise BadInputError("fidelity_samples must be >= 1", field="fidelity_samples")
+        self._validate_allocation()
         self._validate_metric()
         self._validate_quantize()
         return self
+
+    def _validate_allocation(self) -> None:
+        """``--allocation`` names a known rule, applies to budgets, and ``measured`` has real data to measure on."""
+        if self.allocation not in ALLOCATIONS:
+            raise BadInputError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}",
+                                field="allocation")
+        if self.allocation == "auto":
+            return
+        budgeted = any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
+        if not budgeted and self.max_drop is None:
+            raise BadInputError("--allocation applies to a budget: add --target-macs, --target-params, "
+                                "--target-latency or --max-drop (--ratio cuts every group alike; --global ranks "
+                                "across groups)", field="allocation")
+        if self.allocation == "measured" and not self.eval_data and (not self.calib or self.calib == "random"):
+            raise BadInputError("--allocation measured needs real data to measure on: --calib DATA or --eval-data",
+                                field="allocation")
 
     def _validate_quantize(self) -> None:
         """``--quantize`` and its options; static INT8 calibrates on real samples only."""

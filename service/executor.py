@@ -304,6 +304,8 @@ class LocalProcessExecutor(JobSlots):
                     elif kind == "error":
                         outcome = Outcome(FAILED, error=msg[2], error_type=msg[1], error_field=msg[3])
                 elif proc.poll() is not None:
+                    if conn.poll(0):  # its last message landed after the poll above timed out: read it first
+                        continue
                     break
                 if self._interrupt.is_set() or cancel.is_set():
                     if stop_sent is None:

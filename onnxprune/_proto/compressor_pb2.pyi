@@ -76,7 +76,7 @@ class Shape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("ratio", "criterion", "global_ranking", "target_macs", "target_params", "target_latency", "round_to", "exclude", "granularity", "sparsity", "depth", "shapes", "calib", "calib_samples", "reconstruct", "finetune_steps", "train_data", "lr", "batch_size", "iterations", "bench", "device", "seed", "fidelity_samples", "heads", "depth_method", "eval_data", "metric", "max_drop", "quantize", "quant_calibration", "quant_exclude", "keep_io_types", "quant_max_drop", "feature_distill", "prune_lm_hidden")
+    __slots__ = ("ratio", "criterion", "global_ranking", "target_macs", "target_params", "target_latency", "round_to", "exclude", "granularity", "sparsity", "depth", "shapes", "calib", "calib_samples", "reconstruct", "finetune_steps", "train_data", "lr", "batch_size", "iterations", "bench", "device", "seed", "fidelity_samples", "heads", "depth_method", "eval_data", "metric", "max_drop", "quantize", "quant_calibration", "quant_exclude", "keep_io_types", "quant_max_drop", "feature_distill", "prune_lm_hidden", "allocation")
     class ShapesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class JobSpec(_message.Message):
     QUANT_MAX_DROP_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DISTILL_FIELD_NUMBER: _ClassVar[int]
     PRUNE_LM_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
     ratio: float
     criterion: str
     global_ranking: bool
@@ -156,7 +157,8 @@ class JobSpec(_message.Message):
     quant_max_drop: float
     feature_distill: bool
     prune_lm_hidden: bool
-    def __init__(self, ratio: _Optional[float] = ..., criterion: _Optional[str] = ..., global_ranking: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency: _Optional[float] = ..., round_to: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., granularity: _Optional[str] = ..., sparsity: _Optional[float] = ..., depth: _Optional[int] = ..., shapes: _Optional[_Mapping[str, Shape]] = ..., calib: _Optional[str] = ..., calib_samples: _Optional[int] = ..., reconstruct: _Optional[bool] = ..., finetune_steps: _Optional[int] = ..., train_data: _Optional[str] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., iterations: _Optional[int] = ..., bench: _Optional[bool] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., fidelity_samples: _Optional[int] = ..., heads: _Optional[str] = ..., depth_method: _Optional[str] = ..., eval_data: _Optional[str] = ..., metric: _Optional[str] = ..., max_drop: _Optional[float] = ..., quantize: _Optional[str] = ..., quant_calibration: _Optional[str] = ..., quant_exclude: _Optional[_Iterable[str]] = ..., keep_io_types: _Optional[bool] = ..., quant_max_drop: _Optional[float] = ..., feature_distill: _Optional[bool] = ..., prune_lm_hidden: _Optional[bool] = ...) -> None: ...
+    allocation: str
+    def __init__(self, ratio: _Optional[float] = ..., criterion: _Optional[str] = ..., global_ranking: _Optional[bool] = ..., target_macs: _Optional[float] = ..., target_params: _Optional[float] = ..., target_latency: _Optional[float] = ..., round_to: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., granularity: _Optional[str] = ..., sparsity: _Optional[float] = ..., depth: _Optional[int] = ..., shapes: _Optional[_Mapping[str, Shape]] = ..., calib: _Optional[str] = ..., calib_samples: _Optional[int] = ..., reconstruct: _Optional[bool] = ..., finetune_steps: _Optional[int] = ..., train_data: _Optional[str] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., iterations: _Optional[int] = ..., bench: _Optional[bool] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., fidelity_samples: _Optional[int] = ..., heads: _Optional[str] = ..., depth_method: _Optional[str] = ..., eval_data: _Optional[str] = ..., metric: _Optional[str] = ..., max_drop: _Optional[float] = ..., quantize: _Optional[str] = ..., quant_calibration: _Optional[str] = ..., quant_exclude: _Optional[_Iterable[str]] = ..., keep_io_types: _Optional[bool] = ..., quant_max_drop: _Optional[float] = ..., feature_distill: _Optional[bool] = ..., prune_lm_hidden: _Optional[bool] = ..., allocation: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("model", "spec", "inputs", "output_name")

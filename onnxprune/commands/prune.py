@@ -22,6 +22,7 @@ def spec_from_args(args: argparse.Namespace) -> PruneSpec:
         max_drop=args.max_drop, quantize=args.quantize, quant_calibration=args.quant_calibration,
         quant_exclude=list(args.quant_exclude), keep_io_types=args.keep_io_types, quant_max_drop=args.quant_max_drop,
         feature_distill=args.feature_distill, prune_lm_hidden=args.prune_lm_hidden,
+        allocation=args.allocation,
     ).validate()
 
 
