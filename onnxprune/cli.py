@@ -84,8 +84,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-latency", type=float, help="keep this fraction of the original latency")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
                    help="how a budget spreads the cut: uniform (the same share of every group), global (scores "
-                        "ranked across groups), measured (greedy, measured on the data); auto: uniform when "
-                        "fine-tuning follows, else measured with data, else global")
+                        "ranked across groups), measured (greedy, measured on the data); auto: measured with data, "
+                        "else global")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="node names (glob) to leave intact")
     p.add_argument("--granularity", default="channel", help="channel, element or N:M (e.g. 2:4)")

@@ -423,20 +423,16 @@ def _planner(state: PruneState) -> Evaluator | None:
 
 
 def allocation_for(spec: PruneSpec) -> str:
-    """The allocation rule ``--allocation auto`` stands for.
+    """The allocation rule ``--allocation auto`` stands for: ``measured`` when there is real data to measure on,
+    else ``global`` (the scores).
 
-    With fine-tuning after the cut, ``uniform``: ranking cuts by their damage before repair misleads, since
-    fine-tuning undoes damage unevenly. PP-OCRv4 rec, reconstructed and distilled 300 steps: every group cut alike
-    reads 96.7 % of characters at 0.69 MACs (512 training lines; 97.7 % with 2048) against 96.1 % by the global
-    score ranking, and 97.7 % / 96.4 % at 0.69 / 0.50 MACs (2048 lines) against 96.9 % / 95.2 % when the stem,
-    the SE squeezes, the SVTR neck and the CTC head's features are left whole, although that reads best right
-    after reconstruction (80.8 % against 69.2 %). Otherwise ``measured`` when there is real data to measure on
-    (75.3 % after reconstruction at 0.70 against 69.2 % uniform), else ``global`` (the scores).
+    ``uniform`` is not the default although it reads best on PP-OCRv4 rec after reconstruction and 300 distillation
+    steps (96.7 % of characters at 0.69 MACs against 96.1 % by the global ranking, 512 training lines): right after
+    reconstruction measured reads better (75.3 % against 69.2 % at 0.70), and on the genai-builder Llama at 0.7
+    params uniform cut the two layers' KV heads differently, which ``genai_config.json`` cannot describe.
     """
     if spec.allocation != "auto":
         return spec.allocation
-    if spec.finetune_steps:
-        return "uniform"
     return "measured" if planning_data(spec) is not None else "global"
 
 

@@ -16,17 +16,13 @@ from onnxprune.spec import PruneSpec
 from tests.models import BUILDERS
 
 
-def test_auto_is_uniform_before_fine_tuning_measured_with_data_else_global() -> None:
-    assert allocation_for(PruneSpec(target_macs=0.7, finetune_steps=10, train_data="t.npz")) == "uniform"
-    assert allocation_for(PruneSpec(target_macs=0.7, finetune_steps=10, train_data="t.npz", calib="c.npz",
-                                    reconstruct=True)) == "uniform"
+def test_auto_is_measured_with_data_else_global() -> None:
     assert allocation_for(PruneSpec(target_macs=0.7, calib="c.npz", reconstruct=True)) == "measured"
-    assert allocation_for(PruneSpec(target_macs=0.7, calib="c.npz")) == "measured"
+    assert allocation_for(PruneSpec(target_macs=0.7, finetune_steps=10, train_data="t.npz", calib="c.npz")) == "measured"
     assert allocation_for(PruneSpec(target_macs=0.7, eval_data="v.npz")) == "measured"
     assert allocation_for(PruneSpec(target_macs=0.7, calib="random")) == "global"
-    assert allocation_for(PruneSpec(target_macs=0.7)) == "global"
-    assert allocation_for(PruneSpec(target_macs=0.7, finetune_steps=10, train_data="t.npz",
-                                    allocation="global")) == "global"
+    assert allocation_for(PruneSpec(target_macs=0.7, finetune_steps=10, train_data="t.npz")) == "global"
+    assert allocation_for(PruneSpec(target_macs=0.7, calib="c.npz", allocation="uniform")) == "uniform"
 
 
 @pytest.mark.parametrize(("spec", "message"), [
