@@ -370,12 +370,8 @@ def stage_score(state: PruneState) -> None:
 
 def _scores_needed(state: PruneState) -> bool:
     spec = state.spec
-    wanted = state.score_always or spec.ratio > 0 or _uses_budget(spec) or spec.max_drop is not None
+    wanted = state.score_always or spec.ratio > 0 or spec.uses_budget or spec.max_drop is not None
     return wanted and spec.granularity == "channel"
-
-
-def _uses_budget(spec: PruneSpec) -> bool:
-    return any(v is not None for v in (spec.target_macs, spec.target_params, spec.target_latency))
 
 
 def stage_plan(state: PruneState) -> None:
@@ -384,7 +380,7 @@ def stage_plan(state: PruneState) -> None:
     if spec.granularity != "channel":
         state.plan = Plan()  # fine-grained: weights are zeroed in stage_cut, no channel goes
         return
-    if _uses_budget(spec):
+    if spec.uses_budget:
         plan = _budget_plan(state)
     elif spec.global_ranking:
         measured = _measured_global_plan(state)
@@ -447,11 +443,12 @@ def _removal_order(state: PruneState, cost: CostModel, metric: str, target: floa
     rule = allocation_for(spec)
     if rule == "uniform":
         return uniform_order(state.analysis, state.scores)
-    evaluate = _planner(state) if rule == "measured" else None
-    if evaluate is None:
-        if spec.calib == "random" and rule == "measured":
+    if rule == "global":
+        if spec.allocation == "auto" and spec.calib == "random":
             state.notes.append("allocation by importance scores: random calibration inputs cannot rank channels")
         return global_order(state.analysis, state.scores)
+    evaluate = _planner(state)
+    assert evaluate is not None  # measured: allocation_for and PruneSpec.validate saw real data to measure on
     order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,
                                      round_to=spec.round_to)
     state.notes.append(f"allocation measured by {evaluate.metric_name} on {planning_data(spec)} "
@@ -652,7 +649,7 @@ def _sparsify(state: PruneState) -> None:
     result = sparsity.sparsify(state.graph, spec.granularity, amount,
                                scope="global" if spec.global_ranking else "layer", exclude=spec.exclude)
     state.notes.extend(result.notes)
-    if _uses_budget(spec):
+    if spec.uses_budget:
         state.notes.append("--target-macs/params/latency apply to channel pruning; zeroed weights keep MACs and shapes")
     state.sparsity = result.to_dict()
     state.pruned = export_graph(state.graph, state.model)

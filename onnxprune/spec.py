@@ -21,9 +21,9 @@ OPTIMIZERS = ("sgd", "adamw")
 HEADS = ("whole", "dims")
 """Attention heads go as units (``whole``) or every head loses the same dims (``dims``)."""
 DEPTH_METHODS = ("ratio", "fidelity")
-#: ``--allocation``: how a budget (``--target-*``, ``--max-drop``) spreads the cut over the groups.
-ALLOCATIONS = ("auto", "uniform", "global", "measured")
 """Block importance: ‖f(x)‖/‖x‖ on calibration inputs, or the output change when the block is removed."""
+ALLOCATIONS = ("auto", "uniform", "global", "measured")
+"""``--allocation``: how a budget (``--target-*``, ``--max-drop``) spreads the cut over the groups."""
 METRICS = ("top1", "agreement", "kl", "cosine", "ctc", "perplexity")
 """Built-in task metrics (``--metric``); ``python:MODULE:FUNC`` names a user function besides these."""
 PYTHON_METRIC = "python:"
@@ -140,6 +140,11 @@ class PruneSpec:
     result also stays within that of the original); the most sensitive layers stay float until it holds."""
 
     @property
+    def uses_budget(self) -> bool:
+        """A ``--target-macs/params/latency`` budget chooses how much goes."""
+        return any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
+
+    @property
     def metric_choice(self) -> MetricChoice | None:
         """``--metric`` parsed (None when not given)."""
         return parse_metric(self.metric) if self.metric is not None else None
@@ -208,8 +213,7 @@ class PruneSpec:
                                 field="allocation")
         if self.allocation == "auto":
             return
-        budgeted = any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
-        if not budgeted and self.max_drop is None:
+        if not self.uses_budget and self.max_drop is None:
             raise BadInputError("--allocation applies to a budget: add --target-macs, --target-params, "
                                 "--target-latency or --max-drop (--ratio cuts every group alike; --global ranks "
                                 "across groups)", field="allocation")

@@ -57,3 +57,19 @@ def test_cli_budget_follows_the_allocation(allocation: str, tmp_path: Path) -> N
     if allocation == "uniform":  # every group the same share, within a channel
         assert max(kept) - min(kept) < 0.1
     assert main(["prune", str(model), "-o", str(tmp_path / "x.onnx"), "--allocation", allocation]) == 2
+
+
+def test_random_calibration_budget_says_the_scores_decide(tmp_path: Path) -> None:
+    """``auto`` with ``--calib random`` falls back to the score ranking and says why; a chosen ``global`` says nothing."""
+    model = tmp_path / "resnet.onnx"
+    onnx.save(BUILDERS["resnet_basic"](), model)
+    notes = {}
+    for allocation in ("auto", "global"):
+        report_path = tmp_path / f"{allocation}.json"
+        assert main(["prune", str(model), "-o", str(tmp_path / f"{allocation}.onnx"), "--target-macs", "0.6",
+                     "--calib", "random", "--allocation", allocation, "--report", str(report_path)]) == 0
+        report = json.loads(report_path.read_text())
+        assert report["budget"]["strategy"] == "global"
+        notes[allocation] = " ".join(report["notes"])
+    assert "random calibration inputs cannot rank channels" in notes["auto"]
+    assert "random calibration inputs cannot rank channels" not in notes["global"]

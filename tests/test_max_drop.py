@@ -71,9 +71,8 @@ def test_a_final_repair_outside_the_drop_steps_back_to_the_probe(digits_model_pa
                                                                                              ruinous_finetune))])
     x_train, y_train, _, _ = digits
     train = write_npz(tmp_path / "train.npz", x_train[:64], y_train[:64])
-    # measured allocation: the probes here get no repair at all, which is where measuring the cuts pays
     spec = PruneSpec(eval_data=str(digits_eval), max_drop=1.0, finetune_steps=60, train_data=str(train),
-                     device="cpu", allocation="measured")
+                     device="cpu")
     out = tmp_path / "small.onnx"
     report = prune(digits_model_path, out, spec).report
     final = report["max_drop"]["final"]

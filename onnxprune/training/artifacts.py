@@ -104,6 +104,7 @@ def activations(model: onnx.ModelProto) -> set[str]:
     graph = model.graph
     consts = {t.name for t in graph.initializer}
     tables = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer}
     act = {i.name for i in graph.input if i.name not in consts and i.type.tensor_type.elem_type in FLOAT_TYPES}
     data = {i.name for i in graph.input if i.name not in consts}  # every input's values, not its shape
     onehot: set[str] = set()
@@ -113,8 +114,7 @@ def activations(model: onnx.ModelProto) -> set[str]:
             data.update(o for o in node.output if o)
             # an input's values compared with a table of classes (jax2tf's one-hot of byte values): a Cast of
             # it to float is the encoded batch (a mask compared with a scalar is not)
-            if node.op_type == "OneHot" or (node.op_type == "Equal" and any(
-                    i in consts and int(np.prod(_dims(graph, i))) > 1 for i in ins)):
+            if node.op_type == "OneHot" or (node.op_type == "Equal" and any(sizes.get(i, 0) > 1 for i in ins)):
                 onehot.update(o for o in node.output if o)
         if node.op_type in NON_DIFFERENTIABLE or (node.op_type == "Cast" and attr_int(node, "to", 0) not in FLOAT_TYPES):
             continue
@@ -123,10 +123,6 @@ def activations(model: onnx.ModelProto) -> set[str]:
         if embedding or encoded or any(i in act for i in ins):
             act.update(o for o in node.output if o)
     return act
-
-
-def _dims(graph: onnx.GraphProto, name: str) -> list[int]:
-    return next(list(t.dims) for t in graph.initializer if t.name == name)
 
 
 def _is_buffer_value(t: onnx.TensorProto) -> bool:
