@@ -117,17 +117,40 @@ def test_channel_matched_features_equal_the_teachers_kept_channels(cut_digits) -
     assert choose_features(teacher, student, {"input": [1, 1, 8, 8]}) == []
 
 
+def test_pooled_vectors_are_not_features() -> None:
+    """An SE-style squeeze ([N, C, 1, 1]) is one number per channel: a weak distillation target, so the choice
+    skips it and keeps the feature maps around it."""
+    rng = np.random.default_rng(0)
+
+    def model(mid: int) -> onnx.ModelProto:
+        w0 = ", ".join(f"{v:.4f}" for v in rng.normal(size=mid * 2))
+        w1 = ", ".join(f"{v:.4f}" for v in rng.normal(size=4 * mid * 9))
+        return parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,2,5,5] x) => (float[2,4,5,5] y) <float[{mid},2,1,1] w0 = {{{w0}}}, float[4,{mid},3,3] w1 = {{{w1}}}> {{
+  a = Conv(x, w0)
+  c = Conv<pads=[1,1,1,1]>(a, w1)
+  h = Relu(c)
+  p = GlobalAveragePool(h)
+  s = Mul(h, p)
+  y = Sigmoid(s)
+}}""")
+
+    teacher, student = model(3), model(2)  # the student lost one of ``a``'s channels
+    every = choose_features(teacher, student, {"x": [2, 2, 5, 5]}, k=100)
+    assert [m.tensor for m in every] == ["c", "h", "s"]  # not ``p``, nor ``a`` (its shape changed, no plan)
+
+
 def test_distillation_reduces_the_feature_mismatch(cut_digits, digits) -> None:
     state = cut_digits
     x_train = digits[0]
     found = tuple(choose_features(state.model, state.pruned, {"input": [1, 1, 8, 8]}, analysis=state.analysis,
                                   plan=state.plan))
-    cfg = FinetuneConfig(steps=120, lr=3e-3, batch_size=32, progress_bar=False, threads=1, eval_every=60,
+    cfg = FinetuneConfig(steps=240, lr=3e-3, batch_size=32, progress_bar=False, threads=1, eval_every=120,
                          features=found)
     res = finetune(state.pruned, TrainData({"input": x_train}), cfg, teacher=state.model, device="cpu")
     errors = [{k: v for k, v in h.items() if k.startswith("eval_feature_error/")} for h in res.history]
     errors = [e for e in errors if e]
-    assert len(errors) == 3 and len(errors[0]) == 4  # steps 0 (the cut model), 60 and 120
+    assert len(errors) == 3 and len(errors[0]) == 4  # steps 0 (the cut model), 120 and 240
     first_loss = np.mean([h["loss"] for h in res.history if "loss" in h][:5])
     assert res.final_metrics["train_loss"] < 0.5 * first_loss
     assert all(errors[-1][k] < 0.8 * v for k, v in errors[0].items()), errors

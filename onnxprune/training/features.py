@@ -73,6 +73,8 @@ def _match(name: str, student: list[int] | None, teacher: list[int] | None, anal
     """How ``name`` compares: as is (same shape), through the kept channels of its channel map, or not at all."""
     if student is None or teacher is None or len(student) < 3 or len(student) != len(teacher):
         return None
+    if sum(d > 1 for d in teacher[1:]) < 2:  # a pooled vector ([N, C, 1, 1]): one number per channel, no map
+        return None
     if student == teacher:
         return FeatureMatch(name)
     cmap = analysis.maps.get(name) if analysis is not None else None
