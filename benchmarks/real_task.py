@@ -19,14 +19,14 @@ process's own ``VmHWM``; a watchdog kills it above ``--max-rss-gb``), then score
   (``--metric top1``), each line's character indices for the recognizer (``--metric ctc``);
 * ``reconstruct-nobn``, ``finetune-nobn``: the same with the BatchNorm stage switched off.
 
-Every run spreads its budget by ``--allocation`` (the pipeline's option, default ``auto``: uniform over the groups
-that carry the MACs when a repair follows, else measured on the calibration data, which costs minutes per run here;
-``global`` ranks the l2 scores across groups).
+Every run scores channels by ``--criterion`` (default ``l2``) and spreads its budget by ``--allocation`` (the
+pipeline's options; ``auto`` is measured on the calibration data, which costs minutes per run here; ``global`` ranks
+the criterion's scores across groups; ``uniform`` cuts every group by the same share).
 
 Usage:
     python3 benchmarks/real_task.py [--models cls,rec] [--budgets 0.7,0.5] [--repairs cut,cut+bn,reconstruct,finetune]
         [--train-samples 512] [--calib-samples 256] [--eval-samples 256] [--finetune-steps 300] [--batch-size 16]
-        [--allocation auto|uniform|global|measured] [--threads 2] [--max-rss-gb 6] [--timeout 1800] [--json results.json] [--quick]
+        [--criterion l2] [--allocation auto|uniform|global|measured] [--threads 2] [--max-rss-gb 6] [--timeout 1800] [--json results.json] [--quick]
 
 The defaults are the issue's settings (300 fine-tuning steps, 512/256/256 lines); on 2 cores the classifier takes
 about 15 minutes, the recognizer about an hour (one 300-step distillation run ~16 minutes). ``--quick`` runs every
@@ -56,6 +56,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from onnxprune.spec import ALLOCATIONS, CRITERIA
 from tests.tasks import ocr
 
 REPAIRS = ("cut", "cut+bn", "reconstruct", "finetune", "reconstruct+finetune", "max-drop")
@@ -120,7 +121,7 @@ def make_tasks(names: list[str], args: argparse.Namespace, tmp: Path) -> list[Ta
 def spec_for(task: Task, repair: str, budget: float, args: argparse.Namespace) -> dict[str, Any]:
     """The PruneSpec (as a dict) of one run: the user's command for that repair."""
     repair = repair.removesuffix(NO_BN)
-    spec: dict[str, Any] = {"target_macs": budget, "criterion": "l2", "shapes": {ocr.INPUT_NAME: task.shape},
+    spec: dict[str, Any] = {"target_macs": budget, "criterion": args.criterion, "shapes": {ocr.INPUT_NAME: task.shape},
                             "calib": str(task.train), "calib_samples": args.calib_samples, "device": args.device,
                             "seed": 0, "allocation": args.allocation}
     if repair in ("reconstruct", "reconstruct+finetune"):
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-drop", type=float, default=2.0, help="points, for the max-drop runs")
-    parser.add_argument("--allocation", default="auto", choices=("auto", "uniform", "global", "measured"),
+    parser.add_argument("--criterion", default="l2", choices=CRITERIA, help="channel scores (the pipeline's --criterion)")
+    parser.add_argument("--allocation", default="auto", choices=ALLOCATIONS,
                         help="how each budget spreads its cut (the pipeline's --allocation)")
     parser.add_argument("--threads", type=int, default=2, help="cores each run may use (0: all)")
     parser.add_argument("--max-rss-gb", type=float, default=6.0)
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown repairs {unknown}: choose from {', '.join(REPAIRS)}")
     print(f"train {args.train_samples} / calibration {args.calib_samples} / held-out {args.eval_samples} lines, "
-          f"allocation {args.allocation}, fine-tuning {args.finetune_steps} steps at batch {args.batch_size}, lr {args.lr:g}, "
+          f"criterion {args.criterion}, allocation {args.allocation}, fine-tuning {args.finetune_steps} steps at batch {args.batch_size}, lr {args.lr:g}, "
           f"{args.threads or 'all'} cores per run")
     print("| model | configuration | MACs | char % | line % | top-1 % | prune s | peak RSS MiB | |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -43,8 +43,8 @@ def bench() -> ModuleType:
 def _args(bench: ModuleType, **overrides: object) -> argparse.Namespace:
     """The benchmark's defaults with small data, as its parser would give them."""
     values = {"train_samples": 64, "calib_samples": 32, "eval_samples": 64, "finetune_steps": 0, "batch_size": 16,
-              "lr": 1e-3, "max_drop": 2.0, "allocation": "global", "threads": 2, "max_rss_gb": 6.0, "timeout": 600.0,
-              "device": "cpu"}
+              "lr": 1e-3, "max_drop": 2.0, "criterion": "l2", "allocation": "global", "threads": 2, "max_rss_gb": 6.0,
+              "timeout": 600.0, "device": "cpu"}
     values.update(overrides)
     return argparse.Namespace(**values)
 

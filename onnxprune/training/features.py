@@ -65,7 +65,7 @@ def _spread(names: Sequence[FeatureMatch], k: int) -> list[FeatureMatch]:
     if len(names) <= k:
         return list(names)
     step = len(names) / k
-    return [names[min(len(names) - 1, int(round((i + 1) * step)) - 1)] for i in range(k)]
+    return [names[min(len(names) - 1, round((i + 1) * step) - 1)] for i in range(k)]
 
 
 def _match(name: str, student: list[int] | None, teacher: list[int] | None, analysis: Analysis | None,
