@@ -225,7 +225,7 @@ def metric_data(spec: PruneSpec) -> str | None:
     (never random inputs: a metric on noise would decide nothing)."""
     if spec.eval_data:
         return spec.eval_data
-    if spec.metric is not None and spec.calib and spec.calib != "random":
+    if spec.metric is not None and spec.real_calib:
         return spec.calib
     return None
 
@@ -391,23 +391,13 @@ def stage_plan(state: PruneState) -> None:
     state.plan = keep_every_tensor(state.analysis, plan, state.scores)
 
 
-def planning_data(spec: PruneSpec) -> str | None:
-    """The data channels are ranked on by measurement: ``--eval-data``, else ``--calib DATA``; None for random
-    or no data (then the importance scores alone decide: a ranking measured on noise would follow the noise)."""
-    if spec.eval_data:
-        return spec.eval_data
-    if spec.calib and spec.calib != "random":
-        return spec.calib
-    return None
-
-
 def _planner(state: PruneState) -> Evaluator | None:
     """The evaluator budget planning, ``--global`` and ``--max-drop`` rank channels with: ``--metric`` when given,
     else accuracy when the data has labels, else top-1 agreement with the model before the cut; on at most
-    ``--calib-samples`` samples of :func:`planning_data`."""
+    ``--calib-samples`` samples of :attr:`PruneSpec.planning_data`."""
     from onnxprune.planning import sensitivity
 
-    data = planning_data(state.spec)
+    data = state.spec.planning_data
     if data is None:
         return None
     if state.planner is None:
@@ -429,7 +419,7 @@ def allocation_for(spec: PruneSpec) -> str:
     """
     if spec.allocation != "auto":
         return spec.allocation
-    return "measured" if planning_data(spec) is not None else "global"
+    return "measured" if spec.planning_data is not None else "global"
 
 
 def _removal_order(state: PruneState, cost: CostModel, metric: str, target: float) -> RemovalOrder:
@@ -451,7 +441,7 @@ def _removal_order(state: PruneState, cost: CostModel, metric: str, target: floa
     assert evaluate is not None  # measured: allocation_for and PruneSpec.validate saw real data to measure on
     order = sensitivity.budget_order(state.working, state.analysis, state.scores, cost, metric, target, evaluate,
                                      round_to=spec.round_to)
-    state.notes.append(f"allocation measured by {evaluate.metric_name} on {planning_data(spec)} "
+    state.notes.append(f"allocation measured by {evaluate.metric_name} on {spec.planning_data} "
                        f"({evaluate.samples} samples)")
     return order
 
@@ -493,7 +483,7 @@ def _measured_global_plan(state: PruneState) -> Plan | None:
     """``--global`` with data: remove as much as the score ranking would (its MACs, or params), but choose where
     by measuring the metric (:func:`_removal_order`); None without data to measure on."""
     assert state.graph is not None and state.analysis is not None
-    if planning_data(state.spec) is None:
+    if state.spec.planning_data is None:
         return None
     spec = state.spec
     by_scores = global_ranking(state.analysis, state.scores, spec.ratio, spec.round_to)
@@ -615,7 +605,7 @@ def _adopt(state: PruneState, child: PruneState) -> None:
 def _repair_words(spec: PruneSpec) -> str:
     """The repair a probe or the final model gets, as the report names it."""
     parts = (["reconstruct"] if spec.reconstruct else []) + (
-        ["BatchNorm refresh"] if spec.calib and spec.calib != "random" else []) + (
+        ["BatchNorm refresh"] if spec.real_calib else []) + (
         [f"{spec.finetune_steps} fine-tuning steps"] if spec.finetune_steps else [])
     return ", ".join(parts) or "none"
 
@@ -701,7 +691,7 @@ def stage_refresh_bn(state: PruneState) -> None:
     spec = state.spec
     changed = (state.plan is not None and state.plan.total_removed > 0) or state.depth is not None \
         or state.sparsity is not None
-    if state.pruned is None or not changed or not spec.calib or spec.calib == "random":
+    if state.pruned is None or not changed or not spec.real_calib:
         return
     from onnxprune.repair import batchnorm, calibration
 
@@ -783,7 +773,7 @@ def stage_quantize(state: PruneState) -> None:
     from onnxprune.quantize.stage import quantize
     from onnxprune.repair import calibration
 
-    calib = _calibration_data(state) if spec.calib and spec.calib != "random" else None
+    calib = _calibration_data(state) if spec.real_calib else None
     batches = (lambda: calibration.stream(calib.source, QUANT_BATCH)) if calib else None
     judge = _quant_judge(state, calib)
     options = QuantizeOptions(spec.quantize, spec.quant_calibration, tuple(spec.quant_exclude), spec.keep_io_types)
@@ -973,7 +963,7 @@ def _fidelity_batches(state: PruneState) -> Iterable[dict[str, np.ndarray]] | No
     from onnxprune.runtime.feeds import random_inputs
 
     spec = state.spec
-    if spec.calib and spec.calib != "random":
+    if spec.real_calib:
         calib = _calibration_data(state)
         state.fidelity_data = f"calibration data {calib.description}"
         return calibration.stream(calib.source, 64)

@@ -140,6 +140,19 @@ class PruneSpec:
     result also stays within that of the original); the most sensitive layers stay float until it holds."""
 
     @property
+    def real_calib(self) -> bool:
+        """``--calib`` names real samples (not ``random``, which can calibrate shapes and ranges but rank nothing)."""
+        return bool(self.calib) and self.calib != "random"
+
+    @property
+    def planning_data(self) -> str | None:
+        """The data channels are ranked on by measurement: ``--eval-data``, else ``--calib DATA``; None for random
+        or no data (then the importance scores alone decide: a ranking measured on noise would follow the noise)."""
+        if self.eval_data:
+            return self.eval_data
+        return self.calib if self.real_calib else None
+
+    @property
     def uses_budget(self) -> bool:
         """A ``--target-macs/params/latency`` budget chooses how much goes."""
         return any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
@@ -217,7 +230,7 @@ class PruneSpec:
             raise BadInputError("--allocation applies to a budget: add --target-macs, --target-params, "
                                 "--target-latency or --max-drop (--ratio cuts every group alike; --global ranks "
                                 "across groups)", field="allocation")
-        if self.allocation == "measured" and not self.eval_data and (not self.calib or self.calib == "random"):
+        if self.allocation == "measured" and self.planning_data is None:
             raise BadInputError("--allocation measured needs real data to measure on: --calib DATA or --eval-data",
                                 field="allocation")
 
@@ -234,11 +247,10 @@ class PruneSpec:
                                 field="quant_max_drop")
         if self.quantize == "none":
             return
-        real_calib = bool(self.calib) and self.calib != "random"
-        if self.quantize == "int8" and not real_calib:
+        if self.quantize == "int8" and not self.real_calib:
             raise BadInputError("--quantize int8 is calibrated on real samples: pass --calib DATA (an .npz or a "
                                 "directory of .npz, not random), or use --quantize int8-dynamic", field="quantize")
-        if self.quant_max_drop is not None and not self.eval_data and not real_calib:
+        if self.quant_max_drop is not None and self.planning_data is None:
             raise BadInputError("--quant-max-drop measures the quantized model: pass --eval-data DATA or --calib DATA",
                                 field="quant_max_drop")
         if self.iterations > 1 or self.granularity != "channel":
@@ -252,7 +264,7 @@ class PruneSpec:
                                 field="eval_data")
         if self.metric is not None:
             parse_metric(self.metric)
-            if not self.eval_data and (not self.calib or self.calib == "random"):
+            if self.planning_data is None:
                 raise BadInputError("--metric needs --eval-data DATA (or --calib DATA, not random) to measure on",
                                     field="metric")
         if self.max_drop is None:
